@@ -1,0 +1,9 @@
+"""Sub-commands beyond train/replay: registered here to keep cli.py short."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_commands(sub: "argparse._SubParsersAction") -> None:
+    """Register the optional sub-commands (each imports its module lazily)."""

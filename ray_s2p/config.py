@@ -1,0 +1,337 @@
+"""Run configuration: frozen dataclasses validated where they are built.
+
+A config is a tree of dataclasses. ``RunConfig.from_dict`` refuses unknown keys
+and wrong types with a message that names the dotted field and says how to fix
+it; ``RunConfig.to_dict`` gives back plain data for config.yaml. Every key, its
+default and meaning is listed in docs/config.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+def _require(condition: bool, path: str, problem: str, fix: str) -> None:
+    if not condition:
+        raise ConfigError(f"config field '{path}': {problem}. Fix: {fix}")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What is trained: model, data, loss and which parameters move."""
+
+    name: str = "text_classification"
+    model: str = "minilm"
+    dataset: str = "rotten_tomatoes"
+    text_column: str = "text"
+    label_column: str = "label"
+    num_labels: int | None = None
+    max_length: int = 64
+    batch_size: int = 16
+    train_size: int | None = None
+    eval_size: int = 512
+    k_shot: int | None = None
+    template: str = "{text} It was"
+    label_words: tuple[str, ...] = (" terrible", " great")
+    trainable: str = "all"
+    top_k: int = 1
+    patterns: tuple[str, ...] = ()
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = ()
+    precision: str = "fp32"
+    feature_reuse: bool = True
+    trust_remote_code: bool = False
+    tiny_width: int = 64
+    tiny_layers: int = 2
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size > 0, "task.batch_size", f"got {self.batch_size}", "use a positive batch size")
+        _require(self.max_length > 1, "task.max_length", f"got {self.max_length}", "use at least 2 tokens")
+        _require(self.eval_size >= 0, "task.eval_size", f"got {self.eval_size}", "use 0 or more")
+        _require(self.k_shot is None or self.k_shot > 0, "task.k_shot", f"got {self.k_shot}", "use a positive count or null")
+        _require(self.trainable in {"all", "head", "bitfit", "lora", "top_k", "patterns"}, "task.trainable",
+                 f"unknown value {self.trainable!r}", "use one of all, head, bitfit, lora, top_k, patterns")
+        _require(self.trainable != "patterns" or bool(self.patterns), "task.patterns", "empty while trainable=patterns",
+                 "list name patterns (fnmatch) of the parameters to train")
+        _require(self.precision in {"fp32", "bf16", "fp16"}, "task.precision", f"unknown value {self.precision!r}",
+                 "use fp32, bf16 or fp16")
+        _require(self.top_k > 0, "task.top_k", f"got {self.top_k}", "use a positive number of layers")
+
+
+OPTIMIZERS = ("vs2p", "s2p", "mezo", "zo_sign", "stp", "random_search", "sgd", "adamw")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Update rule and its hyperparameters (see docs/method.md)."""
+
+    name: str = "vs2p"
+    lr: float = 1e-3            # MeZO / ZO-SGD-Sign / first-order learning rate; S2P option-1 step size
+    eta: float = 1.0            # VS2P / S2P option-2 scale
+    rho: float = 1e-3           # probe radius
+    directions: int = 1         # q directions per replica per step (averaged)
+    weight_decay: float = 0.0
+    sign_trick: bool = True     # S2P: reuse the +-rho probes to pick the direction
+    step_size_option: int = 1   # S2P: 1..4 (paper's options)
+    tau_a: float = 3.0
+    tau_b: float = 3.0
+    beta: float = 1.0
+    sigma_window: int = 16
+    sigma_ddof: int = 0
+    sigma_include_current: bool = False
+    sigma_warmup: str = "abs_gamma"
+    clip: str = "soft"          # VS2P: soft (sigma), fixed, none
+    clip_threshold: float = 1.0
+    decay: str = "constant"
+    decay_final: float = 0.0
+    decay_steps: int | None = None
+    smooth_l0: float = 1.0
+    smooth_l1: float = 1.0
+    smooth_a: float = 1.01
+    smooth_b: float = 1.01
+    top_b: int | None = None    # random search: keep the b best of the directions
+    max_bad_losses: int = 20    # consecutive non-finite probe losses before the run stops
+
+    def __post_init__(self) -> None:
+        _require(self.name in OPTIMIZERS, "optimizer.name", f"unknown optimizer {self.name!r}",
+                 f"use one of {', '.join(OPTIMIZERS)}")
+        for key in ("lr", "eta", "rho", "tau_a", "tau_b", "beta"):
+            value = getattr(self, key)
+            _require(value > 0, f"optimizer.{key}", f"must be > 0, got {value}", "use a positive number")
+        _require(self.directions >= 1, "optimizer.directions", f"got {self.directions}", "use 1 or more")
+        _require(self.step_size_option in (1, 2, 3, 4), "optimizer.step_size_option",
+                 f"got {self.step_size_option}", "use 1, 2, 3 or 4")
+        _require(self.weight_decay >= 0, "optimizer.weight_decay", f"got {self.weight_decay}", "use 0 or more")
+        _require(self.sigma_window >= 2, "optimizer.sigma_window", f"got {self.sigma_window}", "use 2 or more")
+        _require(self.clip in ("soft", "fixed", "none"), "optimizer.clip", f"got {self.clip!r}",
+                 "use soft, fixed or none")
+        _require(self.sigma_warmup in ("abs_gamma", "skip", "unit"), "optimizer.sigma_warmup",
+                 f"got {self.sigma_warmup!r}", "use abs_gamma, skip or unit")
+        _require(self.max_bad_losses >= 1, "optimizer.max_bad_losses", f"got {self.max_bad_losses}", "use 1 or more")
+
+
+@dataclass(frozen=True)
+class PerturbationConfig:
+    """How directions are generated and applied."""
+
+    distribution: str = "gaussian"   # gaussian, rademacher, sphere, table
+    mechanism: str = "hooks"          # hooks (module at a time), swap (whole model), naive (in-place round trip)
+    table_size: int = 1 << 24         # floats in the shared noise table (distribution=table)
+
+    def __post_init__(self) -> None:
+        _require(self.distribution in ("gaussian", "rademacher", "sphere", "table"), "perturbation.distribution",
+                 f"got {self.distribution!r}", "use gaussian, rademacher, sphere or table")
+        _require(self.mechanism in ("hooks", "swap", "naive"), "perturbation.mechanism",
+                 f"got {self.mechanism!r}", "use hooks, swap or naive")
+        _require(self.table_size >= 1024, "perturbation.table_size", f"got {self.table_size}", "use at least 1024")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Replicas and their resources."""
+
+    replicas: int = 2
+    mode: str = "direction"          # direction, data, hybrid
+    groups: int = 1                  # hybrid: number of direction groups (replicas split evenly)
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    threads_per_replica: int | None = None
+    use_ray: bool = True             # false: replicas run in-process (tests, debugging)
+    address: str | None = None
+    step_timeout_s: float = 300.0
+    startup_timeout_s: float = 120.0
+    digest_every: int = 50
+    on_mismatch: str = "resync"      # resync or abort
+    max_replica_failures: int = 20
+    placement_strategy: str = "PACK"
+
+    def __post_init__(self) -> None:
+        _require(self.replicas >= 1, "cluster.replicas", f"got {self.replicas}", "use 1 or more")
+        _require(self.mode in ("direction", "data", "hybrid"), "cluster.mode", f"got {self.mode!r}",
+                 "use direction, data or hybrid")
+        _require(self.groups >= 1 and self.replicas % self.groups == 0, "cluster.groups",
+                 f"{self.groups} does not divide replicas={self.replicas}", "pick groups dividing cluster.replicas")
+        _require(self.cpus_per_replica >= 0, "cluster.cpus_per_replica", f"got {self.cpus_per_replica}", "use >= 0")
+        _require(self.gpus_per_replica >= 0, "cluster.gpus_per_replica", f"got {self.gpus_per_replica}", "use >= 0")
+        _require(self.step_timeout_s > 0, "cluster.step_timeout_s", f"got {self.step_timeout_s}", "use > 0 seconds")
+        _require(self.startup_timeout_s > 0, "cluster.startup_timeout_s", f"got {self.startup_timeout_s}", "use > 0")
+        _require(self.digest_every >= 0, "cluster.digest_every", f"got {self.digest_every}", "use 0 (end only) or more")
+        _require(self.on_mismatch in ("resync", "abort"), "cluster.on_mismatch", f"got {self.on_mismatch!r}",
+                 "use resync or abort")
+        _require(self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+                 "cluster.placement_strategy", f"got {self.placement_strategy!r}", "use PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole training run."""
+
+    seed: int = 0
+    steps: int = 1000
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    log_every: int = 10
+    progress: bool = True
+    tensorboard: bool = False
+    task: TaskConfig = field(default_factory=TaskConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    perturbation: PerturbationConfig = field(default_factory=PerturbationConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.seed < 2**63, "seed", f"got {self.seed}", "use an integer in [0, 2**63)")
+        _require(self.steps > 0, "steps", f"got {self.steps}", "use a positive number of steps")
+        _require(self.eval_every >= 0, "eval_every", f"got {self.eval_every}", "use 0 (end only) or more")
+        _require(self.checkpoint_every >= 0, "checkpoint_every", f"got {self.checkpoint_every}", "use 0 (end only) or more")
+        _require(self.log_every > 0, "log_every", f"got {self.log_every}", "use a positive interval")
+
+    # ------------------------------------------------------------------ io
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (lists for tuples) for YAML/JSON."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "RunConfig":
+        """Build and validate a config from nested plain data.
+
+        Raises:
+            ConfigError: on an unknown key, a wrong type or a bad value.
+        """
+        return _build(cls, data or {}, "")
+
+    def replace(self, overrides: dict[str, Any]) -> "RunConfig":
+        """A copy with dotted-key overrides applied, e.g. {"optimizer.lr": 0.1}."""
+        data = self.to_dict()
+        for dotted, value in overrides.items():
+            _set_dotted(data, dotted, value)
+        return RunConfig.from_dict(data)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"config field '{dotted}': '{part}' is not a section. Fix: check the key in docs/config.md")
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _coerce(value: Any, annotation: Any, path: str) -> Any:
+    """Check (and gently coerce) one value against a field annotation."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            value = _parse_scalar(value, float, path)
+        return float(value)
+    if annotation is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            value = _parse_scalar(value, int, path)
+        return value
+    if annotation is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise ConfigError(f"config field '{path}': expected true or false, got {value!r}. Fix: write true or false")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config field '{path}': expected a string, got {value!r}. Fix: quote the value")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config field '{path}': expected a list, got {value!r}. Fix: write a YAML list")
+        return tuple(_coerce(v, args[0], f"{path}[]") for v in value)
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config field '{path}': expected a mapping, got {value!r}. Fix: write a YAML mapping")
+        return dict(value)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config field '{path}': expected a section (mapping), got {value!r}")
+        return _build(annotation, value, path + ".")
+    return value
+
+
+def _parse_scalar(value: Any, kind: type, path: str) -> Any:
+    if isinstance(value, str):
+        try:
+            return kind(float(value)) if kind is int and value.replace(".", "", 1).isdigit() else kind(value)
+        except ValueError:
+            pass
+    name = "an integer" if kind is int else "a number"
+    raise ConfigError(f"config field '{path}': expected {name}, got {value!r}. Fix: write {name}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"config field '{prefix}{unknown[0]}': unknown key. Fix: remove it or use one of "
+            f"{', '.join(sorted(known))} (see docs/config.md)"
+        )
+    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one ``--set dotted.key=value`` (value read as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value. Fix: e.g. --set optimizer.lr=0.01")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (or the embedded default) and apply ``--set`` overrides.
+
+    Raises:
+        ConfigError: file missing, not YAML, or an invalid field.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist. Fix: pass an existing YAML file to --config")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+    config = RunConfig.from_dict(data)
+    parsed = dict(parse_override(o) for o in overrides or [])
+    return config.replace(parsed) if parsed else config

@@ -1,0 +1,160 @@
+"""The replica engine: one model replica, its probes and its updates, with no Ray in it.
+
+A ``ReplicaEngine`` is what a Ray replica actor holds, and what the driver
+runs in-process when ``cluster.use_ray`` is false. It builds its own task and
+model from the config, so nothing but messages crosses the process boundary.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RunConfig
+from .digest import model_digest
+from .messages import ProbeReply, ProbeRequest, Update
+from .perturbation import DirectionSpace, NoiseTable, Prober, apply_update, select_parameters
+from .tasks.base import EvalTotals, Task
+
+FIRST_ORDER = ("sgd", "adamw")
+_TABLES: dict[tuple[int, str], NoiseTable] = {}
+
+
+def noise_table(size: int, device: torch.device) -> NoiseTable:
+    """One shared table per (size, device) per process: replicas in one process share it."""
+    key = (size, str(device))
+    if key not in _TABLES:
+        _TABLES[key] = NoiseTable(size, device=device)
+    return _TABLES[key]
+
+
+def build_space(model: torch.nn.Module, names: list[str], config: RunConfig) -> DirectionSpace:
+    """The direction space of a model's trainable parameters under the config's perturbation settings."""
+    names, params = select_parameters(model, names)
+    table = None
+    if config.perturbation.distribution == "table":
+        table = noise_table(config.perturbation.table_size, params[0].device)
+    return DirectionSpace(names, params, config.perturbation.distribution, table)
+
+
+class ReplicaEngine:
+    """Holds one replica's task, model and direction space.
+
+    Args:
+        config: the run config.
+        replica: this replica's index (only used in replies).
+        task: an already built task (tests); built from the config if None.
+    """
+
+    def __init__(self, config: RunConfig, replica: int = 0, task: Task | None = None) -> None:
+        if config.cluster.threads_per_replica:
+            torch.set_num_threads(config.cluster.threads_per_replica)
+        from .tasks import build_task  # local import: tasks pull in transformers
+
+        self.config = config
+        self.replica = replica
+        self.task = task if task is not None else build_task(config.task, config.seed)
+        self.model = self.task.build_model()
+        self.model.eval()  # no dropout: the loss must be a function of the parameters
+        self.trainable = self.task.trainable_names(self.model)
+        self.space = build_space(self.model, self.trainable, config)
+        self.prober = Prober(self.model, self.space, config.perturbation.mechanism)
+        self.applied_step = 0
+        self._first_order: torch.optim.Optimizer | None = None
+        if config.optimizer.name in FIRST_ORDER:
+            self._first_order = make_first_order(config, self.space.params)
+
+    # ------------------------------------------------------------------ steps
+    def apply(self, update: Update | None) -> None:
+        """Apply a step's update exactly once (a re-sent update for an applied step is ignored)."""
+        if update is None or update.step <= self.applied_step:
+            return
+        if update.step != self.applied_step + 1:
+            raise RuntimeError(f"replica {self.replica} is at step {self.applied_step} but got the update "
+                               f"of step {update.step}; an update was lost")
+        apply_update(self.space, update.pairs, update.param_scale)
+        self.applied_step = update.step
+
+    def probe(self, request: ProbeRequest) -> ProbeReply:
+        """Apply the pending update, then evaluate every (seed, radius) on this step's shard."""
+        start = time.perf_counter()
+        self.apply(request.update)
+        batch = self.task.train_batch(request.step, request.shard, request.num_shards)
+        with torch.no_grad():
+            prepared = self.task.prepare(self.model, batch, self.trainable)
+
+        def loss_fn() -> torch.Tensor:
+            return self.task.loss(self.model, prepared)
+
+        losses = []
+        for i, seed in enumerate(request.seeds):
+            radii = request.per_seed_radii[i] if request.per_seed_radii is not None else request.radii
+            losses.append(tuple(self.prober.evaluate(loss_fn, seed, r) for r in radii))
+        return ProbeReply(request.step, self.replica, tuple(losses), self.applied_step, time.perf_counter() - start)
+
+    def first_order_step(self, step: int, shard: int = 0, num_shards: int = 1) -> float:
+        """One backprop step of the first-order reference (SGD / AdamW); returns the batch loss."""
+        assert self._first_order is not None, "not a first-order run"
+        batch = self.task.train_batch(step, shard, num_shards)
+        self._first_order.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = self.task.loss(self.model, batch)
+            loss.backward()
+        self._first_order.step()
+        self.applied_step = step
+        return float(loss.detach())
+
+    # ------------------------------------------------------------- inspection
+    def digest(self) -> str:
+        return model_digest(self.model)
+
+    def evaluate(self, shard: int = 0, num_shards: int = 1) -> EvalTotals:
+        """Forward-only evaluation of this shard of the held-out set."""
+        totals = EvalTotals()
+        with torch.no_grad():
+            for batch in self.task.eval_batches(shard, num_shards):
+                totals = totals.merge(self.task.eval_totals(self.model, batch))
+        return totals
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The selected parameters (what a checkpoint stores), detached CPU copies."""
+        return {n: p.detach().to("cpu").clone() for n, p in zip(self.space.names, self.space.params)}
+
+    def load_trainable(self, tensors: dict[str, torch.Tensor], applied_step: int) -> None:
+        """Overwrite the selected parameters (checkpoint restore or resync)."""
+        missing = [n for n in self.space.names if n not in tensors]
+        if missing:
+            raise ValueError(f"checkpoint lacks parameter {missing[0]!r}; it belongs to another config")
+        with torch.no_grad():
+            for n, p in zip(self.space.names, self.space.params):
+                src = tensors[n]
+                if tuple(src.shape) != tuple(p.shape):
+                    raise ValueError(f"checkpoint parameter {n!r} has shape {tuple(src.shape)}, model has "
+                                     f"{tuple(p.shape)}; it belongs to another config")
+                p.copy_(src.to(p.device, p.dtype))
+        self.applied_step = applied_step
+
+    def replay(self, updates: list[tuple[int, list[tuple[int, float]], float]]) -> None:
+        """Apply ledger updates (step, pairs, param_scale) after ``applied_step``, no forward passes."""
+        for step, pairs, scale in updates:
+            if step > self.applied_step:
+                self.apply(Update(step, tuple(pairs), scale))
+
+    def save_final(self, directory: str | Path) -> None:
+        self.task.save_final(self.model, Path(directory))
+
+    def info(self) -> dict[str, Any]:
+        return {"replica": self.replica, "trainable_parameters": self.space.dim,
+                "total_parameters": sum(p.numel() for p in self.model.parameters()),
+                "applied_step": self.applied_step}
+
+
+def make_first_order(config: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """torch.optim SGD or AdamW over the selected parameters (the backprop reference)."""
+    opt = config.optimizer
+    if opt.name == "sgd":
+        return torch.optim.SGD(params, lr=opt.lr, weight_decay=opt.weight_decay)
+    return torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)

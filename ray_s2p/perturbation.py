@@ -1,0 +1,295 @@
+"""Seeded directions and exact two-point probes.
+
+A direction z is never stored: it is regenerated from a 64-bit seed. Each
+selected parameter gets its own generator seed, ``mix_seed(seed, index)``, where
+``index`` is the parameter's position in the *canonical order* (the order of
+``model.named_parameters()`` restricted to the selected names, tied parameters
+once). So tensors of equal shape get distinct noise, and any one parameter's
+noise can be made without the others (which the per-module hooks need).
+
+Probing f(x + t z) must leave x bitwise unchanged. The in-place round trip
+x += t z; x -= t z rounds (errors ~1e-7) and replicas that probe different
+seeds then drift apart. We never do arithmetic on the stored tensor during a
+probe: the perturbed values live in a temporary tensor that is *swapped in* for
+the parameter's storage and swapped back, so the original storage is restored
+untouched. Mechanisms (``PerturbationConfig.mechanism``):
+
+- ``hooks`` (default): a forward pre-hook on each module that owns selected
+  parameters swaps in x + t z for that module only; its forward hook swaps the
+  original back. Extra memory: one module's parameters plus its noise.
+  Parameters used outside their owner's forward (found on the first probe, where
+  the hook never fired) are swapped for the whole forward instead.
+- ``swap``: every selected parameter is swapped for the whole forward. Extra
+  memory: one copy of the selected parameters. Works on bare parameter lists.
+- ``naive``: the MeZO-style in-place round trip, kept only as the benchmark
+  baseline; not exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*values: int) -> int:
+    """Hash integers into one 63-bit seed (splitmix64 finaliser chained over the values).
+
+    Used for per-parameter generator seeds and for step/direction seeds; 63 bits
+    because torch.Generator.manual_seed wants a non-negative int64.
+    """
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (int(value) & MASK64)) & MASK64
+        state = (state + 0x9E3779B97F4A7C15) & MASK64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+        state = z ^ (z >> 31)
+    return state & ((1 << 63) - 1)
+
+
+class NoiseTable:
+    """A fixed table of N(0, 1) floats; a direction reads windows at seed-derived offsets.
+
+    Reading is a slice (no generation), so applying a direction costs one axpy.
+    The table is built once per process from ``table_seed`` on ``device``.
+    """
+
+    def __init__(self, size: int, table_seed: int = 0x5EED, device: torch.device | str = "cpu") -> None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(mix_seed(table_seed, size))
+        self.values = torch.randn(size, generator=gen, device=device, dtype=torch.float32)
+
+    @property
+    def size(self) -> int:
+        return self.values.numel()
+
+    def window(self, key: int, numel: int) -> torch.Tensor:
+        if numel > self.size:
+            raise ValueError(
+                f"a parameter has {numel} elements but perturbation.table_size is {self.size}. "
+                f"Fix: set perturbation.table_size to at least {numel}")
+        offset = key % (self.size - numel + 1)
+        return self.values[offset:offset + numel]
+
+
+@dataclass
+class DirectionSpace:
+    """The selected parameters in canonical order, and how their noise is made.
+
+    Args:
+        names: parameter names in canonical order.
+        params: the parameters (same order).
+        distribution: gaussian, rademacher, sphere (uniform on the sphere of radius sqrt(d)) or table.
+        table: the shared noise table (distribution=table only).
+    """
+
+    names: list[str]
+    params: list[torch.nn.Parameter]
+    distribution: str = "gaussian"
+    table: NoiseTable | None = None
+
+    def __post_init__(self) -> None:
+        if self.distribution not in ("gaussian", "rademacher", "sphere", "table"):
+            raise ValueError(f"unknown distribution {self.distribution!r}; use gaussian, rademacher, sphere or table")
+        if self.distribution == "table" and self.table is None:
+            raise ValueError("distribution 'table' needs a NoiseTable")
+        self._sphere_scale: dict[int, float] = {}
+
+    @property
+    def dim(self) -> int:
+        """d, the number of selected scalars."""
+        return sum(p.numel() for p in self.params)
+
+    def raw_noise(self, seed: int, index: int) -> torch.Tensor:
+        """Unscaled noise for parameter ``index`` of direction ``seed`` (float32, on the parameter's device)."""
+        p = self.params[index]
+        key = mix_seed(seed, index)
+        if self.distribution == "table":
+            assert self.table is not None
+            return self.table.window(key, p.numel()).view(p.shape)
+        gen = torch.Generator(device=p.device)
+        gen.manual_seed(key)
+        if self.distribution == "rademacher":
+            bits = torch.randint(0, 2, p.shape, generator=gen, device=p.device, dtype=torch.int8)
+            return bits.to(torch.float32).mul_(2.0).sub_(1.0)
+        return torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
+
+    def noise(self, seed: int, index: int) -> torch.Tensor:
+        """z restricted to parameter ``index`` (float32), for direction ``seed``."""
+        z = self.raw_noise(seed, index)
+        if self.distribution == "sphere":
+            z = z.mul_(self._sphere(seed))
+        return z
+
+    def _sphere(self, seed: int) -> float:
+        # Normalising needs the global norm: one extra generation pass per seed, cached.
+        if seed not in self._sphere_scale:
+            sq = sum(float(self.raw_noise(seed, i).double().pow(2).sum()) for i in range(len(self.params)))
+            if len(self._sphere_scale) > 64:
+                self._sphere_scale.clear()
+            self._sphere_scale[seed] = math.sqrt(self.dim / sq) if sq > 0 else 0.0
+        return self._sphere_scale[seed]
+
+    def perturbed(self, seed: int, index: int, radius: float) -> torch.Tensor:
+        """A new tensor x_index + radius * z_index in the parameter's dtype (x itself is not touched)."""
+        p = self.params[index]
+        z = self.noise(seed, index)
+        out = p.detach().to(torch.float32).add(z, alpha=radius)
+        return out.to(p.dtype)
+
+
+def select_parameters(model: torch.nn.Module, names: Sequence[str] | None = None) -> tuple[list[str], list[torch.nn.Parameter]]:
+    """Selected parameters in canonical order (``named_parameters`` order, tied ones once).
+
+    Args:
+        model: the model.
+        names: names to select; None selects every parameter with requires_grad.
+
+    Raises:
+        ValueError: a name is not a parameter of the model, or nothing is selected.
+    """
+    all_named = list(model.named_parameters())
+    if names is None:
+        chosen = [(n, p) for n, p in all_named if p.requires_grad]
+    else:
+        wanted = set(names)
+        known = {n for n, _ in all_named}
+        missing = sorted(wanted - known)
+        if missing:
+            raise ValueError(f"parameter {missing[0]!r} is not in the model. Fix: check the trainable selection")
+        chosen = [(n, p) for n, p in all_named if n in wanted]
+    if not chosen:
+        raise ValueError("no trainable parameters selected. Fix: check task.trainable / patterns")
+    return [n for n, _ in chosen], [p for _, p in chosen]
+
+
+class Prober:
+    """Evaluates f(x + t z) with the chosen mechanism, leaving x bitwise unchanged (except ``naive``)."""
+
+    def __init__(self, model: torch.nn.Module | None, space: DirectionSpace, mechanism: str = "hooks") -> None:
+        if mechanism not in ("hooks", "swap", "naive"):
+            raise ValueError(f"unknown mechanism {mechanism!r}; use hooks, swap or naive")
+        if mechanism == "hooks" and model is None:
+            raise ValueError("mechanism 'hooks' needs the model; use 'swap' for bare parameters")
+        self.model = model
+        self.space = space
+        self.mechanism = mechanism
+        self._eager: set[int] | None = None  # params swapped for the whole forward under 'hooks'
+        self._owners: list[tuple[torch.nn.Module, list[int]]] = []
+        if mechanism == "hooks":
+            by_id = {id(p): i for i, p in enumerate(space.params)}
+            for module in model.modules():  # type: ignore[union-attr]
+                owned = [by_id[id(p)] for p in module._parameters.values() if p is not None and id(p) in by_id]
+                if owned:
+                    self._owners.append((module, owned))
+
+    def evaluate(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float) -> float:
+        """f(x + radius * z_seed) as a Python float (radius 0 is a plain forward)."""
+        with torch.no_grad():
+            if radius == 0.0:
+                return float(loss_fn())
+            if self.mechanism == "naive":
+                return self._naive(loss_fn, seed, radius)
+            if self.mechanism == "swap":
+                with self._swapped(range(len(self.space.params)), seed, radius):
+                    return float(loss_fn())
+            return self._hooked(loss_fn, seed, radius)
+
+    @contextlib.contextmanager
+    def _swapped(self, indices: Sequence[int] | range, seed: int, radius: float) -> Iterator[None]:
+        originals = []
+        try:
+            for i in indices:
+                p = self.space.params[i]
+                originals.append((p, p.data))
+                p.data = self.space.perturbed(seed, i, radius)
+            yield
+        finally:
+            for p, data in originals:
+                p.data = data
+
+    def _hooked(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float) -> float:
+        fired: set[int] = set()
+        saved: dict[int, list[torch.Tensor]] = {}
+        handles = []
+
+        def pre_hook(indices: list[int]) -> Callable:
+            def hook(module: torch.nn.Module, args: object) -> None:
+                for i in indices:
+                    if self._eager is not None and i in self._eager:
+                        continue
+                    p = self.space.params[i]
+                    saved.setdefault(i, []).append(p.data)
+                    p.data = self.space.perturbed(seed, i, radius)
+                    fired.add(i)
+            return hook
+
+        def post_hook(indices: list[int]) -> Callable:
+            def hook(module: torch.nn.Module, args: object, output: object) -> None:
+                for i in indices:
+                    stack = saved.get(i)
+                    if stack:
+                        self.space.params[i].data = stack.pop()
+            return hook
+
+        try:
+            for module, indices in self._owners:
+                handles.append(module.register_forward_pre_hook(pre_hook(indices)))
+                handles.append(module.register_forward_hook(post_hook(indices)))
+            eager = sorted(self._eager) if self._eager is not None else []
+            with self._swapped(eager, seed, radius):
+                loss = float(loss_fn())
+        finally:
+            for h in handles:
+                h.remove()
+            for i, stack in saved.items():  # an exception mid-forward: restore from the bottom of the stack
+                if stack:
+                    self.space.params[i].data = stack[0]
+        if self._eager is None:
+            # First probe: parameters whose owner's forward never ran are either unused or read
+            # outside their module; swap those for the whole forward from now on, and redo this probe.
+            self._eager = set(range(len(self.space.params))) - fired
+            if self._eager:
+                return self._hooked(loss_fn, seed, radius)
+        return loss
+
+    def _naive(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float) -> float:
+        for i, p in enumerate(self.space.params):
+            p.data.add_(self.space.noise(seed, i).to(p.dtype), alpha=radius)
+        try:
+            return float(loss_fn())
+        finally:
+            for i, p in enumerate(self.space.params):
+                p.data.add_(self.space.noise(seed, i).to(p.dtype), alpha=-radius)
+
+
+def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], param_scale: float = 1.0) -> None:
+    """x <- param_scale * x + sum_i c_i z_i, in place, in a fixed order.
+
+    The order is parameter by parameter (canonical order), and within one
+    parameter the pairs in the given order; replay uses the same function, so
+    training and replay produce the same bits. The sum is accumulated in float32
+    and then cast to the parameter's dtype (fp32 master parameters: tiny steps
+    are not rounded away).
+
+    Args:
+        space: the selected parameters.
+        pairs: (seed, coefficient) per direction; zero coefficients are skipped.
+        param_scale: multiplier on x first (weight decay), 1.0 for none.
+    """
+    active = [(s, c) for s, c in pairs if c != 0.0]
+    if not active and param_scale == 1.0:
+        return
+    with torch.no_grad():
+        for i, p in enumerate(space.params):
+            if param_scale != 1.0:
+                p.mul_(param_scale)
+            for seed, coefficient in active:
+                p.add_(space.noise(seed, i).to(p.dtype), alpha=coefficient)
