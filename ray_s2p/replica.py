@@ -149,11 +149,14 @@ class RayPool:
             try:
                 results[pos] = ray.get(ref)
             except (RayActorError, GetTimeoutError) as exc:
+                if getattr(exc, "actor_init_failed", False):
+                    # Building the task/model raised: bad config or data, not a fault to heal by restarting.
+                    raise RuntimeError(f"replica {idx[pos]} could not start: {_root_cause(exc)}") from exc
                 failed.append(idx[pos])
                 reasons.append(f"replica {idx[pos]} died ({type(exc).__name__})")
             except RayError as exc:
                 # An exception raised inside the replica's code is a bug or bad input, not a fault to heal.
-                raise RuntimeError(f"replica {idx[pos]} raised in {method!r}: {exc}") from exc
+                raise RuntimeError(f"replica {idx[pos]} raised in {method!r}: {_root_cause(exc)}") from exc
         if failed:
             raise ReplicaFailure(failed, results, "; ".join(reasons))
         return results
@@ -183,6 +186,16 @@ class RayPool:
             ray.util.remove_placement_group(self.pg)
         except Exception:
             pass
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The last 'SomeError: message' line of a remote traceback (what the user needs to read)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception")) and " " not in head:
+            return line
+    return lines[-1] if lines else repr(exc)
 
 
 def _autoscaling() -> bool:

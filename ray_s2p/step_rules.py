@@ -12,7 +12,7 @@ Shared semantics (our design, see algorithm.md "Distributed reading"):
     losses (random search divides by its own b instead).
   * A direction with any non-finite loss is skipped (c = 0, skipped True),
     leaves the denominator and, when its gamma is non-finite, VS2P's history.
-    If every direction is skipped, nothing moves (param_scale = 1 too).
+    If no direction has finite losses, nothing moves (param_scale = 1 too).
   * gamma == 0 gives c = 0 (sign(0) = 0); such a direction is not "skipped".
   * argmin between x + a z and x - a z picks +a on a tie (Algorithm 1 always
     moves; the first candidate wins, as Python's min does).
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Optional, Protocol, Sequence
 
 from ray_s2p.schedules import Schedule
 from ray_s2p.step_transforms import (
-    Chain, Transform, chain, finite_difference, normalise_by_running_std, scale, scale_by_schedule, sign,
+    Chain, chain, finite_difference, normalise_by_running_std, scale, scale_by_schedule, sign,
     soft_clip, soft_clip_by_running_std, std, weight_decay_scale,
 )
 
