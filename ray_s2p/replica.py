@@ -30,6 +30,7 @@ class ReplicaHost:
 
     def __init__(self, config_dict: dict[str, Any], replica: int) -> None:
         cfg = RunConfig.from_dict(config_dict)
+        os.environ["RAY_S2P_REPLICA"] = str(replica)  # one actor per process: lets user tasks know their index
         self.engine = ReplicaEngine(cfg, replica)
 
     def call(self, method: str, *args: Any) -> Any:

@@ -1,0 +1,47 @@
+"""Shared fixtures: offline environment, one local Ray per session, small configs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                   "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+                   "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0"}.items():
+    os.environ.setdefault(key, value)
+# Ray workers inherit PYTHONPATH: they must import the fault-injection tasks in tests/.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [str(TESTS), str(TESTS.parent),
+                                                       os.environ.get("PYTHONPATH", "")] if p)
+sys.path.insert(0, str(TESTS))
+
+
+def smoke_dict(**overrides) -> dict:
+    """A fast synthetic-task config as plain data (tests override fields)."""
+    base = {
+        "seed": 3, "steps": 30, "eval_every": 10, "checkpoint_every": 10, "log_every": 5, "progress": False,
+        "task": {"name": "synthetic", "batch_size": 32, "eval_size": 256},
+        "optimizer": {"name": "vs2p", "eta": 2.0, "rho": 0.01, "lr": 0.05},
+        "cluster": {"replicas": 2, "mode": "direction", "use_ray": False, "digest_every": 5,
+                    "step_timeout_s": 60, "startup_timeout_s": 120},
+    }
+    for dotted, value in overrides.items():
+        node = base
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return base
+
+
+@pytest.fixture
+def ray_session():
+    """A local Ray with 2 CPUs, started once and shared (tests that need their own cluster shut it down)."""
+    import ray
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024 * 1024,
+                 log_to_driver=False)
+    yield ray

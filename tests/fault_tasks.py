@@ -1,0 +1,56 @@
+"""Synthetic tasks with injected faults, loaded by replicas through task.name = "fault_tasks:<factory>".
+
+Faults fire once per run: a marker file under ``task.options["marker_dir"]``
+records that the fault happened, so the replacement replica behaves normally.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from ray_s2p.config import TaskConfig
+from ray_s2p.tasks.synthetic import BlobsTask
+
+
+def _split(cfg: TaskConfig) -> tuple[TaskConfig, dict]:
+    opts = dict(cfg.options)
+    fault = {k: opts.pop(k) for k in ("marker_dir", "at_step", "replica", "kind") if k in opts}
+    from dataclasses import replace
+    return replace(cfg, options=opts), fault
+
+
+class FaultyBlobs(BlobsTask):
+    """Blobs task that, once, at ``at_step`` on Ray replica ``replica``, hangs, dies or corrupts its parameters."""
+
+    def __init__(self, cfg: TaskConfig, seed: int) -> None:
+        clean, self.fault = _split(cfg)
+        super().__init__(clean, seed)
+        self.model_ref: torch.nn.Module | None = None
+
+    def build_model(self) -> torch.nn.Module:
+        self.model_ref = super().build_model()
+        return self.model_ref
+
+    def train_batch(self, step: int, shard: int, num_shards: int):
+        marker = Path(self.fault["marker_dir"]) / f"fired-{self.fault['kind']}"
+        if step == int(self.fault["at_step"]) and os.environ.get("RAY_S2P_REPLICA") == str(self.fault.get("replica", 1)) \
+                and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            kind = self.fault["kind"]
+            if kind == "hang":
+                time.sleep(3600)
+            elif kind == "die":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif kind == "corrupt":
+                with torch.no_grad():
+                    next(self.model_ref.parameters()).add_(1e-3)
+        return super().train_batch(step, shard, num_shards)
+
+
+def build(cfg: TaskConfig, seed: int) -> FaultyBlobs:
+    return FaultyBlobs(cfg, seed)
