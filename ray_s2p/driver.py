@@ -150,6 +150,7 @@ class Driver:
                                 "another run). Fix: restore the run's own ledger")
         self.rd.truncate_metrics(start_step)
         pool = self._start_pool()
+        self.pool = pool  # exposed for monitoring and fault-injection tests
         t0 = time.perf_counter()
         wall_before = self.rd.previous_wall_seconds() if self.rd.resumed else 0.0
         bytes_sent = bytes_recv = 0

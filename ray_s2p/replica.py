@@ -176,6 +176,10 @@ class RayPool:
         import ray
         return ray.get([a.pid.remote() for a in self.actors], timeout=60)
 
+    def node_ids(self) -> list[str]:
+        import ray
+        return ray.get([a.node_id.remote() for a in self.actors], timeout=60)
+
     def shutdown(self) -> None:
         import ray
         for a in self.actors:

@@ -1,0 +1,150 @@
+"""Tokenizers and tokenisation (through ``datasets.map``) for the text tasks.
+
+``task.options.tokenizer`` picks the tokenizer: ``auto`` (default: the model's own;
+for tiny random models the bundled MiniLM WordPiece vocabulary when the package is
+installed, else a word-level vocabulary built from the data), ``minilm``,
+``word`` (always the data-built word-level one; what the unit tests use, so they
+need no asset), or a folder / hub name.
+
+Examples are padded on the right to ``max_length`` and turned into tensors once;
+batches cut the all-padding columns (``batching.Examples.take``). ``datasets.map``
+runs with ``keep_in_memory`` so no cache file is written anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from typing import Any, Iterable, Sequence
+
+import datasets
+import torch
+
+from ..data_sources import package_dir
+from .errors import TaskError
+from .hf_models import MINILM_PACKAGE, TINY_MODELS, resolve_model_path
+
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+
+
+def build_word_tokenizer(texts: Iterable[str], extra_words: Sequence[str] = (), max_vocab: int = 8192) -> Any:
+    """A lower-casing word-level tokenizer whose vocabulary is the data's most frequent words.
+
+    Ties in frequency are broken alphabetically, so every replica builds the same
+    vocabulary. ``extra_words`` (label words) are always in it.
+
+    Returns:
+        A ``PreTrainedTokenizerFast`` (saves and reloads with ``AutoTokenizer``) that wraps
+        single sequences as ``[CLS] ... [SEP]`` and pads with ``[PAD]`` (id 0).
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
+    splitter = pre_tokenizers.Whitespace()
+
+    def words(text: str) -> list[str]:
+        return [w for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text))]
+
+    counts = Counter(w for text in texts for w in words(text))
+    forced = [w for word in extra_words for w in words(word)]
+    ranked = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    vocab: dict[str, int] = {}
+    for token in [*SPECIALS, *forced, *ranked]:
+        if token not in vocab and len(vocab) < max_vocab + len(SPECIALS) + len(forced):
+            vocab[token] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.normalizer = normalizer
+    core.pre_tokenizer = splitter
+    core.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", eos_token="[SEP]")
+
+
+def resolve_tokenizer(choice: str, model: str, texts: Sequence[str], extra_words: Sequence[str] = (),
+                      max_vocab: int = 8192, trust_remote_code: bool = False) -> Any:
+    """The tokenizer for ``task.model`` under ``task.options.tokenizer`` (see the module docstring).
+
+    Raises:
+        TaskError: the tokenizer cannot be loaded.
+    """
+    from transformers import AutoTokenizer
+
+    if choice == "auto":
+        if model in TINY_MODELS:
+            choice = "minilm" if package_dir(MINILM_PACKAGE) is not None else "word"
+        else:
+            choice = model
+    if choice == "word":
+        tokenizer = build_word_tokenizer(texts, extra_words, max_vocab)
+    else:
+        path = resolve_model_path(choice)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise TaskError(f"task.options.tokenizer {choice!r}: cannot load it ({str(exc)[:200]}). Fix: use auto, "
+                            f"word, minilm, or a local tokenizer folder") from exc
+    if tokenizer.pad_token_id is None:  # GPT-2 style tokenizers: pad with eos; the mask hides it
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def end_token_id(tokenizer: Any) -> int | None:
+    """The id closing a causal-LM example: eos, or BERT's [SEP] when there is no eos."""
+    for value in (tokenizer.eos_token_id, getattr(tokenizer, "sep_token_id", None)):
+        if value is not None:
+            return int(value)
+    return None
+
+
+def _fingerprint(*parts: Any) -> str:
+    # datasets would otherwise hash the tokenizer with dill on every map (slow, and it warns).
+    return hashlib.sha1(repr(parts).encode()).hexdigest()[:16]
+
+
+def encode_texts(rows: datasets.Dataset, tokenizer: Any, *, column: str, max_length: int, mode: str,
+                 template: str = "{text}") -> dict[str, torch.Tensor]:
+    """Tokenise one text column into ``input_ids`` and ``attention_mask`` tensors of shape (N, max_length).
+
+    Args:
+        rows: the data set.
+        tokenizer: a transformers tokenizer.
+        column: the text column.
+        max_length: tokens per example after truncation.
+        mode: ``classify`` (with the tokenizer's special tokens, truncating the end),
+            ``prompt`` (``template`` with ``{text}`` filled in, no special tokens, truncating the
+            start so the template's ending and the answer position survive), or ``lm`` (no special
+            tokens, the end token appended).
+        template: prompt template for ``prompt`` mode.
+    """
+    end_id = end_token_id(tokenizer)
+    pad_id = int(tokenizer.pad_token_id)
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        texts = ["" if t is None else str(t) for t in batch[column]]
+        if mode == "prompt":
+            texts = [template.replace("{text}", t) for t in texts]
+        ids = tokenizer(texts, add_special_tokens=mode == "classify", truncation=False)["input_ids"]
+        out_ids, out_mask = [], []
+        for seq in ids:
+            if mode == "lm" and end_id is not None:
+                seq = seq + [end_id]
+            if len(seq) > max_length:
+                if mode == "prompt":
+                    seq = seq[-max_length:]
+                elif mode == "classify" and len(seq) > 1:
+                    seq = seq[: max_length - 1] + seq[-1:]  # keep the closing [SEP]
+                else:
+                    seq = seq[:max_length]
+            pad = max_length - len(seq)
+            out_ids.append(seq + [pad_id] * pad)
+            out_mask.append([1] * len(seq) + [0] * pad)
+        return {"input_ids": out_ids, "attention_mask": out_mask}
+
+    encoded = rows.map(encode, batched=True, batch_size=1000, keep_in_memory=True, remove_columns=rows.column_names,
+                       new_fingerprint=_fingerprint(mode, column, max_length, template, len(rows), rows._fingerprint))
+    encoded = encoded.with_format("torch")
+    return {"input_ids": encoded["input_ids"].to(torch.long), "attention_mask": encoded["attention_mask"].to(torch.long)}
