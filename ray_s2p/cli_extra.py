@@ -6,4 +6,7 @@ import argparse
 
 
 def add_commands(sub: "argparse._SubParsersAction") -> None:
-    """Register the optional sub-commands (each imports its module lazily)."""
+    """Register the optional sub-commands (each imports its heavy modules lazily)."""
+    from .plot import add_plot_command
+
+    add_plot_command(sub)

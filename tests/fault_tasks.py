@@ -37,6 +37,9 @@ class FaultyBlobs(BlobsTask):
         return self.model_ref
 
     def train_batch(self, step: int, shard: int, num_shards: int):
+        if self.fault.get("kind") == "slow":  # gives a test time to kill the driver mid-run
+            time.sleep(float(self.fault.get("at_step", 0)) / 1000.0)
+            return super().train_batch(step, shard, num_shards)
         marker = Path(self.fault["marker_dir"]) / f"fired-{self.fault['kind']}"
         if step == int(self.fault["at_step"]) and os.environ.get("RAY_S2P_REPLICA") == str(self.fault.get("replica", 1)) \
                 and not marker.exists():

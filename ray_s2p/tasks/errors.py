@@ -5,3 +5,15 @@ from __future__ import annotations
 
 class TaskError(ValueError):
     """A task cannot be built or used as configured; the message names the field and the fix."""
+
+
+def check_options(options: dict, known: set[str], task: str) -> None:
+    """Reject unknown ``task.options`` keys (typos would otherwise be ignored silently).
+
+    Raises:
+        TaskError: naming the first unknown key and the known ones.
+    """
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TaskError(f"config field 'task.options.{unknown[0]}': unknown option for task {task!r}. "
+                        f"Fix: use one of {', '.join(sorted(known))}")

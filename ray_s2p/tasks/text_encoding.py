@@ -1,4 +1,4 @@
-"""Tokenizers and tokenisation (through ``datasets.map``) for the text tasks.
+"""Text data to encoded examples: tokenizers, tokenisation (``datasets.map``), train/eval splits.
 
 ``task.options.tokenizer`` picks the tokenizer: ``auto`` (default: the model's own;
 for tiny random models the bundled MiniLM WordPiece vocabulary when the package is
@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import datasets
 import torch
 
-from ..data_sources import package_dir
+from ..batching import Examples, split_rows
+from ..config import TaskConfig
+from ..data_sources import check_label_range, labels_to_ids, load_source, package_dir, require_columns
 from .errors import TaskError
 from .hf_models import MINILM_PACKAGE, TINY_MODELS, resolve_model_path
 
@@ -122,6 +125,9 @@ def encode_texts(rows: datasets.Dataset, tokenizer: Any, *, column: str, max_len
     """
     end_id = end_token_id(tokenizer)
     pad_id = int(tokenizer.pad_token_id)
+    if len(rows) == 0:  # eval_size 0: no eval examples
+        empty = torch.zeros(0, max_length, dtype=torch.long)
+        return {"input_ids": empty, "attention_mask": empty.clone()}
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         texts = ["" if t is None else str(t) for t in batch[column]]
@@ -145,6 +151,79 @@ def encode_texts(rows: datasets.Dataset, tokenizer: Any, *, column: str, max_len
         return {"input_ids": out_ids, "attention_mask": out_mask}
 
     encoded = rows.map(encode, batched=True, batch_size=1000, keep_in_memory=True, remove_columns=rows.column_names,
-                       new_fingerprint=_fingerprint(mode, column, max_length, template, len(rows), rows._fingerprint))
+                       new_fingerprint=_fingerprint(mode, column, max_length, template, len(rows)))
     encoded = encoded.with_format("torch")
     return {"input_ids": encoded["input_ids"].to(torch.long), "attention_mask": encoded["attention_mask"].to(torch.long)}
+
+
+@dataclass(frozen=True)
+class TextSplits:
+    """Encoded train and eval examples of a text task.
+
+    Attributes:
+        train, eval: ``input_ids``, ``attention_mask`` and (labelled tasks) ``labels`` tensors.
+        tokenizer: the tokenizer used (saved with the model).
+        num_labels: classes (labelled tasks), else None.
+        label_names: class names when known.
+    """
+
+    train: Examples
+    eval: Examples
+    tokenizer: Any
+    num_labels: int | None
+    label_names: tuple[str, ...] | None
+
+
+def load_text_splits(cfg: TaskConfig, seed: int, *, mode: str, labelled: bool, num_labels: int | None = None,
+                     extra_words: Sequence[str] = ()) -> TextSplits:
+    """Load ``task.dataset``, check it, split it from the seed and tokenise the chosen rows.
+
+    Args:
+        cfg: the task config (dataset, columns, sizes, k_shot, model, template, options).
+        seed: the run seed (splits and k-shot sampling).
+        mode: ``classify``, ``prompt`` or ``lm`` (see ``encode_texts``).
+        labelled: whether the task needs the label column.
+        num_labels: a fixed class count (prompt tasks: the number of label words); else
+            ``task.num_labels`` or the data's classes.
+        extra_words: words the data-built vocabulary must contain (label words).
+
+    Raises:
+        DataError: missing column, empty data, labels that are not integers or out of range.
+    """
+    opts = cfg.options
+    data = load_source(cfg.dataset, opts)
+    columns = [cfg.text_column] + ([cfg.label_column] if labelled else [])
+    require_columns(data.rows, columns, cfg.dataset)
+    if data.held_out is not None:
+        require_columns(data.held_out, columns, cfg.dataset + " (held-out split)")
+    label_names = tuple(opts["label_names"]) if opts.get("label_names") else data.label_names
+    labels = held_labels = None
+    if labelled:
+        given = opts.get("label_names")
+        labels = labels_to_ids(data.rows[cfg.label_column], cfg.label_column, given)
+        held_labels = (labels_to_ids(data.held_out[cfg.label_column], cfg.label_column, given)
+                       if data.held_out is not None else [])
+        num_labels = num_labels or cfg.num_labels or (len(label_names) if label_names else max(labels + held_labels) + 1)
+        check_label_range(labels + held_labels, num_labels, cfg.label_column)
+    split = split_rows(len(data.rows), seed=seed, eval_size=cfg.eval_size, labels=labels, k_shot=cfg.k_shot,
+                       train_size=cfg.train_size,
+                       held_out_rows=len(data.held_out) if data.held_out is not None else None)
+    texts = data.rows[cfg.text_column]
+    tokenizer = resolve_tokenizer(str(opts.get("tokenizer", "auto")), cfg.model, texts, extra_words,
+                                  int(opts.get("vocab_size", 8192)), cfg.trust_remote_code)
+    if mode == "prompt":
+        tokenizer.truncation_side = "left"
+    eval_source = data.held_out if split.eval_from_held_out else data.rows
+    eval_labels = held_labels if split.eval_from_held_out else labels
+    id_offset = len(data.rows) if split.eval_from_held_out else 0  # ids must differ between the two sources
+
+    def examples(source: datasets.Dataset, rows: torch.Tensor, source_labels: list[int] | None, offset: int) -> Examples:
+        tensors = encode_texts(source.select(rows.tolist()), tokenizer, column=cfg.text_column,
+                               max_length=cfg.max_length, mode=mode, template=cfg.template)
+        if source_labels is not None:
+            tensors["labels"] = torch.as_tensor(source_labels, dtype=torch.long)[rows]
+        return Examples(tensors, rows + offset, seq_keys=("input_ids", "attention_mask"))
+
+    return TextSplits(examples(data.rows, split.train, labels, 0),
+                      examples(eval_source, split.eval, eval_labels, id_offset),
+                      tokenizer, num_labels if labelled else None, label_names)
