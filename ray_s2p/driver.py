@@ -181,13 +181,15 @@ class Driver:
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                     last_eval = self._evaluate(pool, pending)
                     self.rd.record_eval(step, last_eval, forward_passes, elapsed)
+                saved = None
                 if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
                     ckpt = self._checkpoint(pool, step, pending, rule_state, ledger)
-                if step % cfg.log_every == 0:
+                    saved = ckpt_dir(self.rd.checkpoints, step)
+                if step % cfg.log_every == 0 or saved is not None:
                     ledger.flush()
                     self.rd.flush_metrics()
-                    if self.report is not None and step != cfg.steps:
-                        self.report(self.rd.report_row(step), None)
+                if self.report is not None and step != cfg.steps and (saved is not None or step % cfg.log_every == 0):
+                    self.report(self.rd.report_row(step), saved)
                 progress.update(step, loss, last_eval)
             progress.close()
             final_eval = self._evaluate(pool, pending)
@@ -203,9 +205,10 @@ class Driver:
                 replicas=pool.size, initial_metrics=initial_eval, final_metrics=final_eval,
                 forward_passes=forward_passes, replica_failures=self.failures, recovery_seconds=self.recoveries,
                 skipped_directions=self.skipped_total, resumed_from=start_step if self.rd.resumed else None)
-            pool.call("save_final", [(str(self.rd.final_tmp(r)),) for r in range(1)], replicas=[0],
-                      timeout=max(600.0, self.config.cluster.step_timeout_s))
-            self.rd.commit_final()
+            # Replica 0 may live on another node: it sends the saved files' bytes (once, at the end).
+            files = pool.call("export_final", [()], replicas=[0],
+                              timeout=max(600.0, self.config.cluster.step_timeout_s))[0]
+            self.rd.write_final(files)
             if self.report is not None:
                 self.report(self.rd.report_row(cfg.steps), ckpt_dir(self.rd.checkpoints, cfg.steps))
             return TrainResult(self.rd.path, digests[0], cfg.steps, summary)
@@ -294,8 +297,10 @@ class Driver:
         self.log(f"step {step}: {reason}; replacing replicas {failed}")
         for r in failed:
             pool.replace(r)
-        # Restore to the state *before* this step's pending update; the re-sent request applies it.
-        self._restore(pool, failed, ckpt, ledger, step - 2 if step >= 2 else 0)
+        # The ledger holds every step before this one: restore to step-1 (the re-sent request's pending
+        # update, if any, is then recognised as applied). This also covers follow-up rounds, which
+        # carry no update.
+        self._restore(pool, failed, ckpt, ledger, step - 1)
         self.recoveries.append(time.perf_counter() - started)
 
     def _first_order_step(self, pool, step):
@@ -339,8 +344,9 @@ class Driver:
         digest = pool.call("digest", [()], replicas=[0])[0]
         meta = {"config_fingerprint": self.fingerprint, "ledger_digest": ledger.digest(step),
                 "digest": digest, "data_position": {"step": step}}
-        save_checkpoint(self.rd.checkpoints, step, tensors, {"rule": rule_state}, meta)
+        # Ledger first: a crash between the two writes then leaves an older checkpoint that still matches.
         ledger.flush()
+        save_checkpoint(self.rd.checkpoints, step, tensors, {"rule": rule_state}, meta)
         return Checkpoint(step, tensors, {"rule": rule_state}, meta)
 
 

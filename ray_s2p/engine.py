@@ -59,6 +59,9 @@ class ReplicaEngine:
         self.task = task if task is not None else build_task(config.task, config.seed)
         self.model = self.task.build_model()
         self.model.eval()  # no dropout: the loss must be a function of the parameters
+        self.device = _replica_device(config, self.model)
+        if self.device.type != "cpu" and not _spans_devices(self.model):
+            self.model.to(self.device)
         self.trainable = self.task.trainable_names(self.model)
         self.space = build_space(self.model, self.trainable, config)
         self.prober = Prober(self.model, self.space, config.perturbation.mechanism)
@@ -82,7 +85,7 @@ class ReplicaEngine:
         """Apply the pending update, then evaluate every (seed, radius) on this step's shard."""
         start = time.perf_counter()
         self.apply(request.update)
-        batch = self.task.train_batch(request.step, request.shard, request.num_shards)
+        batch = to_device(self.task.train_batch(request.step, request.shard, request.num_shards), self.device)
         with torch.no_grad():
             prepared = self.task.prepare(self.model, batch, self.trainable)
 
@@ -98,7 +101,7 @@ class ReplicaEngine:
     def first_order_step(self, step: int, shard: int = 0, num_shards: int = 1) -> float:
         """One backprop step of the first-order reference (SGD / AdamW); returns the batch loss."""
         assert self._first_order is not None, "not a first-order run"
-        batch = self.task.train_batch(step, shard, num_shards)
+        batch = to_device(self.task.train_batch(step, shard, num_shards), self.device)
         self._first_order.zero_grad(set_to_none=True)
         with torch.enable_grad():
             loss = self.task.loss(self.model, batch)
@@ -116,7 +119,7 @@ class ReplicaEngine:
         totals = EvalTotals()
         with torch.no_grad():
             for batch in self.task.eval_batches(shard, num_shards):
-                totals = totals.merge(self.task.eval_totals(self.model, batch))
+                totals = totals.merge(self.task.eval_totals(self.model, to_device(batch, self.device)))
         return totals
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -146,10 +149,42 @@ class ReplicaEngine:
     def save_final(self, directory: str | Path) -> None:
         self.task.save_final(self.model, Path(directory))
 
+    def export_final(self) -> dict[str, bytes]:
+        """The files ``save_final`` writes, as relative path -> bytes (sent to the driver once, at the end)."""
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) / "final"
+            self.save_final(root)
+            return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
     def info(self) -> dict[str, Any]:
         return {"replica": self.replica, "trainable_parameters": self.space.dim,
                 "total_parameters": sum(p.numel() for p in self.model.parameters()),
                 "applied_step": self.applied_step}
+
+
+def _replica_device(config: RunConfig, model: torch.nn.Module) -> torch.device:
+    """cuda when the replica reserved a GPU and one is visible, else where the model already is."""
+    if config.cluster.gpus_per_replica > 0 and torch.cuda.is_available():
+        return torch.device("cuda")
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _spans_devices(model: torch.nn.Module) -> bool:
+    # A model placed with an accelerate device_map keeps its placement.
+    return len({p.device for p in model.parameters()}) > 1 or getattr(model, "hf_device_map", None) is not None
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move the tensors of a batch (dict/list/tuple, nested) to ``device``; other values unchanged."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device) if batch.device != device else batch
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
 
 def make_first_order(config: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

@@ -83,9 +83,19 @@ class RayPool:
         bundle = {"CPU": c.cpus_per_replica}
         if c.gpus_per_replica:
             bundle["GPU"] = c.gpus_per_replica
-        self._check_resources(bundle, c.replicas)
-        self.pg = placement_group([dict(bundle) for _ in range(c.replicas)], strategy=c.placement_strategy)
-        ready, _ = ray.wait([self.pg.ready()], timeout=c.startup_timeout_s)
+        # Inside a Ray Tune trial the replicas' bundles are already reserved by the trial's
+        # PlacementGroupFactory ([driver] + [replica] * n): use them instead of a nested group.
+        from ray.util import get_current_placement_group
+        current = get_current_placement_group()
+        self.owns_pg = not (current is not None and len(current.bundle_specs) >= c.replicas + 1)
+        self.bundle_offset = 0 if self.owns_pg else 1
+        if not self.owns_pg:
+            self.pg = current
+            ready = [True]
+        else:
+            self._check_resources(bundle, c.replicas)
+            self.pg = placement_group([dict(bundle) for _ in range(c.replicas)], strategy=c.placement_strategy)
+            ready, _ = ray.wait([self.pg.ready()], timeout=c.startup_timeout_s)
         if not ready:
             ray.util.remove_placement_group(self.pg)
             raise RuntimeError(
@@ -118,7 +128,7 @@ class RayPool:
         options: dict[str, Any] = dict(
             num_cpus=c.cpus_per_replica, num_gpus=c.gpus_per_replica, max_restarts=0, max_task_retries=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=self.pg, placement_group_bundle_index=replica),
+                placement_group=self.pg, placement_group_bundle_index=replica + self.bundle_offset),
             runtime_env={"env_vars": env})
         cfg = self.config.to_dict()
         if not cfg["cluster"].get("threads_per_replica"):
@@ -187,10 +197,11 @@ class RayPool:
                 ray.kill(a, no_restart=True)
             except Exception:
                 pass
-        try:
-            ray.util.remove_placement_group(self.pg)
-        except Exception:
-            pass
+        if self.owns_pg:
+            try:
+                ray.util.remove_placement_group(self.pg)
+            except Exception:
+                pass
 
 
 def _root_cause(exc: BaseException) -> str:

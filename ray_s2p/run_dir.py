@@ -70,8 +70,8 @@ class RunDirectory:
             for name in ("checkpoints", "final"):
                 shutil.rmtree(self.path / name, ignore_errors=True)
         self.path.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            write_yaml(self.path / "config.yaml", config.to_dict())
+        # On resume too: the file then records overrides given with --resume (e.g. cluster.replicas).
+        write_yaml(self.path / "config.yaml", config.to_dict())
         self.checkpoints = self.path / "checkpoints"
         self.ledger_path = self.path / "ledger.parquet"
         self.metrics_path = self.path / "metrics.parquet"
@@ -157,13 +157,19 @@ class RunDirectory:
         self.resyncs += 1
 
     # -------------------------------------------------------------- outputs
-    def final_tmp(self, replica: int) -> Path:
-        return self.path / ".final.tmp"
-
-    def commit_final(self) -> None:
+    def write_final(self, files: dict[str, bytes]) -> None:
+        """Write final/ (relative path -> bytes) into a temporary directory, then rename it into place."""
+        if not files:
+            raise RuntimeError("the replica exported no final model files")
         tmp = self.path / ".final.tmp"
-        if tmp.exists():
-            replace_dir(tmp, self.path / "final")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for rel, data in files.items():
+            target = (tmp / rel).resolve()
+            if tmp.resolve() not in target.parents:
+                raise RuntimeError(f"refusing to write final file outside final/: {rel!r}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        replace_dir(tmp, self.path / "final")
 
     def write_summary(self, **fields: Any) -> dict[str, Any]:
         fields["replica_resyncs"] = self.resyncs
