@@ -149,7 +149,11 @@ class Driver:
             raise TrainingError("ledger.parquet does not match the checkpoint (rows were changed or belong to "
                                 "another run). Fix: restore the run's own ledger")
         self.rd.truncate_metrics(start_step)
-        pool = self._start_pool()
+        try:
+            pool = self._start_pool()
+        except BaseException:
+            self.rd.discard()  # bad model path, data or resources: leave nothing half-written
+            raise
         self.pool = pool  # exposed for monitoring and fault-injection tests
         t0 = time.perf_counter()
         wall_before = self.rd.previous_wall_seconds() if self.rd.resumed else 0.0

@@ -56,6 +56,7 @@ class RunDirectory:
         self.path = Path(path)
         self.config = config
         self.resumed = resume
+        self.created = not self.path.exists()  # a failed start removes only a directory it created
         existing = (self.path / "config.yaml").exists()
         if resume and not existing:
             raise RunDirectoryError(f"--resume: {str(self.path)!r} holds no run (no config.yaml). "
@@ -152,6 +153,11 @@ class RunDirectory:
             pq.write_table(table, tmp)
         if self._writer is not None:
             self._writer.flush()
+
+    def discard(self) -> None:
+        """Remove the run directory if this run created it and never trained a step (failed start)."""
+        if self.created and self.path.exists():
+            shutil.rmtree(self.path, ignore_errors=True)
 
     def count_resync(self) -> None:
         self.resyncs += 1

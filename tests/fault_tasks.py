@@ -36,7 +36,17 @@ class FaultyBlobs(BlobsTask):
         self.model_ref = super().build_model()
         return self.model_ref
 
+    def loss(self, model, batch):
+        value = super().loss(model, batch)
+        return value * float("nan") if batch.get("poison") else value
+
     def train_batch(self, step: int, shard: int, num_shards: int):
+        kind = self.fault.get("kind")
+        if kind in ("nan_once", "nan_forever"):  # non-finite losses at one step / from a step on
+            at = int(self.fault["at_step"])
+            batch = super().train_batch(step, shard, num_shards)
+            batch["poison"] = step == at if kind == "nan_once" else step >= at
+            return batch
         if self.fault.get("kind") == "slow":  # gives a test time to kill the driver mid-run
             time.sleep(float(self.fault.get("at_step", 0)) / 1000.0)
             return super().train_batch(step, shard, num_shards)
