@@ -129,3 +129,26 @@ def test_removed_node_is_healed(tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_repeated_random_sigkills_during_one_run(tmp_path, ray_session):
+    """Chaos: three SIGKILLs of random replicas at random steps; the run still ends bit-identical."""
+    import random
+
+    cfg = fault_config(tmp_path, "none", **{"steps": 60, "log_every": 1, "checkpoint_every": 15})
+    rng = random.Random(7)
+    kill_steps = set(rng.sample(range(5, 55), 3))
+    killed: list[tuple[int, int]] = []
+
+    def report(metrics, checkpoint):
+        if metrics["step"] in kill_steps and len(killed) < len(kill_steps):
+            victim = rng.randrange(2)
+            os.kill(driver.pool.pids()[victim], signal.SIGKILL)
+            killed.append((metrics["step"], victim))
+
+    driver = Driver(cfg, tmp_path / "run", report=report, log=lambda m: None)
+    result = driver.run()
+    assert len(killed) == 3 and result.summary["replica_failures"] == 3
+    assert result.final_digest == undisturbed_digest(tmp_path, cfg)
+    assert_every_step_once(tmp_path / "run", cfg.steps, 2)
