@@ -80,7 +80,8 @@ def load_source(name: str, options: dict[str, Any] | None = None) -> LoadedData:
         name: a bundled name (see module docstring), a path ending in .csv/.tsv/.json/.jsonl/.parquet
             (optionally compressed), or a ``datasets`` hub name.
         options: ``task.options``; reads ``data_seed``, ``synthetic_size``, ``synthetic_classes``,
-            ``hub_config`` (the hub data set's configuration name).
+            ``hub_config`` (the hub data set's configuration name). Generated sets have 1024 rows
+            by default (enough for the default ``eval_size`` of 512).
 
     Raises:
         DataError: a missing file or package, an unloadable hub name, or no rows.
@@ -97,6 +98,10 @@ def load_source(name: str, options: dict[str, Any] | None = None) -> LoadedData:
     if len(data.rows) == 0:
         raise DataError(f"data set {name!r} has no rows. Fix: point task.dataset at a file or data set with examples")
     return data
+
+
+def _brief(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]  # one line: our message wraps it
 
 
 def _looks_like_path(name: str) -> bool:
@@ -124,7 +129,11 @@ def _load_local(path: Path) -> datasets.Dataset:
         # keep_in_memory: no cache files beside the user's data; the table is small by design.
         return datasets.load_dataset(fmt, data_files=str(path), split="train", keep_in_memory=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; all mean "cannot read this file"
-        raise DataError(f"task.dataset {str(path)!r}: cannot read it as {fmt} ({exc}). Fix: check the file format") from exc
+        if "corresponds to no data" in str(exc):  # how datasets reports a file with a header and no rows
+            raise DataError(f"task.dataset {str(path)!r} has no rows. Fix: point task.dataset at a file with "
+                            f"examples") from exc
+        raise DataError(f"task.dataset {str(path)!r}: cannot read it as {fmt} ({_brief(exc)}). "
+                        f"Fix: check the file format") from exc
 
 
 def _load_hub(name: str, config_name: str | None) -> LoadedData:
@@ -133,7 +142,7 @@ def _load_hub(name: str, config_name: str | None) -> LoadedData:
     except Exception as exc:  # noqa: BLE001 - offline mode, unknown name and network errors all land here
         raise DataError(
             f"task.dataset {name!r}: not a bundled name or local file, and loading it from the hub failed "
-            f"({type(exc).__name__}: {str(exc)[:200]}). Fix: use a bundled name "
+            f"({type(exc).__name__}: {_brief(exc)}). Fix: use a bundled name "
             f"({', '.join(BUNDLED_TEXT + BUNDLED_IMAGES)}), a local .csv/.json/.parquet file, or run with network "
             f"access (unset HF_DATASETS_OFFLINE)") from exc
     if isinstance(loaded, datasets.Dataset):
@@ -222,7 +231,7 @@ _FILLER = ("the", "movie", "film", "was", "plot", "actors", "story", "and", "rea
 def _synthetic_text(opts: dict[str, Any]) -> LoadedData:
     """Short sentences whose class shows in one or two class words among filler words."""
     gen = torch.Generator().manual_seed(mix_seed(int(opts.get("data_seed", 0)), 0x7E47))
-    n = int(opts.get("synthetic_size", 256))
+    n = int(opts.get("synthetic_size", 1024))
     classes = int(opts.get("synthetic_classes", 2))
     pools = [_NEGATIVE, _POSITIVE] + [tuple(f"topic{c}word{j}" for j in range(6)) for c in range(2, classes)]
     labels = torch.randint(0, classes, (n,), generator=gen).tolist()
@@ -242,7 +251,7 @@ def _synthetic_text(opts: dict[str, Any]) -> LoadedData:
 def _synthetic_images(opts: dict[str, Any]) -> LoadedData:
     """8x8 images: class c is a bright horizontal bar at row c mod 8 plus Gaussian noise."""
     gen = torch.Generator().manual_seed(mix_seed(int(opts.get("data_seed", 0)), 0x1A6E))
-    n = int(opts.get("synthetic_size", 256))
+    n = int(opts.get("synthetic_size", 1024))
     classes = int(opts.get("synthetic_classes", 4))
     labels = torch.randint(0, classes, (n,), generator=gen)
     images = 0.3 * torch.randn(n, 8, 8, generator=gen)

@@ -1,7 +1,16 @@
 """Task registry: ``build_task(cfg, seed)`` by ``task.name`` or a ``module:function`` path.
 
-Built-in tasks are imported lazily (transformers is heavy), so the synthetic
-task used by smoke runs starts fast.
+Built-in tasks (imported lazily: transformers is heavy, so the synthetic task
+used by smoke runs starts fast):
+
+- ``text_classification``: encoder + classification head (MiniLM, tiny-bert, HF models).
+- ``prompt_classification``: causal LM scored on label words after a prompt (MeZO-style).
+- ``causal_lm``: next-token cross-entropy (tiny-gpt2, SmolLM2, HF models).
+- ``image_classification``: the project's CNN / ResNet-18 on MNIST-5k, digits.
+- ``synthetic``: a tiny MLP on Gaussian blobs (machinery tests).
+
+A user factory is named ``package.module:function``; it is called as
+``function(cfg, seed)`` and must return an object implementing ``tasks.base.Task``.
 """
 
 from __future__ import annotations
@@ -14,6 +23,10 @@ from .base import Task
 # name -> "module:function" (relative to this package); each function is (cfg, seed) -> Task
 BUILTIN = {
     "synthetic": ".synthetic:build",
+    "text_classification": ".text_classification:build",
+    "prompt_classification": ".prompt_classification:build",
+    "causal_lm": ".causal_lm:build",
+    "image_classification": ".vision:build",
 }
 
 
@@ -35,4 +48,10 @@ def build_task(cfg: TaskConfig, seed: int) -> Task:
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"config field 'task.name': cannot load {spec!r} ({exc}). "
                           f"Fix: give an importable 'module:function'") from exc
-    return factory(cfg, seed)
+    task = factory(cfg, seed)
+    if not isinstance(task, Task):  # runtime_checkable: checks the methods exist
+        missing = [m for m in ("build_model", "trainable_names", "train_batch", "prepare", "loss", "eval_batches",
+                               "eval_totals", "save_final") if not callable(getattr(task, m, None))]
+        raise ConfigError(f"config field 'task.name': {spec!r} returned {type(task).__name__}, which lacks "
+                          f"{', '.join(missing)}. Fix: implement the ray_s2p.tasks.base.Task protocol")
+    return task

@@ -37,8 +37,9 @@ Batch = dict[str, Any]
 Select = Callable[[torch.Tensor, Batch], torch.Tensor]
 Entry = Callable[[Batch], tuple[torch.Tensor, tuple, dict]]
 
-# model_type -> (backbone final-norm attribute or None for BERT's pooler) for families whose
-# blocks are called in a plain loop with identical arguments (checked against the plain forward in tests).
+# Families whose backbone calls its blocks in a plain loop with identical arguments, so the chain
+# can be replayed (checked against the plain forward in tests). Others still get trainable
+# selection; feature reuse is then off. Causal LMs: model_type -> the backbone's final norm.
 REPLAYABLE_SEQUENCE_CLASSIFIERS = ("bert",)
 REPLAYABLE_CAUSAL_LMS = {"gpt2": "ln_f", "llama": "norm"}
 

@@ -7,6 +7,11 @@ class TaskError(ValueError):
     """A task cannot be built or used as configured; the message names the field and the fix."""
 
 
+def brief(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line, cut to ``limit`` characters (for wrapping in our messages)."""
+    return " ".join(str(exc).split())[:limit]
+
+
 def check_options(options: dict, known: set[str], task: str) -> None:
     """Reject unknown ``task.options`` keys (typos would otherwise be ignored silently).
 

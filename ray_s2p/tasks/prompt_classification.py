@@ -1,0 +1,160 @@
+"""Prompt-based classification with a causal LM (MeZO's setting).
+
+Each text becomes ``task.template`` with ``{text}`` filled in (e.g. "{text} It was"),
+and class c is scored by the logit of the first token of ``task.label_words[c]``
+(e.g. " terrible" / " great") as the *next* token after the prompt:
+
+    loss = CE(softmax over label words of lm_head(h_last)[label_ids], y)
+
+where h_last is the final hidden state at the last prompt token. Only the B last
+positions go through the final norm and lm_head (not B x T x vocab logits).
+Accuracy comes from the arg-max label word.
+
+Models: as for ``causal_lm`` (``tiny-gpt2``, ``smollm2``, a folder or hub name).
+Batch keys: ``input_ids``, ``attention_mask`` (B, T), ``labels`` (B,), ``index`` (B,);
+``prepare`` may add ``features``. Prompts are truncated from the left so the
+template's ending always survives.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..batching import eval_positions, train_positions
+from ..config import TaskConfig
+from .anatomy import Anatomy, hf_anatomy, unwrap
+from .base import Batch, EvalTotals
+from .causal_lm import build_causal_lm
+from .errors import TaskError, check_options
+from .feature_reuse import FeatureCache, prepare_features, replay, trainable_by_flags
+from .hf_models import save_hf_model
+from .precision import autocast_context
+from .text_classification import TEXT_OPTIONS
+from .text_encoding import load_text_splits
+from .trainable import select_trainable
+
+
+def last_positions(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """(B, T, d) -> (B, d): the hidden state at each example's last real token (right padding)."""
+    last = batch["attention_mask"].sum(dim=1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
+
+
+def label_token_ids(tokenizer: Any, label_words: tuple[str, ...]) -> list[int]:
+    """The first token of each label word.
+
+    Raises:
+        TaskError: a word with no tokens, or two words sharing their first token.
+    """
+    ids = []
+    for word in label_words:
+        tokens = tokenizer.encode(word, add_special_tokens=False)
+        if not tokens:
+            raise TaskError(f"config field 'task.label_words': {word!r} has no tokens. Fix: use non-empty words")
+        if len(tokens) > 1:
+            warnings.warn(f"task.label_words: {word!r} is {len(tokens)} tokens; scoring its first token only",
+                          stacklevel=2)
+        ids.append(int(tokens[0]))
+    if len(set(ids)) != len(ids):
+        raise TaskError(f"config field 'task.label_words': {list(label_words)} share a first token ({ids}). "
+                        f"Fix: pick words that start with different tokens (a leading space matters)")
+    return ids
+
+
+class PromptClassificationTask:
+    """``task.name: prompt_classification`` (see the module docstring)."""
+
+    def __init__(self, cfg: TaskConfig, seed: int) -> None:
+        check_options(cfg.options, TEXT_OPTIONS, "prompt_classification")
+        if "{text}" not in cfg.template:
+            raise TaskError(f"config field 'task.template': {cfg.template!r} has no {{text}}. "
+                            f"Fix: e.g. '{{text}} It was'")
+        if len(cfg.label_words) < 2:
+            raise TaskError("config field 'task.label_words': need one word per class (at least 2)")
+        if cfg.num_labels is not None and cfg.num_labels != len(cfg.label_words):
+            raise TaskError(f"config field 'task.num_labels': {cfg.num_labels} differs from the "
+                            f"{len(cfg.label_words)} label words. Fix: leave num_labels null or match them")
+        self.cfg = cfg
+        self.seed = seed
+        self.data = load_text_splits(cfg, seed, mode="prompt", labelled=True, num_labels=len(cfg.label_words),
+                                     extra_words=cfg.label_words)
+        self.label_ids = torch.tensor(label_token_ids(self.data.tokenizer, cfg.label_words))
+        self.cache = FeatureCache(int(cfg.options.get("feature_cache_mb", 256)) << 20)
+        self._anatomies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def build_model(self) -> torch.nn.Module:
+        """The LM (see ``causal_lm.build_causal_lm``)."""
+        cfg = self.cfg
+        return build_causal_lm(model=cfg.model, seed=self.seed, tokenizer=self.data.tokenizer, trainable=cfg.trainable,
+                               tiny_width=cfg.tiny_width, tiny_layers=cfg.tiny_layers, max_length=cfg.max_length,
+                               lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
+                               trust_remote_code=cfg.trust_remote_code)
+
+    def anatomy(self, model: torch.nn.Module) -> Anatomy:
+        """Blocks, (gather last position), final norm, lm_head; computed once per model object."""
+        found = self._anatomies.get(model)
+        if found is None:
+            found = self._anatomies[model] = hf_anatomy(model, "causal_lm", select=last_positions)
+        return found
+
+    def trainable_names(self, model: torch.nn.Module) -> list[str]:
+        """Parameters selected by ``task.trainable``; the others get requires_grad=False."""
+        return select_trainable(model, self.anatomy(model), self.cfg.trainable, top_k=self.cfg.top_k,
+                                patterns=self.cfg.patterns)
+
+    def train_batch(self, step: int, shard: int, num_shards: int) -> Batch:
+        """The batch of (step, shard): a pure function of the arguments and the seed."""
+        rows = train_positions(len(self.data.train), self.cfg.batch_size, seed=self.seed, step=step, shard=shard,
+                               num_shards=num_shards)
+        return self.data.train.take(rows)
+
+    def eval_batches(self, shard: int, num_shards: int) -> Iterator[Batch]:
+        """This shard's part of the eval set, in fixed order."""
+        for rows in eval_positions(len(self.data.eval), self.cfg.batch_size, shard, num_shards):
+            yield self.data.eval.take(rows)
+
+    def prepare(self, model: torch.nn.Module, batch: Batch, trainable: list[str]) -> Batch:
+        """Cache the frozen prefix's output (feature reuse) when ``task.feature_reuse`` allows."""
+        if not self.cfg.feature_reuse:
+            return batch
+        return prepare_features(model, batch, trainable, self.anatomy(model), self.cache,
+                                autocast_context(self.cfg.precision, model))
+
+    def logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """(B, num_label_words) fp32 logits of the label words at the answer position."""
+        with autocast_context(self.cfg.precision, model):
+            if "features" in batch:
+                vocab_logits = replay(batch)
+            else:
+                inner = unwrap(model)
+                hidden = inner.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                          use_cache=False).last_hidden_state
+                vocab_logits = inner.get_output_embeddings()(last_positions(hidden, batch))
+        return vocab_logits[:, self.label_ids.to(vocab_logits.device)].float()
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """Mean cross-entropy over the label words."""
+        return F.cross_entropy(self.logits(model, batch), batch["labels"])
+
+    def eval_totals(self, model: torch.nn.Module, batch: Batch) -> EvalTotals:
+        """Summed cross-entropy, count, arg-max label-word predictions and labels (prefix cached across evals)."""
+        batch = self.prepare(model, batch, trainable_by_flags(model)) if "features" not in batch else batch
+        logits = self.logits(model, batch)
+        loss = F.cross_entropy(logits, batch["labels"], reduction="sum")
+        return EvalTotals(float(loss), int(batch["labels"].numel()), logits.argmax(-1).tolist(),
+                          batch["labels"].tolist())
+
+    def save_final(self, model: torch.nn.Module, directory: Path) -> None:
+        """save_pretrained (LoRA merged) + tokenizer: loads with AutoModelForCausalLM."""
+        save_hf_model(model, self.data.tokenizer, Path(directory))
+
+
+def build(cfg: TaskConfig, seed: int) -> PromptClassificationTask:
+    """Factory for the task registry (name ``prompt_classification``)."""
+    return PromptClassificationTask(cfg, seed)
