@@ -94,8 +94,11 @@ def split_rows(num_rows: int, *, seed: int, eval_size: int, labels: Sequence[int
 
 
 def train_positions(num_examples: int, batch_size: int, *, seed: int, step: int, shard: int,
-                    num_shards: int) -> torch.Tensor:
+                    num_shards: int, reshuffle: bool = True) -> torch.Tensor:
     """Positions (into the train set) of the batch of one (step, shard); see the module docstring.
+
+    With ``reshuffle`` false every epoch uses the first epoch's permutation, so the
+    same batches come back each epoch (and cached frozen-prefix features are hit).
 
     Raises:
         ValueError: an empty train set or a shard outside 0..num_shards-1.
@@ -111,7 +114,7 @@ def train_positions(num_examples: int, batch_size: int, *, seed: int, step: int,
     out = torch.empty(batch_size, dtype=torch.long)
     for epoch in torch.unique(epochs).tolist():  # one or two epochs unless the batch exceeds the data
         mask = epochs == epoch
-        out[mask] = seeded_permutation(num_examples, seed, _EPOCH, epoch)[within[mask]]
+        out[mask] = seeded_permutation(num_examples, seed, _EPOCH, epoch if reshuffle else 0)[within[mask]]
     return out
 
 

@@ -106,11 +106,43 @@ def add_bench_command(sub: "argparse._SubParsersAction") -> None:
     p.set_defaults(func=_bench)
 
 
+def _compare(args: argparse.Namespace) -> int:
+    import ray
+
+    from .compare import ALL_OPTIMIZERS, compare
+    from .config import load_config
+
+    config = load_config(args.config, args.set)
+    if not ray.is_initialized():
+        ray.init(address=args.address) if args.address else ray.init()
+    variants = args.optimizers.split(",") if args.optimizers else ALL_OPTIMIZERS
+    compare(config, args.output, variants=variants, budget=args.budget, trials=args.trials,
+            seeds=[int(s) for s in args.seeds.split(",")], target=args.target, ablations=not args.no_ablations)
+    print((Path(args.output) / "summary.md").read_text())
+    return 0
+
+
+def add_compare_command(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser("compare", help="equal-budget optimizer comparison: Tune each, rerun the best over seeds")
+    p.add_argument("--config", required=True, help="base YAML config (the task)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--output", required=True, help="directory for results.parquet, summary.md, curves.png")
+    p.add_argument("--optimizers", help="comma-separated variants (default: all, see ray_s2p.compare)")
+    p.add_argument("--budget", type=int, required=True, help="forward passes per run")
+    p.add_argument("--trials", type=int, default=4, help="tuning trials per optimizer")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds for the final runs")
+    p.add_argument("--target", type=float, default=0.8, help="accuracy whose forward-pass cost is reported")
+    p.add_argument("--no-ablations", action="store_true", help="skip the VS2P ablations")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else local)")
+    p.set_defaults(func=_compare)
+
+
 def add_commands(sub: "argparse._SubParsersAction") -> None:
     """Register the optional sub-commands (each imports its heavy modules lazily)."""
     from .plot import add_plot_command
 
     add_tune_command(sub)
+    add_compare_command(sub)
     add_eval_command(sub)
     add_plot_command(sub)
     add_bench_command(sub)

@@ -42,6 +42,7 @@ class TaskConfig:
     train_size: int | None = None
     eval_size: int = 512
     k_shot: int | None = None
+    reshuffle: bool = True
     template: str = "{text} It was"
     label_words: tuple[str, ...] = (" terrible", " great")
     trainable: str = "all"

@@ -111,7 +111,7 @@ class PromptClassificationTask:
     def train_batch(self, step: int, shard: int, num_shards: int) -> Batch:
         """The batch of (step, shard): a pure function of the arguments and the seed."""
         rows = train_positions(len(self.data.train), self.cfg.batch_size, seed=self.seed, step=step, shard=shard,
-                               num_shards=num_shards)
+                               num_shards=num_shards, reshuffle=self.cfg.reshuffle)
         return self.data.train.take(rows)
 
     def eval_batches(self, shard: int, num_shards: int) -> Iterator[Batch]:

@@ -25,7 +25,7 @@ from ..config import TaskConfig
 from ..perturbation import mix_seed
 from .anatomy import Anatomy, hf_anatomy
 from .base import Batch, EvalTotals
-from .errors import check_options
+from .errors import TaskError, check_options
 from .feature_reuse import FeatureCache, prepare_features, replay, trainable_by_flags
 from .hf_models import load_pretrained, save_hf_model, tiny_bert
 from .precision import autocast_context
@@ -33,7 +33,8 @@ from .text_encoding import load_text_splits
 from .trainable import apply_lora, default_lora_targets, select_trainable
 
 TEXT_OPTIONS = {"tokenizer", "vocab_size", "label_names", "data_seed", "synthetic_size", "synthetic_classes",
-                "hub_config", "feature_cache_mb"}
+                "hub_config", "feature_cache_mb", "cls_attention"}
+QUERY_NAMES = ("query", "q_proj", "q_lin")
 _INIT, _LORA = 0x1417, 0x10AA
 
 
@@ -60,6 +61,10 @@ class TextClassificationTask:
         else:
             model = load_pretrained("sequence_classification", cfg.model, seed=mix_seed(self.seed, _INIT),
                                     num_labels=self.num_labels, trust_remote_code=cfg.trust_remote_code)
+        if cfg.options.get("cls_attention", "pretrained") == "uniform":
+            uniform_last_layer_attention(model, self.anatomy(model))
+        elif cfg.options.get("cls_attention", "pretrained") != "pretrained":
+            raise TaskError("config field 'task.options.cls_attention': use 'pretrained' or 'uniform'")
         names = self.data.label_names
         if names and len(names) == self.num_labels:
             model.config.id2label = dict(enumerate(names))
@@ -88,7 +93,7 @@ class TextClassificationTask:
     def train_batch(self, step: int, shard: int, num_shards: int) -> Batch:
         """The batch of (step, shard): a pure function of the arguments and the seed."""
         rows = train_positions(len(self.data.train), self.cfg.batch_size, seed=self.seed, step=step, shard=shard,
-                               num_shards=num_shards)
+                               num_shards=num_shards, reshuffle=self.cfg.reshuffle)
         return self.data.train.take(rows)
 
     def eval_batches(self, shard: int, num_shards: int) -> Iterator[Batch]:
@@ -128,6 +133,30 @@ class TextClassificationTask:
     def save_final(self, model: torch.nn.Module, directory: Path) -> None:
         """save_pretrained (LoRA merged) + tokenizer: loads with AutoModelForSequenceClassification."""
         save_hf_model(model, self.data.tokenizer, Path(directory))
+
+
+def uniform_last_layer_attention(model: torch.nn.Module, anatomy: Anatomy) -> None:
+    """Zero the last block's attention query (weight and bias), so every token, [CLS] included,
+    attends uniformly to all unmasked tokens: [CLS] then carries a mean over the sequence.
+
+    Why: encoders trained with mean pooling (sentence-transformers, e.g. all-MiniLM-L6-v2) put the
+    sentence meaning in the token average, not in [CLS], while AutoModelForSequenceClassification
+    classifies from [CLS]. This expresses mean pooling inside the network's own weights, so the
+    saved model still loads and predicts the same with plain transformers.
+
+    Raises:
+        TaskError: the last block has no recognisable query projection.
+    """
+    last = anatomy.blocks[-1]
+    queries = [m for n, m in last.named_modules() if n.split(".")[-1] in QUERY_NAMES and hasattr(m, "weight")]
+    if not queries:
+        raise TaskError("task.options.cls_attention 'uniform': the model's last layer has no query projection "
+                        f"named {' / '.join(QUERY_NAMES)}. Fix: leave cls_attention at 'pretrained'")
+    with torch.no_grad():
+        for q in queries:
+            q.weight.zero_()
+            if getattr(q, "bias", None) is not None:
+                q.bias.zero_()
 
 
 def build(cfg: TaskConfig, seed: int) -> TextClassificationTask:
