@@ -201,9 +201,8 @@ def bench_config(config_file: str | None, sets: Sequence[str]) -> tuple[RunConfi
     Without ``config_file`` the base is the default config with ``BENCH_BASE``; a
     config file is taken as it is (it is the user's choice of model and batch).
     """
-    config = load_config(config_file)
-    if config_file is None:
-        config = config.replace(BENCH_BASE)
+    # Without a file: the dataclass defaults (not the default job) plus the benchmark's own settings.
+    config = load_config(config_file) if config_file is not None else RunConfig().replace(BENCH_BASE)
     user_sets = dict(parse_override(s) for s in sets)
     return (config.replace(user_sets) if user_sets else config), user_sets
 

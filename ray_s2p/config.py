@@ -54,6 +54,7 @@ class TaskConfig:
     precision: str = "fp32"
     feature_reuse: bool = True
     trust_remote_code: bool = False
+    device_map: str | None = None
     tiny_width: int = 64
     tiny_layers: int = 2
     options: dict = field(default_factory=dict)
@@ -70,6 +71,8 @@ class TaskConfig:
         _require(self.precision in {"fp32", "bf16", "fp16"}, "task.precision", f"unknown value {self.precision!r}",
                  "use fp32, bf16 or fp16")
         _require(self.top_k > 0, "task.top_k", f"got {self.top_k}", "use a positive number of layers")
+        _require(self.device_map in (None, "auto", "balanced", "sequential"), "task.device_map",
+                 f"got {self.device_map!r}", "use null, auto, balanced or sequential (with cluster.gpus_per_replica > 1)")
 
 
 OPTIMIZERS = ("vs2p", "s2p", "mezo", "zo_sign", "stp", "random_search", "sgd", "adamw")
@@ -322,21 +325,23 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+DEFAULT_JOB = Path(__file__).resolve().parent / "default_job.yaml"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML config (or the embedded default) and apply ``--set`` overrides.
+    """Load a YAML config (``None``: the embedded default job, ray_s2p/default_job.yaml) and apply
+    ``--set`` overrides.
 
     Raises:
         ConfigError: file missing, not YAML, or an invalid field.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist. Fix: pass an existing YAML file to --config")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+    p = Path(path) if path is not None else DEFAULT_JOB
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist. Fix: pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
     config = RunConfig.from_dict(data)
     parsed = dict(parse_override(o) for o in overrides or [])
     return config.replace(parsed) if parsed else config

@@ -465,3 +465,26 @@ def test_digits_image_task() -> None:
     assert task.image_shape == (1, 8, 8) and len(task.train) == 1700
     model = task.build_model()
     assert math.isfinite(float(task.loss(model, task.train_batch(1, 0, 1))))
+
+
+def test_uniform_cls_attention_zeroes_the_last_query_and_survives_save(tmp_path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    model, dataset, options = KINDS["text_classification"]
+    cfg = TaskConfig(name="text_classification", model=model, dataset=dataset, eval_size=16, batch_size=4,
+                     max_length=24, tiny_width=32, options={**options, "cls_attention": "uniform"})
+    task = build_task(cfg, 0)
+    net = task.build_model()
+    last_query = net.bert.encoder.layer[-1].attention.self.query
+    first_query = net.bert.encoder.layer[0].attention.self.query
+    assert float(last_query.weight.abs().sum()) == 0.0 and float(last_query.bias.abs().sum()) == 0.0
+    assert float(first_query.weight.abs().sum()) > 0.0
+    task.save_final(net, tmp_path / "m")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    batch = task.train_batch(1, 0, 1)
+    with torch.no_grad():
+        assert torch.allclose(task.logits(reloaded, batch), task.logits(net, batch), atol=1e-5)
+    bad = TaskConfig(name="text_classification", model=model, dataset=dataset, eval_size=16, batch_size=4,
+                     max_length=24, tiny_width=32, options={**options, "cls_attention": "mean"})
+    with pytest.raises(TaskError, match="cls_attention"):
+        build_task(bad, 0).build_model()

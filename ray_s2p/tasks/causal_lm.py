@@ -37,7 +37,7 @@ _INIT, _LORA = 0xCA05, 0xCA10
 
 def build_causal_lm(*, model: str, seed: int, tokenizer: Any, trainable: str, tiny_width: int, tiny_layers: int,
                     max_length: int, lora_r: int, lora_alpha: int, lora_targets: tuple[str, ...],
-                    trust_remote_code: bool = False) -> torch.nn.Module:
+                    trust_remote_code: bool = False, device_map: str | None = None) -> torch.nn.Module:
     """A causal LM ready for zeroth-order tuning, identical on every replica.
 
     For ``head`` and ``top_k`` a tied lm_head is untied (a copy of the embeddings), so
@@ -50,7 +50,8 @@ def build_causal_lm(*, model: str, seed: int, tokenizer: Any, trainable: str, ti
                        eos_id=int(end_id if end_id is not None else tokenizer.pad_token_id), width=tiny_width,
                        layers=tiny_layers, max_length=max_length, seed=mix_seed(seed, _INIT))
     else:
-        lm = load_pretrained("causal_lm", model, seed=mix_seed(seed, _INIT), trust_remote_code=trust_remote_code)
+        lm = load_pretrained("causal_lm", model, seed=mix_seed(seed, _INIT), trust_remote_code=trust_remote_code,
+                             device_map=device_map)
     if trainable in ("head", "top_k"):
         untie_output_embeddings(lm)
     if trainable == "lora":
@@ -77,7 +78,7 @@ class CausalLMTask:
         return build_causal_lm(model=cfg.model, seed=self.seed, tokenizer=self.data.tokenizer, trainable=cfg.trainable,
                                tiny_width=cfg.tiny_width, tiny_layers=cfg.tiny_layers, max_length=cfg.max_length,
                                lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
-                               trust_remote_code=cfg.trust_remote_code)
+                               trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map)
 
     def anatomy(self, model: torch.nn.Module) -> Anatomy:
         """Blocks, final norm and lm_head, computed once per model object."""

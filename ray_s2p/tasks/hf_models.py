@@ -119,10 +119,13 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_pretrained(kind: str, name: str, *, seed: int, num_labels: int | None = None,
-                    trust_remote_code: bool = False) -> nn.Module:
+                    trust_remote_code: bool = False, device_map: str | None = None) -> nn.Module:
     """A pretrained sequence classifier (kind ``sequence_classification``) or causal LM, fp32, in eval mode.
 
-    A classifier head missing from the checkpoint is initialised from ``seed``.
+    A classifier head missing from the checkpoint is initialised from ``seed``. ``device_map``
+    ("auto", "balanced", "sequential") spreads a model too large for one GPU over the GPUs the
+    replica reserved (accelerate); parameters then live on several devices and each keeps its own
+    noise generator on its device.
 
     Raises:
         TaskError: the model cannot be loaded (offline hub name, missing folder).
@@ -131,6 +134,8 @@ def load_pretrained(kind: str, name: str, *, seed: int, num_labels: int | None =
 
     path = resolve_model_path(name)
     kwargs: dict = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         with seeded(seed):
             if kind == "sequence_classification":

@@ -94,7 +94,7 @@ class PromptClassificationTask:
         return build_causal_lm(model=cfg.model, seed=self.seed, tokenizer=self.data.tokenizer, trainable=cfg.trainable,
                                tiny_width=cfg.tiny_width, tiny_layers=cfg.tiny_layers, max_length=cfg.max_length,
                                lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
-                               trust_remote_code=cfg.trust_remote_code)
+                               trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map)
 
     def anatomy(self, model: torch.nn.Module) -> Anatomy:
         """Blocks, (gather last position), final norm, lm_head; computed once per model object."""

@@ -60,7 +60,8 @@ class TextClassificationTask:
                               layers=cfg.tiny_layers, max_length=cfg.max_length, seed=mix_seed(self.seed, _INIT))
         else:
             model = load_pretrained("sequence_classification", cfg.model, seed=mix_seed(self.seed, _INIT),
-                                    num_labels=self.num_labels, trust_remote_code=cfg.trust_remote_code)
+                                    num_labels=self.num_labels, trust_remote_code=cfg.trust_remote_code,
+                                    device_map=cfg.device_map)
         if cfg.options.get("cls_attention", "pretrained") == "uniform":
             uniform_last_layer_attention(model, self.anatomy(model))
         elif cfg.options.get("cls_attention", "pretrained") != "pretrained":
