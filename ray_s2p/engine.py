@@ -102,6 +102,8 @@ class ReplicaEngine:
         """One backprop step of the first-order reference (SGD / AdamW); returns the batch loss."""
         assert self._first_order is not None, "not a first-order run"
         batch = to_device(self.task.train_batch(step, shard, num_shards), self.device)
+        with torch.no_grad():  # the frozen prefix needs no graph (feature reuse applies here too)
+            batch = self.task.prepare(self.model, batch, self.trainable)
         self._first_order.zero_grad(set_to_none=True)
         with torch.enable_grad():
             loss = self.task.loss(self.model, batch)
