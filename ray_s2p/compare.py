@@ -4,8 +4,8 @@
         --target 0.8 --output runs/compare/mnist5k_cnn
 
 1. ``tune.run_sweep`` gives every optimizer the same forward-pass budget and the
-   same number of trials (step sizes sampled log-uniformly; ASHA off so every
-   trial spends the whole budget).
+   same number of trials: a log-spaced grid over its step size with rho fixed
+   (``tune.step_size_grid``); ASHA off so every trial spends the whole budget.
 2. The best settings of each optimizer are rerun with every seed.
 3. ``results.parquet`` (one row per run), ``summary.md`` (mean +- std of the
    final held-out accuracy and forward passes to reach ``--target``) and
@@ -64,7 +64,8 @@ def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget:
     fixed = variant_overrides(name)
     cfg = base.replace(fixed)
     result = run_sweep(cfg, storage, name=f"tune-{name}", optimizers=[fixed["optimizer.name"]],
-                       trials_per_optimizer=trials, budget=budget, asha=False, driver_cpus=1.0, seed=seed)
+                       trials_per_optimizer=trials, budget=budget, asha=False, driver_cpus=1.0, seed=seed,
+                       step_size_grid_only=True)
     best = result.best()
     if not best:
         raise RuntimeError(f"compare: every tuning trial of {name} failed: {[r.get('error') for r in result.rows]}")

@@ -35,6 +35,37 @@ SPACES: dict[str, dict[str, tuple[float, float]]] = {
 }
 
 
+# Step-size ranges when rho stays at the config's value (compare: one dimension, a log-spaced grid).
+STEP_SIZES: dict[str, tuple[str, float, float]] = {
+    "vs2p": ("optimizer.eta", 1.0, 300.0),
+    "s2p": ("optimizer.lr", 1e-3, 0.3),
+    "mezo": ("optimizer.lr", 1e-4, 1.0),
+    "zo_sign": ("optimizer.lr", 1e-4, 0.3),
+    "stp": ("optimizer.lr", 1e-3, 0.3),
+    "random_search": ("optimizer.lr", 1e-4, 1.0),
+    "sgd": ("optimizer.lr", 1e-3, 1.0),
+    "adamw": ("optimizer.lr", 1e-4, 0.1),
+}
+
+
+def step_size_grid(config: RunConfig, trials: int) -> list[dict[str, float]]:
+    """``trials`` log-spaced step sizes over the optimizer's range (cell midpoints), rho unchanged.
+
+    S2P's option 2 scales gamma (eta, MeZO's range); option 4 searches one smoothness scale L
+    used for both L0 and L1 (steps |gamma| / (A L + B L |gamma|)).
+    """
+    name = config.optimizer.name
+    key, lo, hi = STEP_SIZES[name]
+    if name == "s2p" and config.optimizer.step_size_option in (2, 4):
+        key, lo, hi = "optimizer.eta" if config.optimizer.step_size_option == 2 else "optimizer.smooth_l0", \
+            *((1e-4, 1.0) if config.optimizer.step_size_option == 2 else (0.3, 300.0))
+    values = [float(math.exp(math.log(lo) + (i + 0.5) / trials * (math.log(hi) - math.log(lo))))
+              for i in range(trials)]
+    if key == "optimizer.smooth_l0":  # option 4: one scale L for L0 and L1, so the saturation moves too
+        return [{"optimizer.smooth_l0": v, "optimizer.smooth_l1": v} for v in values]
+    return [{key: v} for v in values]
+
+
 def passes_per_step(config: RunConfig) -> int:
     """Forward passes (or forward-equivalents) one step costs, for equal-budget comparisons."""
     o = config.optimizer
@@ -100,7 +131,7 @@ def _trainable(params: dict[str, Any]) -> None:
 def run_sweep(base: RunConfig, storage_path: str | Path, *, name: str = "sweep", optimizers: list[str] | None = None,
               trials_per_optimizer: int = 4, budget: int | None = None, metric: str | None = None,
               asha: bool = True, driver_cpus: float = 1.0, max_concurrent: int = 0, restore: bool = False,
-              seed: int = 0) -> "SweepResult":
+              seed: int = 0, step_size_grid_only: bool = False) -> "SweepResult":
     """Search each optimizer's step sizes with Ray Tune (ASHA by default).
 
     Args:
@@ -114,6 +145,8 @@ def run_sweep(base: RunConfig, storage_path: str | Path, *, name: str = "sweep",
         driver_cpus: CPUs reserved for each trial's driver bundle.
         restore: resume an interrupted sweep in storage_path/name with Tuner.restore.
         seed: seed of the search's own sampler.
+        step_size_grid_only: keep rho and search only the step size on a log-spaced grid
+            (``step_size_grid``): with few trials a grid covers the range evenly for every optimizer.
 
     Returns:
         A SweepResult with one row per trial and the best per optimizer.
@@ -136,6 +169,9 @@ def run_sweep(base: RunConfig, storage_path: str | Path, *, name: str = "sweep",
     for opt in optimizers:
         cfg = base.replace({"optimizer.name": opt})
         steps = base.steps if budget is None else max(1, budget // passes_per_step(cfg))
+        if step_size_grid_only:
+            trials += [{"optimizer.name": opt, "steps": steps, **g} for g in step_size_grid(cfg, trials_per_optimizer)]
+            continue
         for _ in range(trials_per_optimizer):
             point = {"optimizer.name": opt, "steps": steps}
             for key, (lo, hi) in SPACES[opt].items():

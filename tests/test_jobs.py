@@ -31,12 +31,17 @@ def ray_head():
     # A short temp dir: Ray's unix socket paths must stay under ~107 characters.
     temp_dir = Path(tempfile.mkdtemp(prefix="rs2p-", dir="/tmp"))
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    gcs, dash = free_port(), free_port()
+    # Every port explicit: another Ray on this machine (the test session's own) already holds the
+    # default agent ports, and a head whose dashboard agent cannot bind never accepts jobs.
+    gcs, dash, agent, agent_grpc, env_agent, metrics, client = (free_port() for _ in range(7))
     ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--num-cpus=2", f"--port={gcs}", "--node-ip-address=127.0.0.1",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--object-store-memory=150000000", f"--temp-dir={temp_dir}"],
+         "--object-store-memory=150000000", f"--temp-dir={temp_dir}",
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
+         f"--ray-client-server-port={client}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 90
@@ -59,24 +64,29 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def submit(ray_bin: str, address: str, env: dict, entrypoint: list[str]) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the head's job agent is still starting (it comes up after the
+    dashboard port opens, later on a loaded machine)."""
+    deadline = time.monotonic() + 120
+    while True:
+        done = subprocess.run([ray_bin, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+                               *entrypoint], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(3)
+
+
 def test_job_submit_to_local_head(ray_head, tmp_path):
     address, env = ray_head
     storage = tmp_path / "results"
     ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-    time.sleep(2)  # the job server comes up shortly after the dashboard port
-    done = subprocess.run(
-        [ray_bin, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-         "python", "jobs/train.py", "--config", "jobs/configs/smoke.yaml", "--storage", str(storage),
-         "--set", "steps=20"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = submit(ray_bin, address, env, ["python", "jobs/train.py", "--config", "jobs/configs/smoke.yaml",
+                                          "--storage", str(storage), "--set", "steps=20"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((storage / "smoke" / "summary.json").read_text())
     assert summary["steps_completed"] == 20 and summary["replicas"] == 2
-    failing = subprocess.run(
-        [ray_bin, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-         "python", "jobs/train.py", "--config", "jobs/configs/smoke.yaml", "--storage", str(storage),
-         "--set", "optimizer.rho=0"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    failing = submit(ray_bin, address, env, ["python", "jobs/train.py", "--config", "jobs/configs/smoke.yaml",
+                                             "--storage", str(storage), "--set", "optimizer.rho=0"])
     assert failing.returncode != 0
     assert "optimizer.rho" in failing.stdout + failing.stderr
 
