@@ -13,6 +13,13 @@ from typing import Any, Iterator
 import yaml
 
 
+def _default_mode() -> int:
+    # mkstemp creates 0600 files; give the final file the permissions a plain open() would.
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -41,6 +48,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     finally:
