@@ -140,3 +140,10 @@ def test_cli_train_replay_check(tmp_path):
     wrong = subprocess.run(env_cmd + ["train", "--config", str(cfg_file), "--output", str(tmp_path / "w"),
                                       "--set", "optimizer.lr=-1"], capture_output=True, text=True, timeout=300)
     assert wrong.returncode == 2 and "optimizer.lr" in wrong.stderr
+
+
+def test_tensorboard_event_files(tmp_path):
+    pytest.importorskip("tensorboard", reason="TensorBoard is an optional dependency")
+    run(tmp_path, "tb", tensorboard=True)
+    events = list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
