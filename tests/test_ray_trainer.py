@@ -152,3 +152,9 @@ def test_repeated_random_sigkills_during_one_run(tmp_path, ray_session):
     assert len(killed) == 3 and result.summary["replica_failures"] == 3
     assert result.final_digest == undisturbed_digest(tmp_path, cfg)
     assert_every_step_once(tmp_path / "run", cfg.steps, 2)
+
+
+def test_too_many_replica_failures_stop_the_run(tmp_path, ray_session):
+    cfg = fault_config(tmp_path, "die", at_step=5, **{"cluster.max_replica_failures": 0})
+    with pytest.raises(TrainingError, match="exceed cluster.max_replica_failures=0"):
+        train(cfg, tmp_path / "run", log=lambda m: None)
