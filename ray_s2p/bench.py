@@ -160,7 +160,7 @@ def emit(record: dict[str, Any], results: str | Path, stream: TextIO | None = No
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(line + "\n")
         fh.flush()
-        os.fsync(fh.fileno())  # a long benchmark session killed later keeps every line already written
+        os.fsync(fh.fileno())  # a long benchmark run killed later keeps every line already written
     return line
 
 
