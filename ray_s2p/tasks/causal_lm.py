@@ -12,25 +12,22 @@ the token-summed loss and the token count (perplexity = exp(loss_sum / count)).
 
 from __future__ import annotations
 
-import weakref
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..batching import eval_positions, train_positions
 from ..config import TaskConfig
 from ..perturbation import mix_seed
-from .anatomy import Anatomy, hf_anatomy
 from .base import Batch, EvalTotals
+from .hf_task import HFTextTask
 from .errors import check_options
-from .feature_reuse import FeatureCache, prepare_features, replay, trainable_by_flags
-from .hf_models import load_pretrained, save_hf_model, tiny_gpt2, untie_output_embeddings
+from .feature_reuse import replay, trainable_by_flags
+from .hf_models import load_pretrained, tiny_gpt2, untie_output_embeddings
 from .precision import autocast_context
 from .text_classification import TEXT_OPTIONS
 from .text_encoding import end_token_id, load_text_splits
-from .trainable import apply_lora, default_lora_targets, select_trainable
+from .trainable import apply_lora, default_lora_targets
 
 _INIT, _LORA = 0xCA05, 0xCA10
 
@@ -61,16 +58,17 @@ def build_causal_lm(*, model: str, seed: int, tokenizer: Any, trainable: str, ti
     return lm.eval()
 
 
-class CausalLMTask:
+class CausalLMTask(HFTextTask):
     """``task.name: causal_lm`` (see the module docstring)."""
+
+    ANATOMY_KIND = "causal_lm"
 
     def __init__(self, cfg: TaskConfig, seed: int) -> None:
         check_options(cfg.options, TEXT_OPTIONS, "causal_lm")
         self.cfg = cfg
         self.seed = seed
         self.data = load_text_splits(cfg, seed, mode="lm", labelled=False)
-        self.cache = FeatureCache(int(cfg.options.get("feature_cache_mb", 256)) << 20)
-        self._anatomies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._init_shared()
 
     def build_model(self) -> torch.nn.Module:
         """The LM (see ``build_causal_lm``)."""
@@ -79,36 +77,6 @@ class CausalLMTask:
                                tiny_width=cfg.tiny_width, tiny_layers=cfg.tiny_layers, max_length=cfg.max_length,
                                lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
                                trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map)
-
-    def anatomy(self, model: torch.nn.Module) -> Anatomy:
-        """Blocks, final norm and lm_head, computed once per model object."""
-        found = self._anatomies.get(model)
-        if found is None:
-            found = self._anatomies[model] = hf_anatomy(model, "causal_lm")
-        return found
-
-    def trainable_names(self, model: torch.nn.Module) -> list[str]:
-        """Parameters selected by ``task.trainable``; the others get requires_grad=False."""
-        return select_trainable(model, self.anatomy(model), self.cfg.trainable, top_k=self.cfg.top_k,
-                                patterns=self.cfg.patterns)
-
-    def train_batch(self, step: int, shard: int, num_shards: int) -> Batch:
-        """The batch of (step, shard): a pure function of the arguments and the seed."""
-        rows = train_positions(len(self.data.train), self.cfg.batch_size, seed=self.seed, step=step, shard=shard,
-                               num_shards=num_shards, reshuffle=self.cfg.reshuffle)
-        return self.data.train.take(rows)
-
-    def eval_batches(self, shard: int, num_shards: int) -> Iterator[Batch]:
-        """This shard's part of the eval set, in fixed order."""
-        for rows in eval_positions(len(self.data.eval), self.cfg.batch_size, shard, num_shards):
-            yield self.data.eval.take(rows)
-
-    def prepare(self, model: torch.nn.Module, batch: Batch, trainable: list[str]) -> Batch:
-        """Cache the frozen prefix's output (feature reuse) when ``task.feature_reuse`` allows."""
-        if not self.cfg.feature_reuse:
-            return batch
-        return prepare_features(model, batch, trainable, self.anatomy(model), self.cache,
-                                autocast_context(self.cfg.precision, model))
 
     def _token_losses(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-position next-token losses (B, T-1) and the mask of real targets."""
@@ -134,9 +102,6 @@ class CausalLMTask:
         losses, mask = self._token_losses(model, batch)
         return EvalTotals(float(losses.sum()), int(mask.sum()))
 
-    def save_final(self, model: torch.nn.Module, directory: Path) -> None:
-        """save_pretrained (LoRA merged) + tokenizer: loads with AutoModelForCausalLM."""
-        save_hf_model(model, self.data.tokenizer, Path(directory))
 
 
 def build(cfg: TaskConfig, seed: int) -> CausalLMTask:

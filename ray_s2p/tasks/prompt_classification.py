@@ -19,25 +19,21 @@ template's ending always survives.
 from __future__ import annotations
 
 import warnings
-import weakref
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..batching import eval_positions, train_positions
 from ..config import TaskConfig
-from .anatomy import Anatomy, hf_anatomy, unwrap
+from .anatomy import unwrap
 from .base import Batch, EvalTotals
+from .hf_task import HFTextTask, classification_totals
 from .causal_lm import build_causal_lm
 from .errors import TaskError, check_options
-from .feature_reuse import FeatureCache, prepare_features, replay, trainable_by_flags
-from .hf_models import save_hf_model
+from .feature_reuse import replay, trainable_by_flags
 from .precision import autocast_context
 from .text_classification import TEXT_OPTIONS
 from .text_encoding import load_text_splits
-from .trainable import select_trainable
 
 
 def last_positions(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -67,8 +63,11 @@ def label_token_ids(tokenizer: Any, label_words: tuple[str, ...]) -> list[int]:
     return ids
 
 
-class PromptClassificationTask:
+class PromptClassificationTask(HFTextTask):
     """``task.name: prompt_classification`` (see the module docstring)."""
+
+    ANATOMY_KIND = "causal_lm"
+    anatomy_select = staticmethod(last_positions)
 
     def __init__(self, cfg: TaskConfig, seed: int) -> None:
         check_options(cfg.options, TEXT_OPTIONS, "prompt_classification")
@@ -85,8 +84,7 @@ class PromptClassificationTask:
         self.data = load_text_splits(cfg, seed, mode="prompt", labelled=True, num_labels=len(cfg.label_words),
                                      extra_words=cfg.label_words)
         self.label_ids = torch.tensor(label_token_ids(self.data.tokenizer, cfg.label_words))
-        self.cache = FeatureCache(int(cfg.options.get("feature_cache_mb", 256)) << 20)
-        self._anatomies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._init_shared()
 
     def build_model(self) -> torch.nn.Module:
         """The LM (see ``causal_lm.build_causal_lm``)."""
@@ -95,36 +93,6 @@ class PromptClassificationTask:
                                tiny_width=cfg.tiny_width, tiny_layers=cfg.tiny_layers, max_length=cfg.max_length,
                                lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
                                trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map)
-
-    def anatomy(self, model: torch.nn.Module) -> Anatomy:
-        """Blocks, (gather last position), final norm, lm_head; computed once per model object."""
-        found = self._anatomies.get(model)
-        if found is None:
-            found = self._anatomies[model] = hf_anatomy(model, "causal_lm", select=last_positions)
-        return found
-
-    def trainable_names(self, model: torch.nn.Module) -> list[str]:
-        """Parameters selected by ``task.trainable``; the others get requires_grad=False."""
-        return select_trainable(model, self.anatomy(model), self.cfg.trainable, top_k=self.cfg.top_k,
-                                patterns=self.cfg.patterns)
-
-    def train_batch(self, step: int, shard: int, num_shards: int) -> Batch:
-        """The batch of (step, shard): a pure function of the arguments and the seed."""
-        rows = train_positions(len(self.data.train), self.cfg.batch_size, seed=self.seed, step=step, shard=shard,
-                               num_shards=num_shards, reshuffle=self.cfg.reshuffle)
-        return self.data.train.take(rows)
-
-    def eval_batches(self, shard: int, num_shards: int) -> Iterator[Batch]:
-        """This shard's part of the eval set, in fixed order."""
-        for rows in eval_positions(len(self.data.eval), self.cfg.batch_size, shard, num_shards):
-            yield self.data.eval.take(rows)
-
-    def prepare(self, model: torch.nn.Module, batch: Batch, trainable: list[str]) -> Batch:
-        """Cache the frozen prefix's output (feature reuse) when ``task.feature_reuse`` allows."""
-        if not self.cfg.feature_reuse:
-            return batch
-        return prepare_features(model, batch, trainable, self.anatomy(model), self.cache,
-                                autocast_context(self.cfg.precision, model))
 
     def logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """(B, num_label_words) fp32 logits of the label words at the answer position."""
@@ -145,14 +113,8 @@ class PromptClassificationTask:
     def eval_totals(self, model: torch.nn.Module, batch: Batch) -> EvalTotals:
         """Summed cross-entropy, count, arg-max label-word predictions and labels (prefix cached across evals)."""
         batch = self.prepare(model, batch, trainable_by_flags(model)) if "features" not in batch else batch
-        logits = self.logits(model, batch)
-        loss = F.cross_entropy(logits, batch["labels"], reduction="sum")
-        return EvalTotals(float(loss), int(batch["labels"].numel()), logits.argmax(-1).tolist(),
-                          batch["labels"].tolist())
+        return classification_totals(self.logits(model, batch), batch["labels"])
 
-    def save_final(self, model: torch.nn.Module, directory: Path) -> None:
-        """save_pretrained (LoRA merged) + tokenizer: loads with AutoModelForCausalLM."""
-        save_hf_model(model, self.data.tokenizer, Path(directory))
 
 
 def build(cfg: TaskConfig, seed: int) -> PromptClassificationTask:

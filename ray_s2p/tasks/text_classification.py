@@ -13,24 +13,21 @@ Loss: mean cross-entropy of the logits (computed in fp32 even under autocast).
 
 from __future__ import annotations
 
-import weakref
-from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from ..batching import eval_positions, train_positions
 from ..config import TaskConfig
 from ..perturbation import mix_seed
 from .anatomy import Anatomy, hf_anatomy
 from .base import Batch, EvalTotals
+from .hf_task import HFTextTask, classification_totals
 from .errors import TaskError, check_options
-from .feature_reuse import FeatureCache, prepare_features, replay, trainable_by_flags
-from .hf_models import load_pretrained, save_hf_model, tiny_bert
+from .feature_reuse import replay, trainable_by_flags
+from .hf_models import load_pretrained, tiny_bert
 from .precision import autocast_context
 from .text_encoding import load_text_splits
-from .trainable import apply_lora, default_lora_targets, select_trainable
+from .trainable import apply_lora, default_lora_targets
 
 TEXT_OPTIONS = {"tokenizer", "vocab_size", "label_names", "data_seed", "synthetic_size", "synthetic_classes",
                 "hub_config", "feature_cache_mb", "cls_attention"}
@@ -38,7 +35,7 @@ QUERY_NAMES = ("query", "q_proj", "q_lin")
 _INIT, _LORA = 0x1417, 0x10AA
 
 
-class TextClassificationTask:
+class TextClassificationTask(HFTextTask):
     """``task.name: text_classification`` (see the module docstring)."""
 
     def __init__(self, cfg: TaskConfig, seed: int) -> None:
@@ -47,8 +44,7 @@ class TextClassificationTask:
         self.seed = seed
         self.data = load_text_splits(cfg, seed, mode="classify", labelled=True)
         self.num_labels = int(self.data.num_labels or 2)
-        self.cache = FeatureCache(int(cfg.options.get("feature_cache_mb", 256)) << 20)
-        self._anatomies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._init_shared()
 
     # ------------------------------------------------------------------ model
     def build_model(self) -> torch.nn.Module:
@@ -78,38 +74,8 @@ class TextClassificationTask:
                                seed=mix_seed(self.seed, _LORA))
         return model.eval()
 
-    def anatomy(self, model: torch.nn.Module) -> Anatomy:
-        """The model's chain (blocks, pooler, classifier), computed once per model object."""
-        found = self._anatomies.get(model)
-        if found is None:
-            found = self._anatomies[model] = hf_anatomy(model, "sequence_classification")
-        return found
-
-    def trainable_names(self, model: torch.nn.Module) -> list[str]:
-        """Parameters selected by ``task.trainable``; the others get requires_grad=False."""
-        return select_trainable(model, self.anatomy(model), self.cfg.trainable, top_k=self.cfg.top_k,
-                                patterns=self.cfg.patterns)
-
     # ------------------------------------------------------------------ data
-    def train_batch(self, step: int, shard: int, num_shards: int) -> Batch:
-        """The batch of (step, shard): a pure function of the arguments and the seed."""
-        rows = train_positions(len(self.data.train), self.cfg.batch_size, seed=self.seed, step=step, shard=shard,
-                               num_shards=num_shards, reshuffle=self.cfg.reshuffle)
-        return self.data.train.take(rows)
-
-    def eval_batches(self, shard: int, num_shards: int) -> Iterator[Batch]:
-        """This shard's part of the eval set, in fixed order."""
-        for rows in eval_positions(len(self.data.eval), self.cfg.batch_size, shard, num_shards):
-            yield self.data.eval.take(rows)
-
     # ------------------------------------------------------------------ forward
-    def prepare(self, model: torch.nn.Module, batch: Batch, trainable: list[str]) -> Batch:
-        """Cache the frozen prefix's output (feature reuse) when ``task.feature_reuse`` allows."""
-        if not self.cfg.feature_reuse:
-            return batch
-        return prepare_features(model, batch, trainable, self.anatomy(model), self.cache,
-                                autocast_context(self.cfg.precision, model))
-
     def logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """(B, num_labels) fp32 logits, from the cached prefix when the batch has one."""
         with autocast_context(self.cfg.precision, model):
@@ -126,14 +92,8 @@ class TextClassificationTask:
     def eval_totals(self, model: torch.nn.Module, batch: Batch) -> EvalTotals:
         """Summed cross-entropy, count, arg-max predictions and labels (frozen prefix cached across evals)."""
         batch = self.prepare(model, batch, trainable_by_flags(model)) if "features" not in batch else batch
-        logits = self.logits(model, batch)
-        loss = F.cross_entropy(logits, batch["labels"], reduction="sum")
-        return EvalTotals(float(loss), int(batch["labels"].numel()), logits.argmax(-1).tolist(),
-                          batch["labels"].tolist())
+        return classification_totals(self.logits(model, batch), batch["labels"])
 
-    def save_final(self, model: torch.nn.Module, directory: Path) -> None:
-        """save_pretrained (LoRA merged) + tokenizer: loads with AutoModelForSequenceClassification."""
-        save_hf_model(model, self.data.tokenizer, Path(directory))
 
 
 def uniform_last_layer_attention(model: torch.nn.Module, anatomy: Anatomy) -> None:

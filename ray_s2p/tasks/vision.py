@@ -35,6 +35,7 @@ from ..perturbation import mix_seed
 from ..vision_models import ARCHITECTURES, build_vision_model
 from .anatomy import Anatomy, unwrap
 from .base import Batch, EvalTotals
+from .hf_task import classification_totals
 from .errors import TaskError, check_options
 from .feature_reuse import FeatureCache, prepare_features, replay, trainable_by_flags
 from .hf_models import seeded
@@ -153,10 +154,7 @@ class ImageClassificationTask:
     def eval_totals(self, model: torch.nn.Module, batch: Batch) -> EvalTotals:
         """Summed cross-entropy, count, arg-max predictions and labels (frozen prefix cached across evals)."""
         batch = self.prepare(model, batch, trainable_by_flags(model)) if "features" not in batch else batch
-        logits = self.logits(model, batch)
-        loss = F.cross_entropy(logits, batch["labels"], reduction="sum")
-        return EvalTotals(float(loss), int(batch["labels"].numel()), logits.argmax(-1).tolist(),
-                          batch["labels"].tolist())
+        return classification_totals(self.logits(model, batch), batch["labels"])
 
     def save_final(self, model: torch.nn.Module, directory: Path) -> None:
         """``model.safetensors`` (LoRA merged) + ``vision_model.json`` (architecture, normalisation)."""
