@@ -1,0 +1,507 @@
+"""The checks of jobs/gpu_check.py: plan and time budget, step overhead, GPU memory, the short comparison."""
+
+from __future__ import annotations
+
+import time
+
+START = time.perf_counter()  # the budget counts the imports too: they are part of the 8 minutes
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import datetime as _dt  # noqa: E402
+import gc  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import traceback  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, Iterator, Sequence  # noqa: E402
+
+# The GPU machine has no internet: a library reaching for the hub would stall on network timeouts.
+for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                     "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    os.environ.setdefault(_key, _value)
+
+import _common  # noqa: E402,F401  (puts the repository root on sys.path)
+import torch  # noqa: E402
+
+from ray_s2p.bench import emit, log, machine_info, median_seconds  # noqa: E402
+from ray_s2p.bench_memory import _vm_hwm, current_rss, reset_peak_rss  # noqa: E402
+from ray_s2p.bench_step import FixedBatchTask, engine_step_fn, naive_mezo_fn  # noqa: E402
+from ray_s2p.config import RunConfig, load_config  # noqa: E402
+from ray_s2p.engine import ReplicaEngine  # noqa: E402
+from ray_s2p.perturbation import mix_seed, select_parameters  # noqa: E402
+
+ROOT = _common.ROOT
+DEFAULT_CONFIG = ROOT / "jobs" / "configs" / "smollm2_prompt_rt.yaml"
+CHECK_SEED = 0x6C0C  # seeds of this script's own model init and token batches (never the global RNG)
+
+# The engine step variants of check 1 (mechanism, distribution); naive MeZO is timed separately.
+VARIANTS = (("hooks", "gaussian"), ("swap", "gaussian"), ("hooks", "table"))
+VARIANT_LABELS = {"hooks_gaussian": "hooks+gaussian", "swap_gaussian": "swap+gaussian", "hooks_table": "hooks+table",
+                  "naive_mezo": "naive MeZO"}
+STEP_RATIO_MAX = {"cuda": 1.1, "cpu": 1.3}
+MEMORY_ZO_MAX, MEMORY_ADAMW_MIN = 1.2, 3.0
+
+# ~1.1 B in the brief's words; 16 layers with full-width key/value heads come to ~0.95 B (reported exactly).
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
+                num_key_value_heads=16, vocab_size=32000)
+LLAMA_TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=1024)
+# (label, parameter dtype, autocast dtype): bf16 weights as MeZO runs them, and fp32 master weights with a
+# bf16 forward, which is what this project's task.precision: bf16 does.
+LLAMA_PRECISIONS = (("fp32", torch.float32, None), ("fp32+autocast_bf16", torch.float32, torch.bfloat16),
+                    ("bf16", torch.bfloat16, None))
+MEMORY_PRECISIONS = ("fp32", "bf16")
+CHECK_NAMES = ("step", "memory", "comparison")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one invocation: the full GPU check or the ``--quick`` smoke test."""
+
+    quick: bool
+    lm_model: str                 # task.model of checks 1a and 3
+    lm_batch: tuple[int, int]     # (batch, tokens) of check 1a
+    llama: dict[str, int]
+    llama_batch: tuple[int, int]
+    repeats: int
+    warmup: int
+    steps: int                    # training steps per optimizer in check 3
+    eval_size: int
+    estimates: dict[str, float] = field(default_factory=dict)  # seconds per check, for the budget
+
+    @classmethod
+    def make(cls, quick: bool, repeats: int | None, steps: int | None) -> "Plan":
+        if quick:
+            return cls(True, "tiny-gpt2", (4, 32), LLAMA_TINY, (4, 32), repeats or 1, 1, steps or 3, 32,
+                       {"step_lm": 15, "step_llama": 5, "memory": 5, "comparison": 15})
+        # GPU estimates are deliberately generous: SmolLM2's GGUF conversion (~30 s, once per machine)
+        # and the 1 B model's build land in the first check that needs them.
+        return cls(False, "smollm2", (16, 64), LLAMA_1B, (16, 128), repeats or 10, 2, steps or 300, 256,
+                   {"step_lm": 60, "step_llama": 45, "memory": 25, "comparison": 60})
+
+
+# ----------------------------------------------------------------- budget
+class BudgetExceeded(BaseException):
+    """Raised by SIGALRM inside a check that overran the budget.
+
+    A BaseException, so that no ``except Exception`` inside the libraries swallows it.
+    """
+
+
+class Budget:
+    """Seconds allowed since the interpreter started; checks that would not fit are skipped."""
+
+    def __init__(self, seconds: float, start: float = START) -> None:
+        self.seconds = float(seconds)
+        self.start = start
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return self.seconds - self.elapsed()
+
+    def allows(self, estimate: float) -> bool:
+        return self.elapsed() + estimate <= self.seconds
+
+    @contextlib.contextmanager
+    def deadline(self) -> Iterator[None]:
+        """Raise BudgetExceeded in this block once the budget is spent (SIGALRM; main thread, POSIX only)."""
+        if not hasattr(signal, "setitimer"):
+            yield
+            return
+
+        def alarm(signum: int, frame: Any) -> None:
+            raise BudgetExceeded(f"the time budget of {self.seconds:.0f} s ran out")
+
+        previous = signal.signal(signal.SIGALRM, alarm)
+        signal.setitimer(signal.ITIMER_REAL, max(0.01, self.left()))
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0.0)
+            signal.signal(signal.SIGALRM, previous)
+
+
+# ----------------------------------------------------------------- helpers
+def free_memory(device: torch.device) -> None:
+    """Drop garbage (engines, optimizers) so the next check starts from what is really held."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def oom_errors() -> tuple[type[BaseException], ...]:
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    return (MemoryError,) + ((oom,) if oom is not None else ())
+
+
+def random_tokens(vocab: int, shape: tuple[int, int], salt: int, device: torch.device,
+                  classes: int = 0) -> dict[str, torch.Tensor]:
+    """A fixed batch of random token ids (no padding, so every run times the same tokens).
+
+    Ids are drawn in [1000, vocab) where the vocabulary allows, away from special tokens.
+    ``classes`` > 0 adds labels (and row indices) for a classification task.
+    """
+    gen = torch.Generator().manual_seed(mix_seed(CHECK_SEED, salt))
+    low = 1000 if vocab > 2000 else 1
+    ids = torch.randint(low, vocab, shape, generator=gen, dtype=torch.long)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if classes:
+        batch["labels"] = torch.randint(0, classes, (shape[0],), generator=gen, dtype=torch.long)
+        batch["index"] = torch.arange(shape[0], dtype=torch.long)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+class SharedModelTask(FixedBatchTask):
+    """A task whose model is one already built object and whose every batch is one fixed batch.
+
+    Several engines (one per mechanism) then probe the same weights instead of each
+    building (and, for 1 B parameters, holding) its own copy; a Prober's hooks live
+    only during its own forward, so sharing is safe.
+    """
+
+    def __init__(self, task: Any, batch: dict[str, Any], model: torch.nn.Module) -> None:
+        super().__init__(task, batch)
+        self._model = model
+
+    def build_model(self) -> torch.nn.Module:
+        return self._model
+
+
+class NextTokenLoss:
+    """The task methods the engine needs for an in-memory causal LM: all parameters, mean next-token CE."""
+
+    def __init__(self, autocast_dtype: torch.dtype | None = None) -> None:
+        self.autocast_dtype = autocast_dtype
+
+    def trainable_names(self, model: torch.nn.Module) -> list[str]:
+        return [n for n, _ in model.named_parameters()]
+
+    def prepare(self, model: torch.nn.Module, batch: dict[str, Any], trainable: list[str]) -> dict[str, Any]:
+        return batch
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        device_type = batch["input_ids"].device.type
+        context = (torch.autocast(device_type=device_type, dtype=self.autocast_dtype)
+                   if self.autocast_dtype is not None else contextlib.nullcontext())
+        with context:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        labels=batch["input_ids"], use_cache=False)
+        return out.loss.float()
+
+
+def build_llama(spec: dict[str, int], device: torch.device) -> torch.nn.Module:
+    """A randomly initialised LlamaForCausalLM, fp32, built directly on ``device`` (never saved).
+
+    The init draws from the global generators inside ``fork_rng`` (CPU and every
+    visible GPU), seeded from CHECK_SEED: reproducible, and the caller's RNG state
+    is left as it was.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**spec, tie_word_embeddings=False, max_position_embeddings=2048)
+    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=gpus), torch.device(device):
+        torch.manual_seed(mix_seed(CHECK_SEED, 0x11A))
+        model = LlamaForCausalLM(config)
+    return model.eval()
+
+
+def engine_config(base: RunConfig, device: torch.device, mechanism: str, distribution: str,
+                  table_size: int) -> RunConfig:
+    """An in-process engine config; a reserved GPU is what makes the engine put the model on cuda."""
+    return base.replace({"cluster.use_ray": False, "cluster.replicas": 1,
+                         "cluster.gpus_per_replica": 1 if device.type == "cuda" else 0,
+                         "perturbation.mechanism": mechanism, "perturbation.distribution": distribution,
+                         "perturbation.table_size": table_size})
+
+
+def table_size_for(model: torch.nn.Module, base: RunConfig) -> int:
+    """A noise table at least twice the largest parameter, so its windows start at many offsets.
+
+    The config's default (2**24 floats) is smaller than an embedding matrix of
+    either model, and a window must hold a whole parameter.
+    """
+    largest = max(p.numel() for p in model.parameters())
+    return max(base.perturbation.table_size, 2 * largest)
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# ----------------------------------------------------------------- check 1: step overhead
+def time_steps(model: torch.nn.Module, task: Any, batch: dict[str, Any], base: RunConfig, device: torch.device,
+               plan: Plan) -> dict[str, Any]:
+    """Two bare forwards vs full engine steps per variant and the naive MeZO step, on one fixed batch."""
+    rho = base.optimizer.rho
+    shared = SharedModelTask(task, batch, model)
+    names = task.trainable_names(model)
+    with torch.no_grad():
+        prepared = task.prepare(model, batch, names)
+
+    def loss() -> torch.Tensor:
+        return task.loss(model, prepared)
+
+    def two_forwards() -> None:
+        with torch.no_grad():
+            float(loss())
+            float(loss())
+
+    log("    two bare forwards")
+    floor = median_seconds(two_forwards, plan.repeats, device, plan.warmup)
+    table_size = table_size_for(model, base)
+    steps: dict[str, float] = {}
+    trainable = 0
+    for mechanism, distribution in VARIANTS:
+        name = f"{mechanism}_{distribution}"
+        log(f"    {name}")
+        engine = ReplicaEngine(engine_config(base, device, mechanism, distribution, table_size), 0, task=shared)
+        trainable = engine.space.dim
+        steps[name] = median_seconds(engine_step_fn(engine, rho), plan.repeats, device, plan.warmup)
+        del engine
+        free_memory(device)
+    log("    naive_mezo")
+    _, params = select_parameters(model, names)
+    # Last on purpose: the in-place round trip does not restore the weights bit for bit.
+    steps["naive_mezo"] = median_seconds(naive_mezo_fn(params, loss, rho), plan.repeats, device, plan.warmup)
+    target = STEP_RATIO_MAX[device.type]
+    variants = {n: {"step_s": s, "ratio": s / floor} for n, s in steps.items()}
+    return {"batch_shape": list(batch["input_ids"].shape), "parameters": sum(p.numel() for p in model.parameters()),
+            "trainable_parameters": trainable, "rho": rho, "table_size": table_size, "repeats": plan.repeats,
+            "two_forwards_s": floor, "forward_s": floor / 2.0, "variants": variants, "ratio_max": target,
+            "met": {n: v["ratio"] <= target for n, v in variants.items()}}
+
+
+def step_lm(base: RunConfig, device: torch.device, plan: Plan) -> dict[str, Any]:
+    """Check 1a: the prompt-classification LM (SmolLM2-135M; tiny-gpt2 with --quick), every parameter trainable."""
+    from ray_s2p.tasks import build_task
+
+    cfg = base.replace({"task.model": plan.lm_model, "task.trainable": "all", "task.feature_reuse": False,
+                        "task.batch_size": plan.lm_batch[0], "task.max_length": plan.lm_batch[1],
+                        "task.eval_size": plan.eval_size, "task.precision": "fp32"})
+    log(f"  building {plan.lm_model} and the task")
+    task = build_task(cfg.task, cfg.seed)
+    model = task.build_model().to(device).eval()
+    vocab = int(model.get_input_embeddings().num_embeddings)
+    batch = random_tokens(vocab, plan.lm_batch, 0xBA7C, device, classes=len(cfg.task.label_words))
+    try:
+        return {"task": cfg.task.name, "dataset": cfg.task.dataset, **time_steps(model, task, batch, cfg, device, plan)}
+    finally:
+        del model, task
+        free_memory(device)
+
+
+class LlamaHolder:
+    """The in-memory Llama, built once (fp32) and converted to bf16 for the later checks."""
+
+    def __init__(self, plan: Plan, device: torch.device) -> None:
+        self.plan = plan
+        self.device = device
+        self.model: torch.nn.Module | None = None
+
+    def get(self, dtype: torch.dtype) -> torch.nn.Module:
+        if self.model is None:
+            log("  building the random Llama")
+            self.model = build_llama(self.plan.llama, self.device)
+        if next(self.model.parameters()).dtype != dtype:
+            log(f"  converting the Llama to {dtype}")
+            self.model.to(dtype)
+            free_memory(self.device)
+        return self.model
+
+    def release(self) -> None:
+        self.model = None
+        free_memory(self.device)
+
+
+def step_llama(holder: LlamaHolder, precision: str, base: RunConfig, device: torch.device,
+               plan: Plan) -> dict[str, Any]:
+    """Check 1b: the random Llama on random tokens, in one of LLAMA_PRECISIONS."""
+    _, dtype, autocast = next(p for p in LLAMA_PRECISIONS if p[0] == precision)
+    model = holder.get(dtype)
+    batch = random_tokens(plan.llama["vocab_size"], plan.llama_batch, 0x11B, device)
+    return {"task": "next_token_random", "llama_config": dict(plan.llama),
+            **time_steps(model, NextTokenLoss(autocast), batch, base, device, plan)}
+
+
+# ----------------------------------------------------------------- check 2: memory
+@contextlib.contextmanager
+def peak_meter(device: torch.device, param_bytes: int) -> Iterator[dict[str, Any]]:
+    """Fill a dict with the work memory of the block: ``increment_bytes`` over what was held before it.
+
+    CUDA: max_memory_allocated after reset_peak_memory_stats, minus memory_allocated
+    before. CPU (smoke test only): the resettable VmHWM minus the RSS before.
+    ``peak_bytes`` = the weights + the increment: what a process holding only this
+    model would peak at, whatever earlier checks left allocated (e.g. noise tables).
+    """
+    out: dict[str, Any] = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        before = current_rss()
+        reset_peak_rss()
+    yield out
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        top = torch.cuda.max_memory_allocated()
+        out["max_memory_allocated_bytes"] = top
+    else:
+        top = _vm_hwm() or current_rss()
+    out["before_bytes"] = before
+    out["increment_bytes"] = max(0, top - before)
+    out["peak_bytes"] = param_bytes + out["increment_bytes"]
+
+
+def memory_llama(holder: LlamaHolder, precision: str, base: RunConfig, device: torch.device,
+                 plan: Plan) -> dict[str, Any]:
+    """Check 2: peak memory of inference, one zeroth-order step and AdamW steps (2 calls each)."""
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    model = holder.get(dtype)
+    task = NextTokenLoss()
+    batch = random_tokens(plan.llama["vocab_size"], plan.llama_batch, 0x11B, device)
+    weights = parameter_bytes(model)
+    modes: dict[str, dict[str, Any]] = {}
+    for mode in ("inference", "zeroth_order", "adamw"):
+        log(f"    {mode}")
+        free_memory(device)
+        engine = optimizer = None
+        try:
+            if mode == "zeroth_order":  # built before the meter: the engine allocates no GPU memory itself
+                engine = ReplicaEngine(engine_config(base, device, "hooks", "gaussian", base.perturbation.table_size),
+                                       0, task=SharedModelTask(task, batch, model))
+                step = engine_step_fn(engine, base.optimizer.rho)
+            with peak_meter(device, weights) as meter:
+                for _ in range(2):  # the second AdamW step runs with its moments already allocated
+                    if mode == "inference":
+                        with torch.no_grad():
+                            float(task.loss(model, batch))
+                    elif mode == "zeroth_order":
+                        step()
+                    else:
+                        if optimizer is None:
+                            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+                        optimizer.zero_grad(set_to_none=True)
+                        with torch.enable_grad():
+                            task.loss(model, batch).backward()
+                        optimizer.step()
+            modes[mode] = {"oom": False, **meter}
+        except oom_errors() as exc:
+            modes[mode] = {"oom": True, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        finally:
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+            del engine, optimizer
+            free_memory(device)
+    out: dict[str, Any] = {"llama_config": dict(plan.llama), "batch_shape": list(plan.llama_batch),
+                           "parameters": sum(p.numel() for p in model.parameters()), "parameter_bytes": weights,
+                           "basis": "cuda_max_memory_allocated" if device.type == "cuda" else "rss_vmhwm",
+                           "modes": modes, "targets": {"zeroth_order_over_inference_max": MEMORY_ZO_MAX,
+                                                       "adamw_over_zeroth_order_min": MEMORY_ADAMW_MIN}}
+    if not any(m["oom"] for m in modes.values()):
+        zo = modes["zeroth_order"]["peak_bytes"] / modes["inference"]["peak_bytes"]
+        adam = modes["adamw"]["peak_bytes"] / modes["zeroth_order"]["peak_bytes"]
+        out["ratios"] = {"zeroth_order_over_inference": zo, "adamw_over_zeroth_order": adam}
+        out["met"] = {"zeroth_order": zo <= MEMORY_ZO_MAX, "adamw": adam >= MEMORY_ADAMW_MIN}
+    return out
+
+
+# ----------------------------------------------------------------- check 3: comparison
+def vs2p_typical_step(opt: Any) -> float:
+    """VS2P's move along z when |gamma| = sigma: eta beta rho / (tau_b + tau_b / tau_a) (docs/method.md)."""
+    return opt.eta * opt.beta * opt.rho / (opt.tau_b + opt.tau_b / opt.tau_a)
+
+
+def median_sigma(run_dir: Path) -> float | None:
+    """Median of the VS2P run's running std of gamma (ledger column ``sigma``), None if it has none."""
+    import pyarrow.parquet as pq
+
+    path = run_dir / "ledger.parquet"
+    if not path.is_file():
+        return None
+    values = [v for v in pq.read_table(path, columns=["sigma"]).column("sigma").to_pylist()
+              if v is not None and math.isfinite(v) and v > 0]
+    return statistics.median(values) if values else None
+
+
+@dataclass
+class Comparison:
+    """Check 3 state: the common config, the run directories, and what the VS2P run taught the others."""
+
+    base: RunConfig
+    device: torch.device
+    plan: Plan
+    workdir: Path
+    mezo_lr: float | None = None
+    sign_lr: float | None = None
+    vs2p_sigma: float | None = None
+
+    def config(self, name: str, overrides: dict[str, Any]) -> RunConfig:
+        steps = self.plan.steps
+        return self.base.replace({
+            "steps": steps, "eval_every": 0, "checkpoint_every": 0, "log_every": max(1, steps // 6),
+            "progress": False, "task.eval_size": self.plan.eval_size,
+            **({"task.model": self.plan.lm_model} if self.plan.quick else {}),  # else the config's own model
+            "cluster.use_ray": False, "cluster.replicas": 1, "cluster.mode": "direction",
+            "cluster.gpus_per_replica": 1 if self.device.type == "cuda" else 0,
+            "cluster.digest_every": 0,  # one replica: nothing to compare digests with until the end
+            "optimizer.name": name, **overrides})
+
+    def step_sizes(self, name: str) -> tuple[dict[str, Any], str]:
+        """Overrides and a note on where they come from.
+
+        VS2P: eta and rho of the config. ZO-SGD-Sign moves lr per step: lr = VS2P's
+        step at |gamma| = sigma. MeZO moves lr |gamma|: lr = that step / the VS2P
+        run's median sigma, so at a typical gamma both baselines move as far as VS2P.
+        ``--sign-lr`` / ``--mezo-lr`` override.
+        """
+        opt = self.base.optimizer
+        typical = vs2p_typical_step(opt)
+        if name == "vs2p":
+            return {"optimizer.eta": opt.eta, "optimizer.rho": opt.rho}, "config"
+        if name == "zo_sign":
+            if self.sign_lr is not None:
+                return {"optimizer.lr": self.sign_lr, "optimizer.rho": opt.rho}, "--sign-lr"
+            return {"optimizer.lr": typical, "optimizer.rho": opt.rho}, "VS2P step at |gamma| = sigma"
+        if self.mezo_lr is not None:
+            return {"optimizer.lr": self.mezo_lr, "optimizer.rho": opt.rho}, "--mezo-lr"
+        if self.vs2p_sigma:
+            return ({"optimizer.lr": typical / self.vs2p_sigma, "optimizer.rho": opt.rho},
+                    f"VS2P step at |gamma| = sigma / VS2P median sigma {self.vs2p_sigma:.4g}")
+        return {"optimizer.lr": 1e-6, "optimizer.rho": opt.rho}, "MeZO paper default (no VS2P sigma)"
+
+    def run(self, name: str) -> dict[str, Any]:
+        from ray_s2p.driver import train
+
+        overrides, source = self.step_sizes(name)
+        cfg = self.config(name, overrides)
+        run_dir = self.workdir / name
+        shutil.rmtree(run_dir, ignore_errors=True)
+        started = time.perf_counter()
+        result = train(cfg, run_dir, log=log)
+        wall = time.perf_counter() - started
+        if name == "vs2p":
+            self.vs2p_sigma = median_sigma(run_dir)
+        summary = result.summary
+        first, last = summary.get("initial_metrics") or {}, summary.get("final_metrics") or {}
+        return {"optimizer": name, "step_sizes": {k.split(".", 1)[1]: v for k, v in overrides.items()},
+                "step_size_source": source, "model": cfg.task.model, "dataset": cfg.task.dataset,
+                "trainable": cfg.task.trainable, "seed": cfg.seed, "steps": cfg.steps,
+                "eval_size": cfg.task.eval_size, "forward_passes": summary.get("forward_passes"),
+                "initial_accuracy": first.get("eval_accuracy"), "final_accuracy": last.get("eval_accuracy"),
+                "initial_loss": first.get("eval_loss"), "final_loss": last.get("eval_loss"),
+                "train_wall_s": summary.get("wall_seconds"), "wall_s": wall,
+                "vs2p_median_sigma": self.vs2p_sigma if name == "vs2p" else None}
+
+
