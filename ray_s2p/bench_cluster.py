@@ -11,7 +11,10 @@ Output keys (besides bench/time/machine/config):
   ``probe_seconds`` (T_p: one direction's two probes on one engine),
   ``update_seconds`` {gaussian, table} (u: apply_update with one pair),
   ``projected_efficiency`` {gaussian, table} x {8, 64, 512} = (T_p + u) / (T_p + N u)
-  (with N replicas each replica applies N pairs per step), ``targets``.
+  (with N replicas each replica applies N pairs per step), ``targets``;
+  ``floor_runs`` (the same step work in 1 and 2 plain processes, no Ray and no
+  driver, started together: what the machine itself allows), ``floor_efficiency``
+  = floor dps(2) / (2 floor dps(1)) and ``efficiency_vs_floor`` = dps(2) / floor dps(2).
 - traffic: ``trainable_parameters`` (d), ``allreduce_bytes`` (4 d, one fp32
   gradient all-reduce), ``bytes_per_step_per_replica`` per replica count, the
   worst of them, ``ratio_to_allreduce``, ``targets`` (<= 1024 B).
@@ -26,6 +29,7 @@ Output keys (besides bench/time/machine/config):
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import os
 import signal
 import statistics
@@ -41,7 +45,7 @@ from .bench import BENCH_SEED, BenchContext, config_essentials, log, median_seco
 from .config import RunConfig
 from .driver import Driver, train
 from .engine import ReplicaEngine, build_space
-from .messages import ProbeRequest
+from .messages import ProbeRequest, Update
 from .perturbation import mix_seed
 
 PROJECT_AT = (8, 64, 512)
@@ -112,6 +116,60 @@ def scaling_runs(ctx: BenchContext) -> list[dict[str, Any]]:
     return out
 
 
+def _floor_worker(config: RunConfig, replica: int, replicas: int, steps: int, barrier: Any, results: Any) -> None:
+    """One plain process doing a direction-mode replica's work: its probes, then all ``replicas`` update pairs."""
+    try:
+        engine = ReplicaEngine(config, replica)
+        rho = config.optimizer.rho
+
+        def step(k: int) -> None:
+            update = None
+            if k > 1:  # the previous step's update, one pair per replica, as the driver sends it
+                update = Update(k - 1, tuple((mix_seed(BENCH_SEED, k - 1, j), 1e-7) for j in range(replicas)))
+            engine.probe(ProbeRequest(k, (mix_seed(BENCH_SEED, k, replica),), (rho, -rho), 0, 1, update))
+
+        step(1)  # warm-up (first-call allocations) outside the timing
+        barrier.wait(timeout=600)
+        start = time.perf_counter()
+        for k in range(2, steps + 2):
+            step(k)
+        results.put((replica, (time.perf_counter() - start) / steps, None))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
+        results.put((replica, None, repr(exc)))
+
+
+def floor_runs(ctx: BenchContext) -> list[dict[str, Any]]:
+    """The scaling runs' step work in 1 and 2 plain processes started together, without Ray or a driver.
+
+    This is the machine's own ceiling for N replicas (shared cores, memory bus,
+    caches); the gap between it and the Ray runs is what Ray and the driver cost.
+    """
+    cfg = ctx.local_config().replace({"cluster.threads_per_replica": 1, **ctx.user_sets})
+    steps = max(2, ctx.steps_for("scaling"))
+    spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+    out = []
+    for replicas in (1, 2):
+        barrier, results = spawn.Barrier(replicas), spawn.Queue()
+        procs = [spawn.Process(target=_floor_worker, args=(cfg, r, replicas, steps, barrier, results))
+                 for r in range(replicas)]
+        for proc in procs:
+            proc.start()
+        try:
+            got = [results.get(timeout=900) for _ in procs]
+        finally:
+            for proc in procs:
+                proc.join(timeout=60)
+                if proc.is_alive():
+                    proc.kill()
+        errors = [err for _, _, err in got if err]
+        if errors:
+            raise RuntimeError(f"bench scaling: a floor process failed: {errors[0]}")
+        per_step = [s for _, s, _ in sorted(got)]
+        out.append({"replicas": replicas, "seconds_per_step": max(per_step), "process_seconds_per_step": per_step,
+                    "directions_per_s": replicas / max(per_step)})
+    return out
+
+
 def engine_costs(ctx: BenchContext, threads: int | None) -> dict[str, Any]:
     """T_p (one direction's probes, +rho and -rho, on real batches) and u (one update pair) on one engine.
 
@@ -154,11 +212,15 @@ def bench_scaling(ctx: BenchContext) -> dict[str, Any]:
     tp = costs["probe_seconds"]
     projected = {dist: {str(n): (tp + u) / (tp + n * u) for n in PROJECT_AT}
                  for dist, u in costs["update_seconds"].items()}
+    log("  the same work in 1 and 2 plain processes (no Ray, no driver)")
+    floor = floor_runs(ctx)
     return {"config": {**config_essentials(ctx.config), "mode": "direction"}, "steps": ctx.steps_for("scaling"),
             "runs": [{k: r[k] for k in ("replicas", "threads_per_replica", "seconds_per_step", "directions_per_s")}
                      for r in runs],
             "efficiency": efficiency, "probe_seconds": tp, "update_seconds": costs["update_seconds"],
             "cost_threads": costs["threads"], "projected_efficiency": projected,
+            "floor_runs": floor, "floor_efficiency": floor[1]["directions_per_s"] / (2 * floor[0]["directions_per_s"]),
+            "efficiency_vs_floor": two["directions_per_s"] / floor[1]["directions_per_s"],
             "targets": {"efficiency_min": 0.9, "met": efficiency >= 0.9}}
 
 

@@ -118,6 +118,13 @@ def test_ray_benchmarks(tmp_path, ray_or_skip):
         proj = sc["projected_efficiency"][dist]
         assert set(proj) == {"8", "64", "512"}
         assert 1 >= proj["8"] >= proj["64"] >= proj["512"] > 0  # more replicas: more pairs to apply per step
+    floor_one, floor_two = sc["floor_runs"]  # the same work in plain processes: the machine's ceiling
+    assert [floor_one["replicas"], floor_two["replicas"]] == [1, 2]
+    assert len(floor_two["process_seconds_per_step"]) == 2
+    assert floor_two["seconds_per_step"] == max(floor_two["process_seconds_per_step"])
+    assert sc["floor_efficiency"] == pytest.approx(
+        floor_two["directions_per_s"] / (2 * floor_one["directions_per_s"]), rel=1e-3)
+    assert sc["efficiency_vs_floor"] == pytest.approx(two["directions_per_s"] / floor_two["directions_per_s"], rel=1e-3)
     tr = lines["traffic"]
     check_common(tr)
     assert tr["trainable_parameters"] == 610  # synthetic MLP: 16*32 + 32 + 32*2 + 2
