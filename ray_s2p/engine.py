@@ -20,6 +20,10 @@ from .perturbation import DirectionSpace, NoiseTable, Prober, apply_update, sele
 from .tasks.base import EvalTotals, Task
 
 FIRST_ORDER = ("sgd", "adamw")
+# Checkpoint keys of a first-order optimizer's per-parameter state (AdamW's moments and step count):
+# "optimizer_state/<parameter name>/<state key>", saved beside the parameters so a resumed run continues
+# with its moments instead of restarting them.
+OPTIMIZER_STATE_PREFIX = "optimizer_state/"
 _TABLES: dict[tuple[int, str], NoiseTable] = {}
 
 
@@ -125,11 +129,19 @@ class ReplicaEngine:
         return totals
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The selected parameters (what a checkpoint stores), detached CPU copies."""
-        return {n: p.detach().to("cpu").clone() for n, p in zip(self.space.names, self.space.params)}
+        """What a checkpoint stores, as detached CPU copies: the selected parameters and, for a
+        first-order run, its optimizer's per-parameter state (``OPTIMIZER_STATE_PREFIX`` keys)."""
+        out = {n: p.detach().to("cpu").clone() for n, p in zip(self.space.names, self.space.params)}
+        if self._first_order is not None:
+            for n, p in zip(self.space.names, self.space.params):
+                for key, value in self._first_order.state.get(p, {}).items():
+                    tensor = value if torch.is_tensor(value) else torch.tensor(value)
+                    out[f"{OPTIMIZER_STATE_PREFIX}{n}/{key}"] = tensor.detach().to("cpu").clone()
+        return out
 
     def load_trainable(self, tensors: dict[str, torch.Tensor], applied_step: int) -> None:
-        """Overwrite the selected parameters (checkpoint restore or resync)."""
+        """Overwrite the selected parameters (checkpoint restore or resync), and a first-order
+        optimizer's state when the checkpoint has it."""
         missing = [n for n in self.space.names if n not in tensors]
         if missing:
             raise ValueError(f"checkpoint lacks parameter {missing[0]!r}; it belongs to another config")
@@ -140,7 +152,27 @@ class ReplicaEngine:
                     raise ValueError(f"checkpoint parameter {n!r} has shape {tuple(src.shape)}, model has "
                                      f"{tuple(p.shape)}; it belongs to another config")
                 p.copy_(src.to(p.device, p.dtype))
+        if self._first_order is not None:
+            self._load_optimizer_state(tensors)
         self.applied_step = applied_step
+
+    def _load_optimizer_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        assert self._first_order is not None
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith(OPTIMIZER_STATE_PREFIX):
+                name, _, item = key[len(OPTIMIZER_STATE_PREFIX):].rpartition("/")
+                state.setdefault(name, {})[item] = value
+        unknown = sorted(set(state) - set(self.space.names))
+        if unknown:
+            raise ValueError(f"checkpoint has optimizer state for {unknown[0]!r}, which is not trainable here; "
+                             f"it belongs to another config")
+        self._first_order.state.clear()
+        for n, p in zip(self.space.names, self.space.params):
+            if n in state:
+                # AdamW keeps its step count on the CPU and its moments beside the parameter.
+                self._first_order.state[p] = {k: v.clone() if k == "step" else v.to(p.device)
+                                              for k, v in state[n].items()}
 
     def replay(self, updates: list[tuple[int, list[tuple[int, float]], float]]) -> None:
         """Apply ledger updates (step, pairs, param_scale) after ``applied_step``, no forward passes."""

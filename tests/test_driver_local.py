@@ -117,6 +117,22 @@ def test_first_order_references_learn(tmp_path):
         assert s["final_metrics"]["eval_loss"] < 0.7 * s["initial_metrics"]["eval_loss"], name
 
 
+def test_first_order_resume_keeps_the_optimizer_moments(tmp_path):
+    # AdamW's moments are saved with the parameters: a run stopped at step 20 and resumed to 30 ends
+    # with the uninterrupted run's bits (restarting the moments would change every later step).
+    fo = {"optimizer.name": "adamw", "optimizer.lr": 0.02, "cluster.replicas": 1}
+    cfg, full = run(tmp_path, "full", **fo)
+    train(RunConfig.from_dict(smoke_dict(steps=20, **fo)), tmp_path / "part", log=lambda m: None)
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "part" / "checkpoints" / "step_00000020" / "params.safetensors"))
+    moments = [k for k in saved if k.startswith("optimizer_state/") and k.endswith("/exp_avg_sq")]
+    assert moments and float(saved[moments[0]].abs().sum()) > 0
+    assert float(saved[moments[0].replace("exp_avg_sq", "step")]) == 20.0
+    (tmp_path / "part" / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    resumed = train(cfg, tmp_path / "part", resume=True, log=lambda m: None)
+    assert resumed.final_digest == full.final_digest
+
+
 def test_first_order_needs_one_replica(tmp_path):
     with pytest.raises(ValueError, match="cluster.replicas=1"):
         run(tmp_path, "fo", **{"optimizer.name": "sgd"})
