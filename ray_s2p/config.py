@@ -153,6 +153,7 @@ class ClusterConfig:
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
     threads_per_replica: int | None = None
+    noise_threads: int = 0           # parameters whose noise is made at once (CPU); 0: torch's thread count
     use_ray: bool = True             # false: replicas run in-process (tests, debugging)
     address: str | None = None
     step_timeout_s: float = 300.0
@@ -168,6 +169,8 @@ class ClusterConfig:
                  "use direction, data or hybrid")
         _require(self.groups >= 1 and self.replicas % self.groups == 0, "cluster.groups",
                  f"{self.groups} does not divide replicas={self.replicas}", "pick groups dividing cluster.replicas")
+        _require(self.noise_threads >= 0, "cluster.noise_threads", f"got {self.noise_threads}",
+                 "use 0 (as many as torch's threads) or a positive count")
         _require(self.cpus_per_replica >= 0, "cluster.cpus_per_replica", f"got {self.cpus_per_replica}", "use >= 0")
         _require(self.gpus_per_replica >= 0, "cluster.gpus_per_replica", f"got {self.gpus_per_replica}", "use >= 0")
         _require(self.step_timeout_s > 0, "cluster.step_timeout_s", f"got {self.step_timeout_s}", "use > 0 seconds")

@@ -41,7 +41,16 @@ def build_space(model: torch.nn.Module, names: list[str], config: RunConfig) -> 
     table = None
     if config.perturbation.distribution == "table":
         table = noise_table(config.perturbation.table_size, params[0].device)
-    return DirectionSpace(names, params, config.perturbation.distribution, table)
+    return DirectionSpace(names, params, config.perturbation.distribution, table,
+                          noise_threads(config, params[0].device))
+
+
+def noise_threads(config: RunConfig, device: torch.device) -> int:
+    """Threads for making noise: on a GPU one (kernels run asynchronously already); on a CPU
+    ``cluster.noise_threads``, or torch's thread count when that is 0 (a generator call uses one core)."""
+    if device.type != "cpu":
+        return 1
+    return config.cluster.noise_threads or max(1, torch.get_num_threads())
 
 
 class ReplicaEngine:

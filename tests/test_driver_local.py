@@ -117,6 +117,13 @@ def test_first_order_references_learn(tmp_path):
         assert s["final_metrics"]["eval_loss"] < 0.7 * s["initial_metrics"]["eval_loss"], name
 
 
+def test_noise_threads_leave_the_run_unchanged(tmp_path):
+    # The same run with noise made on 1 and on 2 threads: the same bits.
+    cfg, one = run(tmp_path, "one", **{"cluster.noise_threads": 1, "perturbation.mechanism": "swap"})
+    _, two = run(tmp_path, "two", **{"cluster.noise_threads": 2, "perturbation.mechanism": "swap"})
+    assert one.final_digest == two.final_digest
+
+
 def test_first_order_resume_keeps_the_optimizer_moments(tmp_path):
     # AdamW's moments are saved with the parameters: a run stopped at step 20 and resumed to 30 ends
     # with the uninterrupted run's bits (restarting the moments would change every later step).

@@ -195,3 +195,30 @@ def test_pure_modules_do_not_import_ray():
             "print(any(m == 'ray' or m.startswith('ray.') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "sphere", "table"])
+def test_noise_threads_change_nothing_but_speed(distribution):
+    # Parameters are made and updated on several threads at once; each parameter's own noise and
+    # arithmetic are unchanged, so probes and updates must equal the one-thread ones bit for bit.
+    def wide(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 256),
+                                   torch.nn.Tanh(), torch.nn.Linear(256, 3))
+
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    pairs = [(mix_seed(9, j), c) for j, c in enumerate([0.02, -0.01, 0.005])]
+    digests, losses = [], []
+    for threads in (1, 3):
+        model = wide(0)
+        names, params = select_parameters(model)
+        table = NoiseTable(1 << 16) if distribution == "table" else None
+        space = DirectionSpace(names, params, distribution, table, threads=threads)
+        fn = lambda: model(x).pow(2).mean()  # noqa: E731
+        losses.append([Prober(model, space, m).evaluate(fn, 21, r) for m in ("swap", "hooks") for r in (0.01, -0.01)])
+        apply_update(space, pairs, param_scale=0.999)
+        assert all(not p.grad_fn and p.requires_grad for p in params)  # updated as leaves, under no_grad
+        digests.append(model_digest(model))
+    assert losses[0] == losses[1] and digests[0] == digests[1]
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        DirectionSpace(names, params, "gaussian", None, threads=0)

@@ -32,6 +32,7 @@ CLI = [sys.executable, "-m", "ray_s2p"]
     ({"cluster": {"replicas": 0}}, "cluster.replicas"),
     ({"optimizer": {"name": "adam_zo"}}, "optimizer.name"),
     ({"cluster": {"mode": "ring"}}, "cluster.mode"),
+    ({"cluster": {"noise_threads": -1}}, "cluster.noise_threads"),
     ({"task": {"trainable": "everything"}}, "task.trainable"),
     ({"progress": "maybe"}, "progress"),
 ])
