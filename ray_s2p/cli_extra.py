@@ -117,7 +117,8 @@ def _compare(args: argparse.Namespace) -> int:
         ray.init(address=args.address) if args.address else ray.init()
     variants = args.optimizers.split(",") if args.optimizers else ALL_OPTIMIZERS
     compare(config, args.output, variants=variants, budget=args.budget, trials=args.trials,
-            seeds=[int(s) for s in args.seeds.split(",")], target=args.target, ablations=not args.no_ablations)
+            seeds=[int(s) for s in args.seeds.split(",")], target=args.target, ablations=not args.no_ablations,
+            resume=args.resume)
     print((Path(args.output) / "summary.md").read_text())
     return 0
 
@@ -133,6 +134,8 @@ def add_compare_command(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds for the final runs")
     p.add_argument("--target", type=float, default=0.8, help="accuracy whose forward-pass cost is reported")
     p.add_argument("--no-ablations", action="store_true", help="skip the VS2P ablations")
+    p.add_argument("--resume", action="store_true",
+                   help="continue in --output: restore finished Tune sweeps, reuse finished runs of the same config")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else local)")
     p.set_defaults(func=_compare)
 

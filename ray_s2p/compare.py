@@ -12,10 +12,16 @@
    ``curves.png`` (accuracy against forward passes) are written to ``--output``.
 4. Ablations of VS2P (no clipping, a fixed clip threshold, no sign trick, q
    directions per step) are run with VS2P's best settings.
+
+``resume=True`` (``--resume``) continues an interrupted comparison in the same
+output directory: finished Tune sweeps are restored instead of rerun, and a
+seed run is reused only when its directory holds a finished run (summary.json)
+of exactly the config it would run now; anything else is run again.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -57,15 +63,17 @@ def forward_passes_to(metrics_path: Path, target: float, metric: str = "eval_acc
     return None
 
 
-def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget: int, seed: int) -> dict[str, Any]:
-    """Best step sizes of one variant from an equal-budget Tune sweep."""
+def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget: int, seed: int,
+                 resume: bool = False) -> dict[str, Any]:
+    """Best step sizes of one variant from an equal-budget Tune sweep (restored when ``resume`` finds it)."""
     from .tune import run_sweep
 
     fixed = variant_overrides(name)
     cfg = base.replace(fixed)
+    restore = resume and (storage / f"tune-{name}").is_dir()
     result = run_sweep(cfg, storage, name=f"tune-{name}", optimizers=[fixed["optimizer.name"]],
                        trials_per_optimizer=trials, budget=budget, asha=False, driver_cpus=1.0, seed=seed,
-                       step_size_grid_only=True)
+                       step_size_grid_only=True, restore=restore)
     best = result.best()
     if not best:
         raise RuntimeError(f"compare: every tuning trial of {name} failed: {[r.get('error') for r in result.rows]}")
@@ -73,21 +81,37 @@ def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget:
     return fixed | tuned | {"steps": best[0]["steps"]}
 
 
+def finished_run(run_dir: Path, config: RunConfig) -> dict[str, Any] | None:
+    """The summary of a finished run of exactly ``config`` in ``run_dir``, else None."""
+    import yaml
+
+    try:
+        stored = RunConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError, yaml.YAMLError):  # absent, unreadable, or a config this version rejects
+        return None
+    if stored != config or summary.get("steps_completed") != config.steps:
+        return None
+    return summary
+
+
 def run_seeds(base: RunConfig, name: str, overrides: dict[str, Any], seeds: list[int], out: Path,
-              target: float) -> list[dict[str, Any]]:
-    """Train the tuned variant once per seed; one result row per run."""
+              target: float, resume: bool = False) -> list[dict[str, Any]]:
+    """Train the tuned variant once per seed (reusing finished identical runs when ``resume``); one row per run."""
     from .driver import train
 
     rows = []
     for seed in seeds:
         cfg = base.replace(overrides | {"seed": seed, "progress": False})
         run_dir = out / "runs" / f"{name}-seed{seed}"
-        result = train(cfg, run_dir, overwrite=True, log=lambda m: None)
-        final = result.summary["final_metrics"]
+        summary = finished_run(run_dir, cfg) if resume else None
+        if summary is None:
+            summary = train(cfg, run_dir, overwrite=True, log=lambda m: None).summary
+        final = summary["final_metrics"]
         rows.append({"variant": name, "seed": seed, "final_accuracy": final.get("eval_accuracy"),
-                     "final_loss": final.get("eval_loss"), "forward_passes": result.summary["forward_passes"],
+                     "final_loss": final.get("eval_loss"), "forward_passes": summary["forward_passes"],
                      "passes_to_target": forward_passes_to(run_dir / "metrics.parquet", target),
-                     "wall_seconds": result.summary["wall_seconds"], "run_dir": str(run_dir),
+                     "wall_seconds": summary["wall_seconds"], "run_dir": str(run_dir),
                      "settings": ", ".join(f"{k.split('.', 1)[1]}={v:.3g}" if isinstance(v, float) else
                                            f"{k.split('.', 1)[1]}={v}" for k, v in sorted(overrides.items())
                                            if k.startswith("optimizer."))})
@@ -115,22 +139,23 @@ def summarise(rows: list[dict[str, Any]], target: float) -> str:
 
 
 def compare(base: RunConfig, output: str | Path, *, variants: list[str], budget: int, trials: int,
-            seeds: list[int], target: float, ablations: bool = True, tune_seed: int = 0) -> list[dict[str, Any]]:
+            seeds: list[int], target: float, ablations: bool = True, tune_seed: int = 0,
+            resume: bool = False) -> list[dict[str, Any]]:
     """Tune every variant with equal effort and budget, rerun the best over seeds, write the tables and plot."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     tuned: dict[str, dict[str, Any]] = {}
     for name in variants:
-        tuned[name] = tune_variant(base, name, out / "tune", trials, budget, tune_seed)
-        rows += run_seeds(base, name, tuned[name], seeds, out, target)
+        tuned[name] = tune_variant(base, name, out / "tune", trials, budget, tune_seed, resume)
+        rows += run_seeds(base, name, tuned[name], seeds, out, target, resume)
         _write(out, rows, target)
     if ablations and "vs2p" in tuned:
         from .tune import passes_per_step
         for name, change in ABLATIONS.items():
             cfg = base.replace(tuned["vs2p"] | change)
             steps = max(1, budget // passes_per_step(cfg))
-            rows += run_seeds(base, name, tuned["vs2p"] | change | {"steps": steps}, seeds, out, target)
+            rows += run_seeds(base, name, tuned["vs2p"] | change | {"steps": steps}, seeds, out, target, resume)
             _write(out, rows, target)
     _plot(out, rows)
     return rows

@@ -39,6 +39,11 @@ class TrainingError(RuntimeError):
     """The run cannot continue (too many failures, non-finite losses, replica mismatch)."""
 
 
+# A first-order step is one forward and one backward (about two forwards): 3 forward-pass
+# equivalents, the unit in which metrics and equal-budget comparisons count its cost.
+FIRST_ORDER_PASSES = 3
+
+
 @dataclass
 class Layout:
     """Which group, shard and directions each replica serves."""
@@ -171,7 +176,7 @@ class Driver:
             for step in range(start_step + 1, cfg.steps + 1):
                 if self.first_order:
                     loss, sent, recv = self._first_order_step(pool, step)
-                    passes, skipped = 1, 0
+                    passes, skipped = FIRST_ORDER_PASSES, 0
                 else:
                     loss, pending, rule_state, sent, recv, passes, skipped = self._zo_step(
                         pool, step, pending, rule_state, ledger, ckpt)

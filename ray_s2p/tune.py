@@ -67,17 +67,24 @@ def step_size_grid(config: RunConfig, trials: int) -> list[dict[str, float]]:
 
 
 def passes_per_step(config: RunConfig) -> int:
-    """Forward passes (or forward-equivalents) one step costs, for equal-budget comparisons."""
+    """Forward passes (or forward-equivalents) one step costs, for equal-budget comparisons.
+
+    Read off the step rule itself, so it cannot drift from what the driver runs: the
+    first round's radii per direction (2 for the two-point rules, 3 for STP's
+    f(x), f(x + a z), f(x - a z)), plus 2 when the rule follows up at +-a_k (S2P
+    options 2/4 and VS2P without the sign trick). A first-order step counts as 3
+    (a forward and a backward of about twice its cost).
+    """
     o = config.optimizer
     if o.name in ("sgd", "adamw"):
-        return 3
-    if o.name == "stp":
-        return 3 * o.directions
-    if o.name in ("s2p", "vs2p") and not o.sign_trick and o.step_size_option in (2, 4):
-        return 4 * o.directions
-    if o.name == "s2p" and not o.sign_trick:
-        return 2 * o.directions
-    return 2 * o.directions
+        from .driver import FIRST_ORDER_PASSES
+        return FIRST_ORDER_PASSES
+    from .step_rules import build_rule
+
+    rule = build_rule(o, config.steps)
+    first = len(rule.radii(rule.init(), 1))
+    followup = 2 if getattr(rule, "argmin_followup", False) else 0
+    return (first + followup) * o.directions
 
 
 def trial_resources(config: RunConfig, driver_cpus: float) -> Any:
