@@ -8,8 +8,10 @@
    (``tune.step_size_grid``); ASHA off so every trial spends the whole budget.
 2. The best settings of each optimizer are rerun with every seed.
 3. ``results.parquet`` (one row per run), ``summary.md`` (mean +- std of the
-   final held-out accuracy and forward passes to reach ``--target``) and
-   ``curves.png`` (accuracy against forward passes) are written to ``--output``.
+   final held-out accuracy and forward passes to reach ``--target``),
+   ``tuning.md`` (every tuning trial's step size and result: how sensitive each
+   optimizer is to its step size) and ``curves.png`` (accuracy against forward
+   passes) are written to ``--output``.
 4. Ablations of VS2P (no clipping, a fixed clip threshold, no sign trick, q
    directions per step) are run with VS2P's best settings.
 
@@ -64,8 +66,13 @@ def forward_passes_to(metrics_path: Path, target: float, metric: str = "eval_acc
 
 
 def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget: int, seed: int,
-                 resume: bool = False) -> dict[str, Any]:
-    """Best step sizes of one variant from an equal-budget Tune sweep (restored when ``resume`` finds it)."""
+                 resume: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Best step sizes of one variant from an equal-budget Tune sweep (restored when ``resume`` finds it).
+
+    Returns:
+        The best trial's overrides (with its step count), and one row per trial: the
+        variant, its step-size settings, and the final held-out metric (None if it failed).
+    """
     from .tune import run_sweep
 
     fixed = variant_overrides(name)
@@ -78,7 +85,24 @@ def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget:
     if not best:
         raise RuntimeError(f"compare: every tuning trial of {name} failed: {[r.get('error') for r in result.rows]}")
     tuned = {k: v for k, v in best[0].items() if k.startswith("optimizer.") and k != "optimizer.name"}
-    return fixed | tuned | {"steps": best[0]["steps"]}
+    trial_rows = [{"variant": name, "metric": result.metric, "value": r.get(result.metric),
+                   "settings": {k: v for k, v in r.items() if k.startswith("optimizer.") and k != "optimizer.name"
+                                and isinstance(v, float)}} for r in result.rows]
+    return fixed | tuned | {"steps": best[0]["steps"]}, trial_rows
+
+
+def tuning_summary(trial_rows: list[dict[str, Any]]) -> str:
+    """Markdown: every tuning trial's step size and final held-out metric, per variant (grid order)."""
+    lines = ["| optimizer | step size | final held-out metric at each grid point |", "|---|---|---|"]
+    for name in dict.fromkeys(r["variant"] for r in trial_rows):
+        runs = sorted((r for r in trial_rows if r["variant"] == name),
+                      key=lambda r: tuple(sorted(r["settings"].items())))
+        keys = sorted({k.split(".", 1)[1] for r in runs for k in r["settings"]})
+        points = ", ".join(
+            f"{'/'.join(f'{v:.3g}' for _, v in sorted(r['settings'].items()))}: "
+            f"{'failed' if r['value'] is None else format(r['value'], '.3f')}" for r in runs)
+        lines.append(f"| {name} | {'/'.join(keys)} | {points} |")
+    return "\n".join(lines) + "\n"
 
 
 def finished_run(run_dir: Path, config: RunConfig) -> dict[str, Any] | None:
@@ -146,8 +170,11 @@ def compare(base: RunConfig, output: str | Path, *, variants: list[str], budget:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     tuned: dict[str, dict[str, Any]] = {}
+    trial_rows: list[dict[str, Any]] = []
     for name in variants:
-        tuned[name] = tune_variant(base, name, out / "tune", trials, budget, tune_seed, resume)
+        tuned[name], trials_of_name = tune_variant(base, name, out / "tune", trials, budget, tune_seed, resume)
+        trial_rows += trials_of_name
+        write_text(out / "tuning.md", tuning_summary(trial_rows))
         rows += run_seeds(base, name, tuned[name], seeds, out, target, resume)
         _write(out, rows, target)
     if ablations and "vs2p" in tuned:

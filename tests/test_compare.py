@@ -40,6 +40,9 @@ def test_compare_writes_tables_and_resume_reruns_only_what_changed(tmp_path, ray
     assert all(r["forward_passes"] == 60 for r in nsign)  # 15 steps of 4 passes, not 30 steps
     summary = (tmp_path / "cmp" / "summary.md").read_text()
     assert "| vs2p_q4 |" in summary and "forward passes to 60%" in summary
+    tuning = (tmp_path / "cmp" / "tuning.md").read_text().splitlines()
+    assert tuning[2].startswith("| vs2p | eta | ") and tuning[3].startswith("| sgd | lr | ")
+    assert len(tuning) == 4 and tuning[2].count(": ") == 1  # one trial each
     assert (tmp_path / "cmp" / "curves.png").stat().st_size > 10_000
     assert pq.read_table(tmp_path / "cmp" / "results.parquet").num_rows == len(rows)
 
