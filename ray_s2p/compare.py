@@ -10,8 +10,9 @@
 3. ``results.parquet`` (one row per run), ``summary.md`` (mean +- std of the
    final held-out accuracy and forward passes to reach ``--target``),
    ``tuning.md`` (every tuning trial's step size and result: how sensitive each
-   optimizer is to its step size) and ``curves.png`` (accuracy against forward
-   passes) are written to ``--output``.
+   optimizer is to its step size) and ``curves.png`` (held-out accuracy against
+   forward passes, mean and range over the seeds; ``compare_plot``) are written
+   to ``--output``.
 4. Ablations of VS2P (no clipping, a fixed clip threshold, no sign trick, q
    directions per step) are run with VS2P's best settings.
 
@@ -184,7 +185,7 @@ def compare(base: RunConfig, output: str | Path, *, variants: list[str], budget:
             steps = max(1, budget // passes_per_step(cfg))
             rows += run_seeds(base, name, tuned["vs2p"] | change | {"steps": steps}, seeds, out, target, resume)
             _write(out, rows, target)
-    _plot(out, rows)
+    _plot(out, rows, target)
     return rows
 
 
@@ -196,10 +197,6 @@ def _write(out: Path, rows: list[dict[str, Any]], target: float) -> None:
     write_text(out / "summary.md", summarise(rows, target))
 
 
-def _plot(out: Path, rows: list[dict[str, Any]]) -> None:
-    from .plot import plot_runs
-    first_seed = {}
-    for r in rows:
-        first_seed.setdefault(r["variant"], r)
-    dirs = [Path(r["run_dir"]) for r in first_seed.values()]
-    plot_runs(dirs, out / "curves.png", labels=list(first_seed))
+def _plot(out: Path, rows: list[dict[str, Any]], target: float) -> None:
+    from .compare_plot import plot_comparison
+    plot_comparison(rows, out / "curves.png", target=target, ablation_names=list(ABLATIONS))
