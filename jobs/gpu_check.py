@@ -41,61 +41,24 @@ START = time.perf_counter()  # the budget counts the imports too: they are part 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import datetime as _dt  # noqa: E402
-import gc  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import traceback  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable, Iterator, Sequence  # noqa: E402
+from typing import Any, Callable, Sequence  # noqa: E402
 
-# The GPU machine has no internet: a library reaching for the hub would stall on network timeouts.
-for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                     "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}.items():
-    os.environ.setdefault(_key, _value)
-
-import _common  # noqa: E402,F401  (puts the repository root on sys.path)
+# gpu_check_plan first: it sets the offline environment before torch and transformers load.
+from gpu_check_plan import (CHECK_NAMES, DEFAULT_CONFIG, LLAMA_PRECISIONS, MEMORY_PRECISIONS,  # noqa: E402
+                            Budget, BudgetExceeded, Plan)
 import torch  # noqa: E402
 
-from ray_s2p.bench import emit, log, machine_info, median_seconds  # noqa: E402
-from ray_s2p.bench_memory import _vm_hwm, current_rss, reset_peak_rss  # noqa: E402
-from ray_s2p.bench_step import FixedBatchTask, engine_step_fn, naive_mezo_fn  # noqa: E402
-from ray_s2p.config import RunConfig, load_config  # noqa: E402
-from ray_s2p.engine import ReplicaEngine  # noqa: E402
-from ray_s2p.perturbation import mix_seed, select_parameters  # noqa: E402
-
-ROOT = _common.ROOT
-DEFAULT_CONFIG = ROOT / "jobs" / "configs" / "smollm2_prompt_rt.yaml"
-CHECK_SEED = 0x6C0C  # seeds of this script's own model init and token batches (never the global RNG)
-
-# The engine step variants of check 1 (mechanism, distribution); naive MeZO is timed separately.
-VARIANTS = (("hooks", "gaussian"), ("swap", "gaussian"), ("hooks", "table"))
-VARIANT_LABELS = {"hooks_gaussian": "hooks+gaussian", "swap_gaussian": "swap+gaussian", "hooks_table": "hooks+table",
-                  "naive_mezo": "naive MeZO"}
-STEP_RATIO_MAX = {"cuda": 1.1, "cpu": 1.3}
-MEMORY_ZO_MAX, MEMORY_ADAMW_MIN = 1.2, 3.0
-
-# ~1.1 B in the brief's words; 16 layers with full-width key/value heads come to ~0.95 B (reported exactly).
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
-                num_key_value_heads=16, vocab_size=32000)
-LLAMA_TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=4, vocab_size=1024)
-# (label, parameter dtype, autocast dtype): bf16 weights as MeZO runs them, and fp32 master weights with a
-# bf16 forward, which is what this project's task.precision: bf16 does.
-LLAMA_PRECISIONS = (("fp32", torch.float32, None), ("fp32+autocast_bf16", torch.float32, torch.bfloat16),
-                    ("bf16", torch.bfloat16, None))
-MEMORY_PRECISIONS = ("fp32", "bf16")
-CHECK_NAMES = ("step", "memory", "comparison")
-
-
-
-from gpu_check_checks import *  # noqa: E402,F401,F403  (the checks, split out to keep modules small)
+from gpu_check_checks import (Comparison, LlamaHolder, free_memory, memory_llama, oom_errors,  # noqa: E402
+                              step_llama, step_lm)
 from gpu_check_report import markdown  # noqa: E402
+from ray_s2p.bench import emit, log, machine_info  # noqa: E402
+from ray_s2p.config import load_config  # noqa: E402
 
 
 # ----------------------------------------------------------------- runner
@@ -176,113 +139,6 @@ def plan_checks(args: argparse.Namespace, plan: Plan, device: torch.device, work
 
 
 # ----------------------------------------------------------------- Markdown
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.1f} ms"
-
-
-def _bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e6:.0f} M" if n >= 1e7 else f"{n / 1e6:.2f} M"
-
-
-def _cell(text: str) -> str:
-    """A table cell: a bare | would end it."""
-    return text.replace("|", "\\|")
-
-
-def _acc(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
-
-
-def _not_ok(r: dict[str, Any]) -> str:
-    """The cell of a check that did not produce numbers: its status and why."""
-    return _cell(f"{r['status']}: {r.get('reason') or r.get('error') or ''}".strip().rstrip(":"))
-
-
-def _ratio(value: float | None, met: bool | None) -> str:
-    return "-" if value is None else f"{value:.2f}x ({'met' if met else 'NOT met'})"
-
-
-def _step_table(records: list[dict[str, Any]], device: torch.device) -> list[str]:
-    labels = list(VARIANT_LABELS.values())
-    lines = [f"Step overhead: median of one zeroth-order step (update + probes at +-rho) over two bare forwards; "
-             f"target ratio <= {STEP_RATIO_MAX[device.type]}x.", "",
-             "| model | precision | batch | params | two forwards | " + " | ".join(labels) + " | met |",
-             "|---" * (6 + len(labels)) + "|"]
-    for r in records:
-        if r["status"] != "ok":
-            lines.append(f"| {r['model']} | {r['precision']} | {_not_ok(r)} |" + " - |" * (3 + len(labels)))
-            continue
-        cells = [f"{_ms(r['variants'][k]['step_s'])} ({r['variants'][k]['ratio']:.2f}x)" for k in VARIANT_LABELS]
-        met = sum(bool(v) for v in r["met"].values())
-        lines.append(f"| {r['model']} | {r['precision']} | {'x'.join(map(str, r['batch_shape']))} | "
-                     f"{_count(r['parameters'])} | {_ms(r['two_forwards_s'])} | " + " | ".join(cells)
-                     + f" | {met}/{len(r['met'])} |")
-    return lines + [""]
-
-
-def _memory_table(records: list[dict[str, Any]], device: torch.device) -> list[str]:
-    basis = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "RSS high-water mark"
-    lines = [f"Memory: peak = weights + the most allocated ({basis}) over what was held before the mode; "
-             f"targets ZO <= {MEMORY_ZO_MAX}x inference, AdamW >= {MEMORY_ADAMW_MIN}x ZO.", "",
-             "| model | precision | weights | inference | zeroth-order | AdamW | ZO / inference | AdamW / ZO |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        if r["status"] != "ok":
-            lines.append(f"| {r['model']} | {r['precision']} | {_not_ok(r)} | - | - | - | - | - |")
-            continue
-        modes = [r["modes"][k] for k in ("inference", "zeroth_order", "adamw")]
-        cells = ["OOM" if m["oom"] else _bytes(m["peak_bytes"]) for m in modes]
-        ratios, met = r.get("ratios") or {}, r.get("met") or {}
-        lines.append(f"| {r['model']} | {r['precision']} | {_bytes(r['parameter_bytes'])} | " + " | ".join(cells)
-                     + f" | {_ratio(ratios.get('zeroth_order_over_inference'), met.get('zeroth_order'))}"
-                     + f" | {_ratio(ratios.get('adamw_over_zeroth_order'), met.get('adamw'))} |")
-    return lines + [""]
-
-
-def _comparison_table(records: list[dict[str, Any]]) -> list[str]:
-    first = next((r for r in records if r["status"] == "ok"), records[0])
-    lines = [f"Comparison: {first.get('model')} prompt-based {first.get('dataset', 'rotten_tomatoes')}, "
-             f"{first.get('steps', '?')} steps, seed {first.get('seed', '?')}, {first.get('eval_size', '?')} "
-             f"held-out examples, one replica in-process (wall: the training loop / the whole run with model "
-             f"build and evaluations).", "",
-             "| optimizer | step sizes | initial acc | final acc | final loss | wall |", "|---|---|---|---|---|---|"]
-    for r in records:
-        if r["status"] != "ok":
-            lines.append(f"| {r['optimizer']} | {_not_ok(r)} | - | - | - | - |")
-            continue
-        sizes = ", ".join(f"{k} {v:.3g}" for k, v in r["step_sizes"].items())
-        loss = "-" if r["final_loss"] is None else f"{r['final_loss']:.4f}"
-        loop = "-" if r["train_wall_s"] is None else f"{r['train_wall_s']:.0f} s"
-        lines.append(f"| {r['optimizer']} | {sizes} ({_cell(r['step_size_source'])}) | "
-                     f"{_acc(r['initial_accuracy'])} | {_acc(r['final_accuracy'])} | {loss} | "
-                     f"{loop} / {r['wall_s']:.0f} s |")
-    return lines + [""]
-
-
-def markdown(records: list[dict[str, Any]], device: torch.device, budget: Budget) -> str:
-    """The summary for docs/benchmarks.md: one table per check, from this invocation's records."""
-    machine = records[0]["machine"] if records else machine_info()
-    where = machine.get("cuda_device") or f"CPU ({machine.get('cpu_count')} cores)"
-    stamp = records[0]["time"][:10] if records else ""
-    quick = "quick smoke test, " if records and records[0]["quick"] else ""
-    lines = [f"GPU check ({quick}{where}, torch {machine.get('torch')}, {stamp}; `python jobs/gpu_check.py`, "
-             f"{budget.elapsed():.0f} s in all).", ""]
-    by_check = {name: [r for r in records if r["check"] == name] for name in ("step_overhead", "memory", "comparison")}
-    if by_check["step_overhead"]:
-        lines += _step_table(by_check["step_overhead"], device)
-    if by_check["memory"]:
-        lines += _memory_table(by_check["memory"], device)
-    if by_check["comparison"]:
-        lines += _comparison_table(by_check["comparison"])
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -340,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Tiny models gain nothing from intra-op threads, and on a busy machine the threads spin-wait
         # on each other: a width-64 forward went from 3 ms on one thread to 280 ms on two.
         torch.set_num_threads(1)
-    budget = Budget(args.time_budget)
+    budget = Budget(args.time_budget, START)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gpu_check-"))
     workdir.mkdir(parents=True, exist_ok=True)
     stdout = sys.stdout

@@ -1,133 +1,26 @@
-"""The checks of jobs/gpu_check.py: plan and time budget, step overhead, GPU memory, the short comparison."""
+"""The checks of jobs/gpu_check.py: step overhead, GPU memory, the short comparison."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import math
+import shutil
+import statistics
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
 
-START = time.perf_counter()  # the budget counts the imports too: they are part of the 8 minutes
+import torch
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import datetime as _dt  # noqa: E402
-import gc  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import traceback  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Callable, Iterator, Sequence  # noqa: E402
-
-# The GPU machine has no internet: a library reaching for the hub would stall on network timeouts.
-for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                     "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}.items():
-    os.environ.setdefault(_key, _value)
-
-import _common  # noqa: E402,F401  (puts the repository root on sys.path)
-import torch  # noqa: E402
-
-from ray_s2p.bench import emit, log, machine_info, median_seconds  # noqa: E402
-from ray_s2p.bench_memory import _vm_hwm, current_rss, reset_peak_rss  # noqa: E402
-from ray_s2p.bench_step import FixedBatchTask, engine_step_fn, naive_mezo_fn  # noqa: E402
-from ray_s2p.config import RunConfig, load_config  # noqa: E402
-from ray_s2p.engine import ReplicaEngine  # noqa: E402
-from ray_s2p.perturbation import mix_seed, select_parameters  # noqa: E402
-
-ROOT = _common.ROOT
-DEFAULT_CONFIG = ROOT / "jobs" / "configs" / "smollm2_prompt_rt.yaml"
-CHECK_SEED = 0x6C0C  # seeds of this script's own model init and token batches (never the global RNG)
-
-# The engine step variants of check 1 (mechanism, distribution); naive MeZO is timed separately.
-VARIANTS = (("hooks", "gaussian"), ("swap", "gaussian"), ("hooks", "table"))
-VARIANT_LABELS = {"hooks_gaussian": "hooks+gaussian", "swap_gaussian": "swap+gaussian", "hooks_table": "hooks+table",
-                  "naive_mezo": "naive MeZO"}
-STEP_RATIO_MAX = {"cuda": 1.1, "cpu": 1.3}
-MEMORY_ZO_MAX, MEMORY_ADAMW_MIN = 1.2, 3.0
-
-# ~1.1 B in the brief's words; 16 layers with full-width key/value heads come to ~0.95 B (reported exactly).
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
-                num_key_value_heads=16, vocab_size=32000)
-LLAMA_TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=4, vocab_size=1024)
-# (label, parameter dtype, autocast dtype): bf16 weights as MeZO runs them, and fp32 master weights with a
-# bf16 forward, which is what this project's task.precision: bf16 does.
-LLAMA_PRECISIONS = (("fp32", torch.float32, None), ("fp32+autocast_bf16", torch.float32, torch.bfloat16),
-                    ("bf16", torch.bfloat16, None))
-MEMORY_PRECISIONS = ("fp32", "bf16")
-CHECK_NAMES = ("step", "memory", "comparison")
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Sizes of one invocation: the full GPU check or the ``--quick`` smoke test."""
-
-    quick: bool
-    lm_model: str                 # task.model of checks 1a and 3
-    lm_batch: tuple[int, int]     # (batch, tokens) of check 1a
-    llama: dict[str, int]
-    llama_batch: tuple[int, int]
-    repeats: int
-    warmup: int
-    steps: int                    # training steps per optimizer in check 3
-    eval_size: int
-    estimates: dict[str, float] = field(default_factory=dict)  # seconds per check, for the budget
-
-    @classmethod
-    def make(cls, quick: bool, repeats: int | None, steps: int | None) -> "Plan":
-        if quick:
-            return cls(True, "tiny-gpt2", (4, 32), LLAMA_TINY, (4, 32), repeats or 1, 1, steps or 3, 32,
-                       {"step_lm": 15, "step_llama": 5, "memory": 5, "comparison": 15})
-        # GPU estimates are deliberately generous: SmolLM2's GGUF conversion (~30 s, once per machine)
-        # and the 1 B model's build land in the first check that needs them.
-        return cls(False, "smollm2", (16, 64), LLAMA_1B, (16, 128), repeats or 10, 2, steps or 300, 256,
-                   {"step_lm": 60, "step_llama": 45, "memory": 25, "comparison": 60})
-
-
-# ----------------------------------------------------------------- budget
-class BudgetExceeded(BaseException):
-    """Raised by SIGALRM inside a check that overran the budget.
-
-    A BaseException, so that no ``except Exception`` inside the libraries swallows it.
-    """
-
-
-class Budget:
-    """Seconds allowed since the interpreter started; checks that would not fit are skipped."""
-
-    def __init__(self, seconds: float, start: float = START) -> None:
-        self.seconds = float(seconds)
-        self.start = start
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def left(self) -> float:
-        return self.seconds - self.elapsed()
-
-    def allows(self, estimate: float) -> bool:
-        return self.elapsed() + estimate <= self.seconds
-
-    @contextlib.contextmanager
-    def deadline(self) -> Iterator[None]:
-        """Raise BudgetExceeded in this block once the budget is spent (SIGALRM; main thread, POSIX only)."""
-        if not hasattr(signal, "setitimer"):
-            yield
-            return
-
-        def alarm(signum: int, frame: Any) -> None:
-            raise BudgetExceeded(f"the time budget of {self.seconds:.0f} s ran out")
-
-        previous = signal.signal(signal.SIGALRM, alarm)
-        signal.setitimer(signal.ITIMER_REAL, max(0.01, self.left()))
-        try:
-            yield
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0.0)
-            signal.signal(signal.SIGALRM, previous)
+from gpu_check_plan import CHECK_SEED, LLAMA_PRECISIONS, MEMORY_ADAMW_MIN, MEMORY_ZO_MAX, STEP_RATIO_MAX, VARIANTS, Plan
+from ray_s2p.bench import log, median_seconds
+from ray_s2p.bench_memory import _vm_hwm, current_rss, reset_peak_rss
+from ray_s2p.bench_step import FixedBatchTask, engine_step_fn, naive_mezo_fn
+from ray_s2p.config import RunConfig
+from ray_s2p.engine import ReplicaEngine
+from ray_s2p.perturbation import mix_seed, select_parameters
 
 
 # ----------------------------------------------------------------- helpers

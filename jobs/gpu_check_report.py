@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from gpu_check_checks import *  # noqa: F401,F403  (constants and Budget of the checks)
+from gpu_check_plan import MEMORY_ADAMW_MIN, MEMORY_ZO_MAX, STEP_RATIO_MAX, VARIANT_LABELS, Budget
+from ray_s2p.bench import machine_info
 
 
 # ----------------------------------------------------------------- Markdown
