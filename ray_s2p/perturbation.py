@@ -115,8 +115,9 @@ class DirectionSpace:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         self._sphere_scale: dict[int, float] = {}
         self._pool: ThreadPoolExecutor | None = None
-        # Largest parameters first, so one big tensor does not start last and run alone.
-        self._by_size = sorted(range(len(self.params)), key=lambda i: -self.params[i].numel())
+        # Submission rank: largest parameters first, so one big tensor does not start last and run alone.
+        by_size = sorted(range(len(self.params)), key=lambda i: -self.params[i].numel())
+        self._rank = {i: r for r, i in enumerate(by_size)}
 
     def map_params(self, fn: Callable[[int], T], indices: Sequence[int] | range | None = None) -> list[T]:
         """[fn(i) for i in indices] (default: every parameter), on ``threads`` threads, under no_grad.
@@ -134,8 +135,7 @@ class DirectionSpace:
             return [call(i) for i in order]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="ray-s2p-noise")
-        rank = {i: r for r, i in enumerate(self._by_size)}
-        futures = {i: self._pool.submit(call, i) for i in sorted(order, key=rank.__getitem__)}
+        futures = {i: self._pool.submit(call, i) for i in sorted(order, key=self._rank.__getitem__)}
         return [futures[i].result() for i in order]
 
     @property
