@@ -19,7 +19,7 @@ Markdown summary for docs/benchmarks.md on stdout; progress goes to stderr):
    plain inference, a zeroth-order step and first-order AdamW (forward, backward,
    step) on the Llama in fp32 and bf16; targets ZO <= 1.2x inference and AdamW >=
    3x ZO. Out-of-memory is caught and reported per mode.
-3. ``comparison``: ``ray_s2p.driver.train`` in-process (no Ray, one replica, one
+3. ``comparison``: ``ray_s2p.distributed.driver.train`` in-process (no Ray, one replica, one
    GPU) on jobs/configs/smollm2_prompt_rt.yaml: VS2P, MeZO and ZO-SGD-Sign with
    the same seed and step budget; initial/final held-out accuracy and wall time.
 
@@ -49,15 +49,30 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable, Sequence  # noqa: E402
 
-# gpu_check_plan first: it sets the offline environment before torch and transformers load.
-from gpu_check_plan import (CHECK_NAMES, DEFAULT_CONFIG, LLAMA_PRECISIONS, MEMORY_PRECISIONS,  # noqa: E402
-                            Budget, BudgetExceeded, Plan)
 import torch  # noqa: E402
+from gpu_check_checks import (  # noqa: E402
+    Comparison,
+    LlamaHolder,
+    free_memory,
+    memory_llama,
+    oom_errors,
+    step_llama,
+    step_lm,
+)
 
-from gpu_check_checks import (Comparison, LlamaHolder, free_memory, memory_llama, oom_errors,  # noqa: E402
-                              step_llama, step_lm)
+# gpu_check_plan first: it sets the offline environment before torch and transformers load.
+from gpu_check_plan import (  # noqa: E402
+    CHECK_NAMES,
+    DEFAULT_CONFIG,
+    LLAMA_PRECISIONS,
+    MEMORY_PRECISIONS,
+    Budget,
+    BudgetExceeded,
+    Plan,
+)
 from gpu_check_report import markdown  # noqa: E402
-from ray_s2p.bench import emit, log, machine_info  # noqa: E402
+
+from ray_s2p.bench.common import emit, log, machine_info  # noqa: E402
 from ray_s2p.config import load_config  # noqa: E402
 
 

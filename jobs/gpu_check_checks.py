@@ -13,14 +13,22 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from gpu_check_plan import (
+    CHECK_SEED,
+    LLAMA_PRECISIONS,
+    MEMORY_ADAMW_MIN,
+    MEMORY_ZO_MAX,
+    STEP_RATIO_MAX,
+    VARIANTS,
+    Plan,
+)
 
-from gpu_check_plan import CHECK_SEED, LLAMA_PRECISIONS, MEMORY_ADAMW_MIN, MEMORY_ZO_MAX, STEP_RATIO_MAX, VARIANTS, Plan
-from ray_s2p.bench import log, median_seconds
-from ray_s2p.bench_memory import _vm_hwm, current_rss, reset_peak_rss
-from ray_s2p.bench_step import FixedBatchTask, engine_step_fn, naive_mezo_fn
+from ray_s2p.bench.common import log, median_seconds
+from ray_s2p.bench.memory import _vm_hwm, current_rss, reset_peak_rss
+from ray_s2p.bench.step import FixedBatchTask, engine_step_fn, naive_mezo_fn
 from ray_s2p.config import RunConfig
-from ray_s2p.engine import ReplicaEngine
-from ray_s2p.perturbation import mix_seed, select_parameters
+from ray_s2p.distributed.engine import ReplicaEngine
+from ray_s2p.zo.directions import mix_seed, select_parameters
 
 
 # ----------------------------------------------------------------- helpers
@@ -375,7 +383,7 @@ class Comparison:
         return {"optimizer.lr": 1e-6, "optimizer.rho": opt.rho}, "MeZO paper default (no VS2P sigma)"
 
     def run(self, name: str) -> dict[str, Any]:
-        from ray_s2p.driver import train
+        from ray_s2p.distributed.driver import train
 
         overrides, source = self.step_sizes(name)
         cfg = self.config(name, overrides)

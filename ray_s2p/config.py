@@ -75,7 +75,13 @@ class TaskConfig:
                  f"got {self.device_map!r}", "use null, auto, balanced or sequential (with cluster.gpus_per_replica > 1)")
 
 
-OPTIMIZERS = ("vs2p", "s2p", "mezo", "zo_sign", "stp", "random_search", "sgd", "adamw")
+# The first-order references (backprop SGD / AdamW): the one place their names are written.
+FIRST_ORDER = ("sgd", "adamw")
+ZEROTH_ORDER = ("vs2p", "s2p", "mezo", "zo_sign", "stp", "random_search")
+OPTIMIZERS = ZEROTH_ORDER + FIRST_ORDER
+# A first-order step is one forward and one backward (about two forwards): 3 forward-pass
+# equivalents, the unit in which metrics and equal-budget comparisons count its cost.
+FIRST_ORDER_PASSES = 3
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ GPT-2, Llama) every block of the loop receives identical arguments, which is
 what makes the replay exact (tests compare it with the plain forward).
 
 All modules are called through ``Module.__call__`` so the perturbation hooks of
-``ray_s2p.perturbation`` fire (they swap a module's parameters around its call).
+``ray_s2p.zo.probes`` fire (they swap a module's parameters around its call).
 """
 
 from __future__ import annotations

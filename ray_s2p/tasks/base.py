@@ -15,7 +15,6 @@ from typing import Any, Iterator, Protocol, runtime_checkable
 
 import torch
 
-
 Batch = dict[str, Any]
 
 

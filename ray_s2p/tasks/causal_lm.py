@@ -2,7 +2,7 @@
 
 Models (``task.model``): ``tiny-gpt2`` (random), ``smollm2`` (bundled GGUF,
 converted once, see ``hf_models``), or a hub name / local folder for
-``AutoModelForCausalLM``. ``build_causal_lm`` is shared with prompt classification.
+``AutoModelForCausalLM``. ``causal_lm_from_config`` is shared with prompt classification.
 
 Batch keys: ``input_ids`` (B, T), ``attention_mask`` (B, T) (each text ends with
 the end token, then right padding), ``index`` (B,); ``prepare`` may add
@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TaskConfig
-from ..perturbation import mix_seed
+from ..zo.directions import mix_seed
 from .base import Batch, EvalTotals
-from .hf_task import HFTextTask
 from .errors import check_options
 from .feature_reuse import replay, trainable_by_flags
 from .hf_models import load_pretrained, tiny_gpt2, untie_output_embeddings
+from .hf_task import HFTextTask
 from .precision import autocast_context
 from .text_classification import TEXT_OPTIONS
 from .text_encoding import end_token_id, load_text_splits
@@ -58,6 +58,14 @@ def build_causal_lm(*, model: str, seed: int, tokenizer: Any, trainable: str, ti
     return lm.eval()
 
 
+def causal_lm_from_config(cfg: TaskConfig, seed: int, tokenizer: Any) -> torch.nn.Module:
+    """``build_causal_lm`` with the task config's model, trainable, tiny-model, LoRA and placement fields."""
+    return build_causal_lm(model=cfg.model, seed=seed, tokenizer=tokenizer, trainable=cfg.trainable,
+                           tiny_width=cfg.tiny_width, tiny_layers=cfg.tiny_layers, max_length=cfg.max_length,
+                           lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
+                           trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map)
+
+
 class CausalLMTask(HFTextTask):
     """``task.name: causal_lm`` (see the module docstring)."""
 
@@ -72,11 +80,7 @@ class CausalLMTask(HFTextTask):
 
     def build_model(self) -> torch.nn.Module:
         """The LM (see ``build_causal_lm``)."""
-        cfg = self.cfg
-        return build_causal_lm(model=cfg.model, seed=self.seed, tokenizer=self.data.tokenizer, trainable=cfg.trainable,
-                               tiny_width=cfg.tiny_width, tiny_layers=cfg.tiny_layers, max_length=cfg.max_length,
-                               lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
-                               trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map)
+        return causal_lm_from_config(self.cfg, self.seed, self.data.tokenizer)
 
     def _token_losses(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-position next-token losses (B, T-1) and the mask of real targets."""

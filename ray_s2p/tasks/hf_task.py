@@ -3,7 +3,7 @@
 ``HFTextTask`` holds the parts that are the same for sequence classification,
 prompt classification and causal-LM loss; each subclass says how its model is
 cut into stages (``ANATOMY_KIND`` / ``anatomy_select``) and how logits and loss
-are formed. ``classification_totals`` is the eval record of every classifier.
+are formed. Classifiers add ``classifier.LogitsClassifier``.
 """
 
 from __future__ import annotations
@@ -13,22 +13,15 @@ from pathlib import Path
 from typing import Callable, ClassVar, Iterator
 
 import torch
-import torch.nn.functional as F
 
-from ..batching import eval_positions, train_positions
 from ..config import TaskConfig
+from ..data.batching import eval_positions, train_positions
 from .anatomy import Anatomy, hf_anatomy
-from .base import Batch, EvalTotals
+from .base import Batch
 from .feature_reuse import FeatureCache, prepare_features
 from .hf_models import save_hf_model
 from .precision import autocast_context
 from .trainable import select_trainable
-
-
-def classification_totals(logits: torch.Tensor, labels: torch.Tensor) -> EvalTotals:
-    """Summed cross-entropy, count, arg-max predictions and labels of one eval batch."""
-    loss = F.cross_entropy(logits, labels, reduction="sum")
-    return EvalTotals(float(loss), int(labels.numel()), logits.argmax(-1).tolist(), labels.tolist())
 
 
 class HFTextTask:

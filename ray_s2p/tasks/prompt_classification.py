@@ -22,15 +22,15 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..config import TaskConfig
 from .anatomy import unwrap
-from .base import Batch, EvalTotals
-from .hf_task import HFTextTask, classification_totals
-from .causal_lm import build_causal_lm
+from .base import Batch
+from .causal_lm import causal_lm_from_config
+from .classifier import LogitsClassifier
 from .errors import TaskError, check_options
-from .feature_reuse import replay, trainable_by_flags
+from .feature_reuse import replay
+from .hf_task import HFTextTask
 from .precision import autocast_context
 from .text_classification import TEXT_OPTIONS
 from .text_encoding import load_text_splits
@@ -63,7 +63,7 @@ def label_token_ids(tokenizer: Any, label_words: tuple[str, ...]) -> list[int]:
     return ids
 
 
-class PromptClassificationTask(HFTextTask):
+class PromptClassificationTask(LogitsClassifier, HFTextTask):
     """``task.name: prompt_classification`` (see the module docstring)."""
 
     ANATOMY_KIND = "causal_lm"
@@ -88,11 +88,7 @@ class PromptClassificationTask(HFTextTask):
 
     def build_model(self) -> torch.nn.Module:
         """The LM (see ``causal_lm.build_causal_lm``)."""
-        cfg = self.cfg
-        return build_causal_lm(model=cfg.model, seed=self.seed, tokenizer=self.data.tokenizer, trainable=cfg.trainable,
-                               tiny_width=cfg.tiny_width, tiny_layers=cfg.tiny_layers, max_length=cfg.max_length,
-                               lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
-                               trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map)
+        return causal_lm_from_config(self.cfg, self.seed, self.data.tokenizer)
 
     def logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """(B, num_label_words) fp32 logits of the label words at the answer position."""
@@ -105,15 +101,6 @@ class PromptClassificationTask(HFTextTask):
                                           use_cache=False).last_hidden_state
                 vocab_logits = inner.get_output_embeddings()(last_positions(hidden, batch))
         return vocab_logits[:, self.label_ids.to(vocab_logits.device)].float()
-
-    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        """Mean cross-entropy over the label words."""
-        return F.cross_entropy(self.logits(model, batch), batch["labels"])
-
-    def eval_totals(self, model: torch.nn.Module, batch: Batch) -> EvalTotals:
-        """Summed cross-entropy, count, arg-max label-word predictions and labels (prefix cached across evals)."""
-        batch = self.prepare(model, batch, trainable_by_flags(model)) if "features" not in batch else batch
-        return classification_totals(self.logits(model, batch), batch["labels"])
 
 
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import TaskConfig
-from ..perturbation import mix_seed
+from ..zo.directions import mix_seed
 from .base import Batch, EvalTotals
 
 

@@ -13,18 +13,17 @@ Loss: mean cross-entropy of the logits (computed in fp32 even under autocast).
 
 from __future__ import annotations
 
-
 import torch
-import torch.nn.functional as F
 
 from ..config import TaskConfig
-from ..perturbation import mix_seed
+from ..zo.directions import mix_seed
 from .anatomy import Anatomy, hf_anatomy
-from .base import Batch, EvalTotals
-from .hf_task import HFTextTask, classification_totals
+from .base import Batch
+from .classifier import LogitsClassifier
 from .errors import TaskError, check_options
-from .feature_reuse import replay, trainable_by_flags
+from .feature_reuse import replay
 from .hf_models import load_pretrained, tiny_bert
+from .hf_task import HFTextTask
 from .precision import autocast_context
 from .text_encoding import load_text_splits
 from .trainable import apply_lora, default_lora_targets
@@ -35,7 +34,7 @@ QUERY_NAMES = ("query", "q_proj", "q_lin")
 _INIT, _LORA = 0x1417, 0x10AA
 
 
-class TextClassificationTask(HFTextTask):
+class TextClassificationTask(LogitsClassifier, HFTextTask):
     """``task.name: text_classification`` (see the module docstring)."""
 
     def __init__(self, cfg: TaskConfig, seed: int) -> None:
@@ -84,15 +83,6 @@ class TextClassificationTask(HFTextTask):
             else:
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return out.float()
-
-    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        """Mean cross-entropy over the batch."""
-        return F.cross_entropy(self.logits(model, batch), batch["labels"])
-
-    def eval_totals(self, model: torch.nn.Module, batch: Batch) -> EvalTotals:
-        """Summed cross-entropy, count, arg-max predictions and labels (frozen prefix cached across evals)."""
-        batch = self.prepare(model, batch, trainable_by_flags(model)) if "features" not in batch else batch
-        return classification_totals(self.logits(model, batch), batch["labels"])
 
 
 

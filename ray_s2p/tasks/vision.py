@@ -1,4 +1,4 @@
-"""Image classification with the project's CNN / ResNet-18 (``ray_s2p.vision_models``).
+"""Image classification with the project's CNN / ResNet-18 (``ray_s2p.tasks.vision_models``).
 
 Data (``task.dataset``): ``mnist5k`` (1x28x28), ``digits`` (1x8x8), ``synthetic_images``
 (1x8x8), or a local table with a label column and either a ``pixels`` list column
@@ -25,22 +25,27 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..batching import Examples, eval_positions, split_rows, train_positions
 from ..config import TaskConfig
-from ..data_sources import DataError, check_label_range, labels_to_ids, load_source, require_columns
-from ..perturbation import mix_seed
-from ..vision_models import ARCHITECTURES, build_vision_model
+from ..data.batching import Examples, eval_positions, split_rows, train_positions
+from ..data.sources import (
+    DataError,
+    check_label_range,
+    labels_to_ids,
+    load_source,
+    require_columns,
+)
+from ..zo.directions import mix_seed
 from .anatomy import Anatomy, unwrap
-from .base import Batch, EvalTotals
-from .hf_task import classification_totals
+from .base import Batch
+from .classifier import LogitsClassifier
 from .errors import TaskError, check_options
-from .feature_reuse import FeatureCache, prepare_features, replay, trainable_by_flags
+from .feature_reuse import FeatureCache, prepare_features, replay
 from .hf_models import seeded
 from .precision import autocast_context
 from .trainable import LORA_TARGETS, apply_lora, select_trainable
+from .vision_models import ARCHITECTURES, build_vision_model
 
 VISION_OPTIONS = {"label_names", "data_seed", "synthetic_size", "synthetic_classes", "hub_config", "feature_cache_mb",
                   "image_shape"}
@@ -48,7 +53,7 @@ SPEC_FILE = "vision_model.json"
 _INIT, _LORA = 0x1A9E, 0x1A10
 
 
-class ImageClassificationTask:
+class ImageClassificationTask(LogitsClassifier):
     """``task.name: image_classification`` (see the module docstring)."""
 
     def __init__(self, cfg: TaskConfig, seed: int) -> None:
@@ -146,15 +151,6 @@ class ImageClassificationTask:
         with autocast_context(self.cfg.precision, model):
             out = replay(batch) if "features" in batch else model(batch["pixels"])
         return out.float()
-
-    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        """Mean cross-entropy over the batch."""
-        return F.cross_entropy(self.logits(model, batch), batch["labels"])
-
-    def eval_totals(self, model: torch.nn.Module, batch: Batch) -> EvalTotals:
-        """Summed cross-entropy, count, arg-max predictions and labels (frozen prefix cached across evals)."""
-        batch = self.prepare(model, batch, trainable_by_flags(model)) if "features" not in batch else batch
-        return classification_totals(self.logits(model, batch), batch["labels"])
 
     def save_final(self, model: torch.nn.Module, directory: Path) -> None:
         """``model.safetensors`` (LoRA merged) + ``vision_model.json`` (architecture, normalisation)."""

@@ -1,0 +1,256 @@
+"""``ray-s2p bench step``: one zeroth-order step against the floor of two forward passes.
+
+A two-point step needs f(x + rho z) and f(x - rho z): two forwards are the
+physical floor. Everything else is overhead: making z (a random generation over
+all d parameters, three times per step: once per probe and once for the
+update), building the perturbed values, and the update itself. On CPU the
+generation is the big part (a randn over MiniLM's 22.7 M floats is ~0.16 s), so
+the noise table, which reads z as a slice, is measured beside the Gaussian.
+
+All on one in-process ``ReplicaEngine`` and one fixed batch: for a text
+classification task, exactly batch_size x max_length random token ids (no
+padding, so every run measures the same number of tokens); other tasks use their
+own first training batch. Output keys:
+
+- ``two_forwards_s``: the floor (two bare forwards under no_grad).
+- ``variants``: per ``hooks_gaussian``, ``swap_gaussian``, ``hooks_table``,
+  ``swap_table`` (full engine steps: ProbeRequest with radii (rho, -rho) plus the
+  previous step's update with one (seed, coef) pair) and ``naive_mezo`` (in-place
+  +rho, -2 rho, +rho, update; z regenerated with randn each time): ``step_s``,
+  ``ratio`` (step_s / two_forwards_s), ``generations_per_step``, ``rng_share``
+  (noise generation time x generations / step_s).
+- ``split`` (of hooks_gaussian): ``noise_gaussian_s`` and ``noise_table_s`` (one
+  direction over all parameters), ``perturbed_copy_s`` (x + rho z into a new
+  tensor, z given), ``forward_s``, ``update_gaussian_s`` and ``update_table_s``
+  (apply_update with one pair), ``remainder_s`` (step minus 2 noise + 2 copies +
+  2 forwards + update: hooks, Python, batch handling).
+- ``extra_memory_bytes``: per mechanism, from the parameter sizes.
+- ``targets``: ``ratio_max`` (1.3 on CPU, 1.1 on GPU) and ``met`` per variant.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable
+
+import torch
+
+from ..config import RunConfig
+from ..distributed.engine import ReplicaEngine, build_space, to_device
+from ..distributed.messages import ProbeRequest, Update
+from ..zo.directions import DirectionSpace, apply_update, mix_seed, select_parameters
+from .common import BENCH_SEED, BenchContext, config_essentials, log, median_seconds
+
+VARIANTS = (("hooks", "gaussian"), ("swap", "gaussian"), ("hooks", "table"), ("swap", "table"))
+UPDATE_COEF = 1e-7  # a real (non-zero: zeros are skipped) but harmless update coefficient
+
+
+class FixedBatchTask:
+    """A task whose every training batch is one fixed batch; everything else is the wrapped task's.
+
+    The engine asks its task for the batch of each step; the benchmark wants the
+    same tokens every time, so step times differ only by the mechanism measured.
+    """
+
+    def __init__(self, task: Any, batch: dict[str, Any]) -> None:
+        self._task = task
+        self._batch = batch
+
+    def train_batch(self, step: int, shard: int, num_shards: int) -> dict[str, Any]:
+        return self._batch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._task, name)
+
+
+def fixed_batch(task: Any, model: torch.nn.Module, config: RunConfig) -> dict[str, Any]:
+    """The benchmark batch (CPU tensors).
+
+    text_classification: ``batch_size`` x ``max_length`` token ids drawn from a
+    seeded generator in [1000, vocab) (away from special tokens; [1, vocab) for
+    tiny vocabularies), attention all ones, labels 0/1. Other tasks: their own
+    batch of step 1, unchanged.
+    """
+    sample = task.train_batch(1, 0, 1)
+    if config.task.name != "text_classification" or "input_ids" not in sample:
+        return sample
+    vocab = int(model.get_input_embeddings().num_embeddings)
+    low = 1000 if vocab > 1000 else 1
+    gen = torch.Generator().manual_seed(mix_seed(BENCH_SEED, 0xBA7C))
+    shape = (config.task.batch_size, config.task.max_length)
+    ids = torch.randint(low, vocab, shape, generator=gen, dtype=torch.long)
+    labels = torch.randint(0, 2, (shape[0],), generator=gen, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+            "index": torch.arange(shape[0], dtype=torch.long)}
+
+
+def batch_shape(batch: dict[str, Any]) -> list[int]:
+    """Shape of the batch's main tensor (input_ids, else the first tensor)."""
+    main = batch.get("input_ids")
+    if main is None:
+        main = next(v for v in batch.values() if isinstance(v, torch.Tensor))
+    return list(main.shape)
+
+
+def engine_step_fn(engine: ReplicaEngine, rho: float) -> Callable[[], None]:
+    """One full engine step per call: apply the previous step's update (one pair), probe +rho and -rho."""
+    counter = itertools.count(1)
+
+    def step() -> None:
+        k = next(counter)
+        sign = 1.0 if k % 2 else -1.0  # alternate so the parameters do not walk away over many repeats
+        update = Update(engine.applied_step + 1, ((mix_seed(BENCH_SEED, k, 1), sign * UPDATE_COEF),))
+        engine.probe(ProbeRequest(engine.applied_step + 2, (mix_seed(BENCH_SEED, k),), (rho, -rho), 0, 1, update))
+    return step
+
+
+def update_fn(space: DirectionSpace) -> Callable[[], None]:
+    """apply_update with one (seed, coef) pair per call (alternating sign, see engine_step_fn)."""
+    counter = itertools.count(1)
+
+    def update() -> None:
+        k = next(counter)
+        apply_update(space, [(mix_seed(BENCH_SEED, k, 2), (1.0 if k % 2 else -1.0) * UPDATE_COEF)])
+    return update
+
+
+def noise_fn(space: DirectionSpace) -> Callable[[], None]:
+    """Generate one direction's noise over all parameters (each tensor dropped at once, as a probe does)."""
+    def noise() -> None:
+        for i in range(len(space.params)):
+            space.noise(BENCH_SEED, i)
+    return noise
+
+
+def naive_mezo_fn(params: list[torch.nn.Parameter], loss_fn: Callable[[], torch.Tensor], rho: float,
+                  lr: float = 1e-7) -> Callable[[], None]:
+    """The MeZO step as published: in-place x += rho z, f, x -= 2 rho z, f, x += rho z, x -= lr g z.
+
+    z is regenerated with torch.randn from a generator seeded with the step's seed
+    before each of the four passes (4 generations per step), one generator for
+    all parameters in order.
+    """
+    counter = itertools.count(1)
+
+    def shift(seed: int, scale: float) -> None:
+        gen = torch.Generator(device=params[0].device)
+        gen.manual_seed(seed)
+        for p in params:
+            p.data.add_(torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype), alpha=scale)
+
+    def step() -> None:
+        seed = mix_seed(BENCH_SEED, next(counter), 3)
+        with torch.no_grad():
+            shift(seed, rho)
+            plus = float(loss_fn())
+            shift(seed, -2.0 * rho)
+            minus = float(loss_fn())
+            shift(seed, rho)
+            shift(seed, -lr * (plus - minus) / (2.0 * rho))
+    return step
+
+
+def mechanism_memory(model: torch.nn.Module, space: DirectionSpace, table_size: int) -> dict[str, int]:
+    """Extra bytes each mechanism holds during a probe, from the parameter sizes.
+
+    hooks: the largest module's selected parameters, twice (perturbed copy + fp32
+    noise); swap: a copy of every selected parameter plus the largest noise
+    tensor; table: the table itself (4 bytes a float), on top of the mechanism;
+    naive: the largest noise tensor.
+    """
+    selected = {id(p) for p in space.params}
+    per_module = [sum(p.numel() * p.element_size() + p.numel() * 4
+                      for p in m.parameters(recurse=False) if id(p) in selected) for m in model.modules()]
+    largest_noise = max(p.numel() for p in space.params) * 4
+    return {"hooks": max(per_module, default=0),
+            "swap": sum(p.numel() * p.element_size() for p in space.params) + largest_noise,
+            "table": int(table_size) * 4, "naive": largest_noise}
+
+
+def bench_step(ctx: BenchContext) -> dict[str, Any]:
+    """The ``step`` benchmark (see the module docstring for the keys)."""
+    base = ctx.local_config()
+    task = ctx.task()
+    rho = base.optimizer.rho
+    repeats = ctx.repeats
+
+    def variant_config(mechanism: str, distribution: str) -> RunConfig:
+        return base.replace({"perturbation.mechanism": mechanism, "perturbation.distribution": distribution})
+
+    log("  building the engine (hooks, gaussian)")
+    first = ReplicaEngine(variant_config(*VARIANTS[0]), 0, task=task)
+    batch = fixed_batch(task, first.model, base)
+    fixed = FixedBatchTask(task, batch)
+    first.task = fixed  # built with the plain task only because the batch needs the model's vocabulary
+    device = first.device
+    on_device = to_device(batch, device)
+    with torch.no_grad():
+        prepared = task.prepare(first.model, on_device, first.trainable)
+
+    def loss() -> torch.Tensor:
+        return task.loss(first.model, prepared)
+
+    def two_forwards() -> None:
+        with torch.no_grad():
+            float(loss())
+            float(loss())
+
+    floor = median_seconds(two_forwards, repeats, device)
+    forward = floor / 2.0
+
+    # The split, on the hooks/gaussian engine's parameters.
+    space_g = first.space
+    space_t = build_space(first.model, first.trainable, variant_config("hooks", "table"))
+    zs = [space_g.noise(BENCH_SEED, i) for i in range(len(space_g.params))]
+
+    def copies() -> None:
+        for p, z in zip(space_g.params, zs):
+            p.detach().to(torch.float32).add(z, alpha=rho).to(p.dtype)
+
+    split = {"noise_gaussian_s": median_seconds(noise_fn(space_g), repeats, device),
+             "noise_table_s": median_seconds(noise_fn(space_t), repeats, device),
+             "perturbed_copy_s": median_seconds(copies, repeats, device), "forward_s": forward,
+             "update_gaussian_s": median_seconds(update_fn(space_g), repeats, device),
+             "update_table_s": median_seconds(update_fn(space_t), repeats, device)}
+    del zs
+    memory = mechanism_memory(first.model, space_g, base.perturbation.table_size)
+
+    steps: dict[str, float] = {}
+    for mechanism, distribution in VARIANTS:
+        name = f"{mechanism}_{distribution}"
+        log(f"  timing {name}")
+        engine = first if name == "hooks_gaussian" else ReplicaEngine(variant_config(mechanism, distribution), 0,
+                                                                      task=fixed)
+        steps[name] = median_seconds(engine_step_fn(engine, rho), repeats, device)
+        if engine is not first:
+            del engine  # one extra model at a time
+    split["remainder_s"] = steps["hooks_gaussian"] - (2 * split["noise_gaussian_s"] + 2 * split["perturbed_copy_s"]
+                                                      + 2 * forward + split["update_gaussian_s"])
+
+    log("  timing the naive MeZO step")
+    naive_model = task.build_model()
+    names, params = select_parameters(naive_model, task.trainable_names(naive_model))
+    if device.type != "cpu":
+        naive_model.to(device)
+    with torch.no_grad():
+        naive_batch = task.prepare(naive_model, on_device, names)
+    steps["naive_mezo"] = median_seconds(naive_mezo_fn(params, lambda: task.loss(naive_model, naive_batch), rho),
+                                         repeats, device)
+    del naive_model, params
+
+    target = 1.1 if device.type == "cuda" else 1.3
+    variants = {}
+    for name, seconds in steps.items():
+        generations = 4 if name == "naive_mezo" else 3  # naive: +rho, -2rho, +rho, update; else 2 probes + update
+        noise = split["noise_table_s"] if name.endswith("table") else split["noise_gaussian_s"]
+        variants[name] = {"step_s": seconds, "ratio": seconds / floor, "generations_per_step": generations,
+                          "rng_share": noise * generations / seconds}
+    return {"config": {**config_essentials(base), "device": str(device), "batch_shape": batch_shape(batch),
+                       "trainable_parameters": space_g.dim},
+            "repeats": repeats, "two_forwards_s": floor, "variants": variants, "split": split,
+            "extra_memory_bytes": memory,
+            "targets": {"ratio_max": target, "met": {n: v["ratio"] <= target for n, v in variants.items()}}}
+
+
+__all__ = ["FixedBatchTask", "bench_step", "engine_step_fn", "fixed_batch", "mechanism_memory", "naive_mezo_fn",
+           "update_fn"]

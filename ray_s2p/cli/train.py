@@ -1,0 +1,122 @@
+"""``ray-s2p train`` (fresh or ``--resume``), ``replay`` and ``eval``: one run directory at a time."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from ..config import FIRST_ORDER, ConfigError, load_config
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..distributed.driver import train
+    from ..distributed.run_dir import RunDirectory
+
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume uses the run's own config.yaml; drop --config")
+        config = RunDirectory.load_config(Path(args.resume))
+        if args.set:  # e.g. a different cluster.replicas on resume (see docs/config.md)
+            config = config.replace(dict(_parse_sets(args.set)))
+        run_dir = Path(args.resume)
+    else:
+        config = load_config(args.config, args.set)
+        run_dir = Path(args.output or f"runs/run-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.address:
+        config = config.replace({"cluster.address": args.address})
+    print(f"ray-s2p: training {config.task.model} on {config.task.dataset} with {config.optimizer.name}, "
+          f"{config.cluster.replicas} replicas ({config.cluster.mode} mode), {config.steps} steps -> {run_dir}",
+          file=sys.stderr)
+    result = train(config, run_dir, resume=bool(args.resume), overwrite=args.overwrite)
+    s = result.summary
+    before, after = s.get("initial_metrics", {}), s.get("final_metrics", {})
+    print("\nbefore -> after (held-out):")
+    for key in sorted(set(before) | set(after)):
+        b, a = before.get(key), after.get(key)
+        print(f"  {key:16s} {b if b is None else round(b, 4)!s:>10} -> {a if a is None else round(a, 4)!s:>10}")
+    print(f"wall {s['wall_seconds']:.1f}s, {s['steps_completed']} steps, {s['forward_passes']} forward passes, "
+          f"{s['bytes_sent_per_step'] + s['bytes_received_per_step']:.0f} bytes/step on the wire")
+    print(f"final digest {result.final_digest}")
+    print(f"outputs: {result.run_dir} (final/ model, ledger.parquet, metrics.parquet, summary.json)")
+    return 0
+
+
+def _parse_sets(items: Sequence[str]) -> list[tuple[str, object]]:
+    from ..config import parse_override
+    return [parse_override(i) for i in items]
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from ..distributed.replay import replay_run
+
+    result = replay_run(args.run_dir, args.step)
+    out = {"step": result.step, "digest": result.digest, "seconds": round(result.seconds, 4)}
+    summary_file = Path(args.run_dir) / "summary.json"
+    expected = json.loads(summary_file.read_text()).get("final_digest") if summary_file.exists() else None
+    if args.check:
+        out["expected"] = expected
+        out["match"] = expected is not None and expected == result.digest
+    if args.output:
+        result.engine.save_final(Path(args.output))
+        out["output"] = str(args.output)
+    print(json.dumps(out))
+    if args.check and not out["match"]:
+        print("replay digest differs from the run's final digest" if expected else
+              "the run has no summary.json final digest to check against", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ..distributed.checkpoint import latest_checkpoint
+    from ..distributed.engine import ReplicaEngine
+    from ..distributed.replay import replay_run
+    from ..distributed.run_dir import RunDirectory, aggregate_eval
+    from ..files import write_json
+
+    run_dir = Path(args.run)
+    config = RunDirectory.load_config(run_dir)
+    if config.optimizer.name in FIRST_ORDER:
+        ckpt = latest_checkpoint(run_dir / "checkpoints")
+        if ckpt is None:
+            raise ValueError(f"{str(run_dir)!r} has no checkpoint to evaluate")
+        engine = ReplicaEngine(config.replace({"cluster.use_ray": False}))
+        engine.load_trainable(ckpt.tensors, ckpt.step)
+        step = ckpt.step
+    else:
+        replayed = replay_run(run_dir, args.step)
+        engine, step = replayed.engine, replayed.step
+    metrics = aggregate_eval([engine.evaluate(0, 1)])
+    out = {"step": step, "digest": engine.digest(), **metrics}
+    write_json(Path(args.storage or run_dir) / "eval.json", out)
+    print(json.dumps(out))
+    return 0
+
+
+def register(sub: "argparse._SubParsersAction") -> None:
+    """Add ``train``, ``replay`` and ``eval`` to the ``ray-s2p`` sub-commands."""
+    t = sub.add_parser("train", help="train or resume a run")
+    t.add_argument("--config", help="YAML config (default: the embedded default job)")
+    t.add_argument("--output", help="run directory (default: runs/run-TIMESTAMP)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted config key")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+    t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    t.set_defaults(func=_train)
+
+    r = sub.add_parser("replay", help="rebuild a run's parameters from its ledger and print the digest")
+    r.add_argument("run_dir")
+    r.add_argument("--step", type=int, help="replay up to this step (default: the last)")
+    r.add_argument("--output", help="save the replayed model here")
+    r.add_argument("--check", action="store_true", help="exit 1 unless the digest equals the run's final digest")
+    r.set_defaults(func=_replay)
+
+    p = sub.add_parser("eval", help="evaluate a run's parameters at a step on the held-out set")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--step", type=int, help="replay the ledger to this step first (default: the last)")
+    p.add_argument("--storage", help="where eval.json goes (default: the run directory)")
+    p.set_defaults(func=_eval)

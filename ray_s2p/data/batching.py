@@ -1,0 +1,158 @@
+"""Deterministic splits and batches: pure functions of (seed, step, shard, num_shards).
+
+Recovery and replay re-ask a replica for the batch of an old step, so a batch
+may depend on nothing else: no global RNG, no iterator state. The train order
+is a fresh permutation per epoch, drawn from a ``torch.Generator`` seeded with
+``mix_seed(seed, TAG, epoch)``. Step k (1-based, the driver's numbering) covers
+the global positions ``[(k-1) G, k G)`` with ``G = batch_size * num_shards``;
+shard s takes the slice ``[(k-1) G + s B, (k-1) G + (s+1) B)``. Position p is
+example ``perm(epoch = p // n)[p % n]``, so a batch may straddle two epochs and
+every example is seen once per epoch whatever the shard count.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ..zo.directions import mix_seed
+from .sources import DataError
+
+_SPLIT, _EVAL, _EPOCH = 0x5B1, 0xE7A1, 0xE90C
+
+
+@dataclass(frozen=True)
+class RowSplit:
+    """Row numbers of the train and eval examples.
+
+    Attributes:
+        train: rows of the source used for training, in a seeded order.
+        eval: rows of the eval examples (of ``held_out`` when the source has one, else of the source).
+        eval_from_held_out: whether ``eval`` indexes the predefined held-out split.
+    """
+
+    train: torch.Tensor
+    eval: torch.Tensor
+    eval_from_held_out: bool = False
+
+
+def seeded_permutation(n: int, *seed_parts: int) -> torch.Tensor:
+    """A permutation of range(n) from a private generator seeded with ``mix_seed(*seed_parts)``."""
+    gen = torch.Generator().manual_seed(mix_seed(*seed_parts))
+    return torch.randperm(n, generator=gen)
+
+
+def split_rows(num_rows: int, *, seed: int, eval_size: int, labels: Sequence[int] | None = None,
+               k_shot: int | None = None, train_size: int | None = None,
+               held_out_rows: int | None = None) -> RowSplit:
+    """Split rows into train and eval, then apply k-shot sampling and the train-size cap.
+
+    Without a held-out split the eval rows are the first ``eval_size`` of a seeded
+    permutation and the rest form the train pool (disjoint by construction). With
+    ``k_shot`` the train set keeps the first k rows of each class in the pool's
+    seeded order (MeZO's k-shot setting: 16 or 512 per class); ``train_size`` then
+    keeps the first ``train_size`` of those.
+
+    Args:
+        num_rows: rows in the source.
+        seed: the run seed.
+        eval_size: eval examples wanted (fewer if the data is smaller).
+        labels: label id per source row (needed for ``k_shot``).
+        k_shot: examples per class, or None for all.
+        train_size: cap on the number of train examples, or None.
+        held_out_rows: size of a predefined eval split, or None to carve eval out of the rows.
+
+    Raises:
+        DataError: no rows left for training.
+    """
+    pool = seeded_permutation(num_rows, seed, _SPLIT)
+    if held_out_rows is not None:
+        eval_rows = seeded_permutation(held_out_rows, seed, _EVAL)[:eval_size]
+    else:
+        eval_rows, pool = pool[:eval_size], pool[eval_size:]
+    if pool.numel() == 0:
+        raise DataError(f"task.eval_size={eval_size} leaves no training rows out of {num_rows}. "
+                        f"Fix: lower task.eval_size below {num_rows}")
+    if k_shot is not None:
+        if labels is None:
+            raise DataError("task.k_shot needs class labels, and this task has none. Fix: set task.k_shot to null")
+        label_of = torch.as_tensor(list(labels), dtype=torch.long)[pool]
+        keep = torch.zeros(pool.numel(), dtype=torch.bool)
+        for cls in torch.unique(label_of).tolist():
+            where = torch.nonzero(label_of == cls).flatten()
+            if where.numel() < k_shot:
+                warnings.warn(f"task.k_shot={k_shot}: class {cls} has only {where.numel()} training rows; using all",
+                              stacklevel=2)
+            keep[where[:k_shot]] = True
+        pool = pool[keep]
+    if train_size is not None:
+        pool = pool[:train_size]
+    return RowSplit(pool, eval_rows, held_out_rows is not None)
+
+
+def train_positions(num_examples: int, batch_size: int, *, seed: int, step: int, shard: int,
+                    num_shards: int, reshuffle: bool = True) -> torch.Tensor:
+    """Positions (into the train set) of the batch of one (step, shard); see the module docstring.
+
+    With ``reshuffle`` false every epoch uses the first epoch's permutation, so the
+    same batches come back each epoch (and cached frozen-prefix features are hit).
+
+    Raises:
+        ValueError: an empty train set or a shard outside 0..num_shards-1.
+    """
+    if num_examples <= 0:
+        raise ValueError("the train set is empty. Fix: check task.k_shot / task.train_size / the data set")
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} is outside 0..{num_shards - 1}")
+    start = (step - 1) * batch_size * num_shards + shard * batch_size
+    positions = torch.arange(start, start + batch_size)
+    epochs = torch.div(positions, num_examples, rounding_mode="floor")
+    within = positions - epochs * num_examples
+    out = torch.empty(batch_size, dtype=torch.long)
+    for epoch in torch.unique(epochs).tolist():  # one or two epochs unless the batch exceeds the data
+        mask = epochs == epoch
+        out[mask] = seeded_permutation(num_examples, seed, _EPOCH, epoch if reshuffle else 0)[within[mask]]
+    return out
+
+
+def eval_positions(num_examples: int, batch_size: int, shard: int, num_shards: int) -> list[torch.Tensor]:
+    """This shard's eval batches: chunks of ``batch_size`` in order, chunk i going to shard i mod num_shards."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} is outside 0..{num_shards - 1}")
+    chunks = torch.arange(num_examples).split(batch_size)
+    return [chunk for i, chunk in enumerate(chunks) if i % num_shards == shard]
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Encoded examples: tensors sharing their first dimension, plus a unique id per example.
+
+    Attributes:
+        tensors: e.g. input_ids (N, T), attention_mask (N, T), labels (N,) or pixels (N, C, H, W).
+        ids: (N,) ids unique across the train and eval sets (the feature-reuse cache key).
+        seq_keys: tensors whose dim 1 is the token axis; a batch is cut to its longest example.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    ids: torch.Tensor
+    seq_keys: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return int(self.ids.numel())
+
+    def take(self, positions: torch.Tensor) -> dict[str, Any]:
+        """The batch at ``positions``: every tensor indexed, ``index`` = the examples' ids.
+
+        Trailing columns that are padding for every example are cut (right padding), so
+        a batch of short reviews costs its own length, not ``max_length``.
+        """
+        batch: dict[str, Any] = {key: value[positions] for key, value in self.tensors.items()}
+        if self.seq_keys and "attention_mask" in batch:
+            length = max(int(batch["attention_mask"].sum(dim=1).max()), 1)
+            for key in self.seq_keys:
+                batch[key] = batch[key][:, :length]
+        batch["index"] = self.ids[positions]
+        return batch

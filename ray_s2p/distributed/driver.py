@@ -1,0 +1,368 @@
+"""The driver: one round trip per step, the rule state, the ledger, checkpoints, recovery.
+
+One step, in the order ``Driver.run`` calls the phases (each a method below):
+
+1. probe round (``_probe_round``): every replica gets a ``ProbeRequest`` (messages.py)
+   and answers with a ``ProbeReply`` of loss scalars (engine.py ``ReplicaEngine.probe``,
+   run by replica.py's pools); a dead replica is replaced and re-asked (``_round``);
+2. decide (``_decide``): the step rule (zo/rules/) turns the losses into (seed,
+   coefficient) pairs; they become ledger rows (ledger.py) and the pending update;
+3. apply (``_apply``): replicas apply the pending update, at the latest with the next
+   step's request, earlier when a later phase needs the current parameters;
+4. verify (``_verify``): every ``cluster.digest_every`` steps the replicas' digests must agree;
+5. evaluate (``_evaluate``): held-out metrics every ``eval_every`` steps;
+6. checkpoint (``_checkpoint``): parameters, rule state and ledger digest
+   (checkpoint.py), then the ledger and metrics are flushed (run_dir.py).
+
+Per step k the driver sends every replica (step, seeds, shard, the pending
+update of step k-1) and waits once for the loss scalars. It averages each
+direction's losses over the data shards of its group (layout.py), feeds the rule,
+and keeps the resulting (seed, coefficient) pairs as the pending update.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import FIRST_ORDER, FIRST_ORDER_PASSES, RunConfig
+from ..zo.rules import build_rule
+from .checkpoint import (
+    Checkpoint,
+    config_fingerprint,
+    latest_checkpoint,
+    save_checkpoint,
+)
+from .layout import Layout
+from .ledger import Ledger, ledger_rows, updates_by_step
+from .messages import ProbeReply, ProbeRequest, Update
+from .replica import LocalPool, RayPool, ReplicaFailure
+from .run_dir import RunDirectory, aggregate_eval
+from .run_state import RunState, StepOutcome, TrainResult
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (too many failures, non-finite losses, replica mismatch)."""
+
+
+class Driver:
+    """Runs one training run in ``run_dir`` (fresh or resumed).
+
+    Args:
+        config: the run config.
+        run_dir: the run directory (created if needed).
+        resume: continue from the newest valid checkpoint in ``run_dir``.
+        report: optional callback(metrics dict, checkpoint dir or None), e.g. for Ray Tune.
+        log: where messages go.
+    """
+
+    def __init__(self, config: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+                 report: Callable[[dict[str, Any], Path | None], None] | None = None,
+                 log: Callable[[str], None] = print) -> None:
+        self.config = config
+        self.rd = RunDirectory(Path(run_dir), config, resume=resume, overwrite=overwrite)
+        self.report = report
+        self.log = log
+        self.layout = Layout.from_config(config)
+        self.first_order = config.optimizer.name in FIRST_ORDER
+        if self.first_order and config.cluster.replicas != 1:
+            raise ValueError("optimizer.name: the first-order references (sgd, adamw) run on one replica. "
+                             "Fix: --set cluster.replicas=1")
+        self.rule = None if self.first_order else build_rule(config.optimizer, config.steps)
+        self.fingerprint = config_fingerprint(config.to_dict())
+        self.failures = 0
+        self.recoveries: list[float] = []
+        self.bad_streak = 0
+        self.skipped_total = 0
+
+    # -------------------------------------------------------------- the run
+    def run(self) -> TrainResult:
+        """Train from the start, or from the newest checkpoint of a resumed run, to ``config.steps``."""
+        state = self._open()
+        try:
+            pool = self._start_pool()
+        except BaseException:
+            self.rd.discard()  # bad model path, data or resources: leave nothing half-written
+            raise
+        self.pool = pool  # exposed for monitoring and fault-injection tests
+        try:
+            self._start(pool, state)
+            progress = self.rd.progress(state.step)
+            for step in range(state.step + 1, self.config.steps + 1):
+                outcome = self._first_order_step(pool, step) if self.first_order else self._zo_step(pool, state, step)
+                self._record(state, step, outcome)
+                self._between_steps(pool, state, step)
+                progress.update(step, outcome.loss, state.last_eval)
+            progress.close()
+            return self._finish(pool, state)
+        finally:
+            pool.shutdown()
+
+    def _open(self) -> RunState:
+        """The state to start from: step 0, or a resumed run's newest checkpoint and its ledger."""
+        ckpt = latest_checkpoint(self.rd.checkpoints, self.fingerprint) if self.rd.resumed else None
+        start_step = ckpt.step if ckpt is not None else 0
+        rule_state = ckpt.rule_state.get("rule") if ckpt is not None else None
+        if rule_state is None and self.rule is not None:
+            rule_state = self.rule.init()
+        ledger = Ledger.open(self.rd.ledger_path, upto_step=start_step)
+        if ckpt is not None and ledger.digest(start_step) != ckpt.meta.get("ledger_digest"):
+            raise TrainingError("ledger.parquet does not match the checkpoint (rows were changed or belong to "
+                                "another run). Fix: restore the run's own ledger")
+        self.rd.truncate_metrics(start_step)
+        # The checkpoint of step s stores parameters *with* update s applied, so nothing is pending.
+        return RunState(start_step=start_step, step=start_step, rule_state=rule_state, ledger=ledger, ckpt=ckpt,
+                        forward_passes=self.rd.previous_forward_passes(start_step),
+                        wall_before=self.rd.previous_wall_seconds() if self.rd.resumed else 0.0)
+
+    def _start_pool(self) -> LocalPool | RayPool:
+        if not self.config.cluster.use_ray:
+            return LocalPool(self.config)
+        import ray
+        if not ray.is_initialized():
+            address = self.config.cluster.address
+            ray.init(address=address, include_dashboard=False, log_to_driver=True) if address else ray.init(
+                include_dashboard=False, log_to_driver=True)
+        return RayPool(self.config, log=self.log)
+
+    def _start(self, pool: LocalPool | RayPool, state: RunState) -> None:
+        """Restore a resumed run's replicas, and evaluate the starting point (once per run)."""
+        if state.ckpt is not None:
+            self._restore(pool, list(range(pool.size)), state.ckpt, state.ledger, state.step)
+        state.initial_eval = self.rd.initial_eval() or self._evaluate(pool, state)
+        if not self.rd.resumed:
+            self.rd.record_eval(0, state.initial_eval, state.forward_passes, 0.0)
+        state.last_eval = state.initial_eval
+
+    def _record(self, state: RunState, step: int, outcome: StepOutcome) -> None:
+        state.step = step
+        state.bytes_sent += outcome.sent
+        state.bytes_received += outcome.received
+        state.forward_passes += outcome.passes
+        state.wall = state.elapsed()
+        self.rd.record_step(step, outcome.loss, state.forward_passes, state.wall, outcome.sent, outcome.received,
+                            outcome.skipped)
+
+    def _between_steps(self, pool: LocalPool | RayPool, state: RunState, step: int) -> None:
+        """The periodic phases after a step: verify, evaluate, checkpoint, flush, report."""
+        cfg = self.config
+        if cfg.cluster.digest_every and step % cfg.cluster.digest_every == 0:
+            self._verify(pool, state)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+            state.last_eval = self._evaluate(pool, state)
+            self.rd.record_eval(step, state.last_eval, state.forward_passes, state.wall)
+        saved = None
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+            self._checkpoint(pool, state, step)
+            saved = ckpt_dir(self.rd.checkpoints, step)
+        if step % cfg.log_every == 0 or saved is not None:
+            state.ledger.flush()
+            self.rd.flush_metrics()
+        if self.report is not None and step != cfg.steps and (saved is not None or step % cfg.log_every == 0):
+            self.report(self.rd.report_row(step), saved)
+
+    def _finish(self, pool: LocalPool | RayPool, state: RunState) -> TrainResult:
+        """Final evaluation and digest check, summary.json, and the final model from replica 0."""
+        cfg = self.config
+        final_eval = self._evaluate(pool, state)
+        elapsed = state.elapsed()
+        self.rd.record_eval(cfg.steps, final_eval, state.forward_passes, elapsed)
+        digests = self._verify(pool, state)
+        state.ledger.flush()
+        self.rd.flush_metrics()
+        steps_run = max(1, cfg.steps - state.start_step)
+        summary = self.rd.write_summary(
+            final_digest=digests[0], steps_completed=cfg.steps, wall_seconds=elapsed,
+            bytes_sent_per_step=state.bytes_sent / steps_run, bytes_received_per_step=state.bytes_received / steps_run,
+            replicas=pool.size, initial_metrics=state.initial_eval, final_metrics=final_eval,
+            forward_passes=state.forward_passes, replica_failures=self.failures, recovery_seconds=self.recoveries,
+            skipped_directions=self.skipped_total, resumed_from=state.start_step if self.rd.resumed else None)
+        # Replica 0 may live on another node: it sends the saved files' bytes (once, at the end).
+        files = pool.call("export_final", [()], replicas=[0], timeout=max(600.0, cfg.cluster.step_timeout_s))[0]
+        self.rd.write_final(files)
+        if self.report is not None:
+            self.report(self.rd.report_row(cfg.steps), ckpt_dir(self.rd.checkpoints, cfg.steps))
+        return TrainResult(self.rd.path, digests[0], cfg.steps, summary)
+
+    # ------------------------------------------------ phase 1-2: probe, decide
+    def _zo_step(self, pool: LocalPool | RayPool, state: RunState, step: int) -> StepOutcome:
+        """Probe round (and follow-up round, if the rule has one), then the rule's decision."""
+        assert self.rule is not None
+        lay = self.layout
+        radii = tuple(self.rule.radii(state.rule_state, step))
+        group_seeds = [lay.seeds(self.config.seed, step, g) for g in range(lay.groups)]
+        requests = [ProbeRequest(step, group_seeds[lay.group(r)], radii, lay.shard(r), lay.shards, state.pending)
+                    for r in range(pool.size)]
+        losses, sent, received, passes = self._probe_round(pool, state, step, requests, len(radii))
+        follow = self.rule.followup(losses, state.rule_state, step)
+        if follow is not None:
+            # Follow-up round (S2P options 2/4 without the sign trick): radii depend on each gamma.
+            q = lay.directions
+            requests2 = [ProbeRequest(step, group_seeds[lay.group(r)], (), lay.shard(r), lay.shards, None,
+                                      tuple(tuple(x) for x in follow[lay.group(r) * q:(lay.group(r) + 1) * q]))
+                         for r in range(pool.size)]
+            extra, sent2, received2, passes2 = self._probe_round(pool, state, step, requests2, len(follow[0]))
+            losses = [list(a) + list(b) for a, b in zip(losses, extra)]
+            sent, received, passes = sent + sent2, received + received2, passes + passes2
+        seeds = [s for g in group_seeds for s in g]
+        loss, skipped = self._decide(state, step, seeds, radii, losses)
+        return StepOutcome(loss, sent, received, passes, skipped)
+
+    def _probe_round(self, pool: LocalPool | RayPool, state: RunState, step: int, requests: list[ProbeRequest],
+                     width: int) -> tuple[list[list[float]], int, int, int]:
+        """One fan-out of probe requests: (losses per direction, bytes sent, bytes received, forward passes)."""
+        replies = self._round(pool, requests, state, step)
+        losses = self._group_losses(replies, width)
+        sent = sum(q.wire_bytes() for q in requests)
+        received = sum(r.wire_bytes() for r in replies)
+        passes = sum(len(r.losses) * width for r in replies)
+        return losses, sent, received, passes
+
+    def _decide(self, state: RunState, step: int, seeds: list[int], radii: tuple[float, ...],
+                losses: list[list[float]]) -> tuple[float, int]:
+        """The rule's update from the losses: ledger rows, the pending update; (mean loss, skipped directions)."""
+        assert self.rule is not None
+        lay = self.layout
+        decision, state.rule_state = self.rule.update(losses, state.rule_state, step)
+        owners = [g * lay.shards for g in range(lay.groups) for _ in range(lay.directions)]
+        state.ledger.extend(ledger_rows(step, seeds, radii, losses, decision, owners))
+        skipped_bad = sum(1 for row in losses if not all(math.isfinite(v) for v in row))
+        self.skipped_total += skipped_bad
+        self.bad_streak = self.bad_streak + 1 if skipped_bad == len(losses) else 0
+        if self.bad_streak >= self.config.optimizer.max_bad_losses:
+            raise TrainingError(f"{self.bad_streak} steps in a row had only non-finite losses (last step {step}). "
+                                f"Fix: lower optimizer.lr/eta or rho, or check the data")
+        state.pending = Update(step, tuple(zip(seeds, (float(c) for c in decision.coefficients))),
+                               decision.param_scale)
+        finite = [v for row in losses for v in row[:2] if math.isfinite(v)]
+        return (sum(finite) / len(finite) if finite else float("nan")), skipped_bad
+
+    def _group_losses(self, replies: list[ProbeReply], width: int) -> list[list[float]]:
+        """Average each direction's losses over the shards of its group (data-parallel reading)."""
+        lay = self.layout
+        out: list[list[float]] = []
+        for g in range(lay.groups):
+            members = [replies[r] for r in range(len(replies)) if lay.group(r) == g]
+            for i in range(lay.directions):
+                out.append([sum(m.losses[i][j] for m in members) / len(members) for j in range(width)])
+        return out
+
+    def _first_order_step(self, pool: LocalPool | RayPool, step: int) -> StepOutcome:
+        """The backprop reference: one replica, nothing on the wire but the loss."""
+        loss = pool.call("first_order_step", [(step, 0, 1)])[0]
+        return StepOutcome(loss, 0, 0, FIRST_ORDER_PASSES, 0)
+
+    # ------------------------------------------------------ recovery
+    def _round(self, pool: LocalPool | RayPool, requests: list[ProbeRequest], state: RunState,
+               step: int) -> list[ProbeReply]:
+        """One fan-out/wait; failed replicas are replaced, restored and re-asked (their work only)."""
+        todo = list(range(pool.size))
+        replies: list[Any] = [None] * pool.size
+        while todo:
+            try:
+                got = pool.call("probe", [(requests[r],) for r in todo], replicas=todo)
+                for r, reply in zip(todo, got):
+                    replies[r] = reply
+                todo = []
+            except ReplicaFailure as failure:
+                for r, reply in zip(todo, failure.results):
+                    if reply is not None:
+                        replies[r] = reply
+                todo = list(failure.failed)
+                self._recover(pool, todo, state, step, failure.reason)
+        return replies
+
+    def _recover(self, pool: LocalPool | RayPool, failed: list[int], state: RunState, step: int,
+                 reason: str) -> None:
+        self.failures += len(failed)
+        if self.failures > self.config.cluster.max_replica_failures:
+            raise TrainingError(f"{self.failures} replica failures exceed cluster.max_replica_failures="
+                                f"{self.config.cluster.max_replica_failures}: {reason}")
+        started = time.perf_counter()
+        self.log(f"step {step}: {reason}; replacing replicas {failed}")
+        for r in failed:
+            pool.replace(r)
+        # The ledger holds every step before this one: restore to step-1 (the re-sent request's pending
+        # update, if any, is then recognised as applied). This also covers follow-up rounds, which
+        # carry no update.
+        self._restore(pool, failed, state.ckpt, state.ledger, step - 1)
+        self.recoveries.append(time.perf_counter() - started)
+
+    def _restore(self, pool: LocalPool | RayPool, replicas: list[int], ckpt: Checkpoint | None,
+                 ledger: Ledger, upto: int) -> None:
+        """Bring replicas to step ``upto``: checkpoint tensors, then ledger replay (no forwards)."""
+        if ckpt is not None and ckpt.step > 0:
+            if isinstance(pool, RayPool):
+                import ray
+                ref = ray.put(ckpt.tensors)
+                pool.call("load_trainable", [(ref, ckpt.step)] * len(replicas), replicas=replicas,
+                          timeout=self.config.cluster.startup_timeout_s)
+            else:
+                pool.call("load_trainable", [(ckpt.tensors, ckpt.step)] * len(replicas), replicas=replicas)
+        start = ckpt.step if ckpt is not None else 0
+        updates = [u for u in updates_by_step(ledger.rows) if start < u[0] <= upto]
+        if updates:
+            pool.call("replay", [(updates,)] * len(replicas), replicas=replicas,
+                      timeout=self.config.cluster.startup_timeout_s)
+
+    # ------------------------------------- phases 3-6: apply, verify, evaluate, checkpoint
+    def _apply(self, pool: LocalPool | RayPool, state: RunState) -> None:
+        """Apply the pending update now (replicas ignore an update they already applied)."""
+        if state.pending is not None:
+            pool.call("apply", [(state.pending,)] * pool.size)
+
+    def _verify(self, pool: LocalPool | RayPool, state: RunState) -> list[str]:
+        """Every replica's digest must equal replica 0's; heal (resync) or abort as configured."""
+        self._apply(pool, state)
+        digests = pool.call("digest", [()] * pool.size)
+        if len(set(digests)) > 1:
+            bad = [r for r, d in enumerate(digests) if d != digests[0]]
+            if self.config.cluster.on_mismatch == "abort":
+                raise TrainingError(f"replica digests differ (replicas {bad} disagree with replica 0). "
+                                    f"Set cluster.on_mismatch=resync to heal instead")
+            self.log(f"replica digests differ at replicas {bad}; resyncing them from checkpoint + ledger")
+            ckpt = state.ckpt
+            applied = state.pending.step if state.pending is not None else (ckpt.step if ckpt else 0)
+            for r in bad:
+                pool.replace(r)
+            self._restore(pool, bad, ckpt, state.ledger, applied)
+            digests = pool.call("digest", [()] * pool.size)
+            if len(set(digests)) > 1:
+                raise TrainingError("replica digests still differ after a resync")
+            self.rd.count_resync()
+        return digests
+
+    def _evaluate(self, pool: LocalPool | RayPool, state: RunState) -> dict[str, float]:
+        """Held-out metrics of the current parameters, the eval set split among the replicas."""
+        self._apply(pool, state)
+        if self.config.task.eval_size == 0:
+            return {}
+        totals = pool.call("evaluate", [(r, pool.size) for r in range(pool.size)],
+                           timeout=max(600.0, self.config.cluster.step_timeout_s))
+        return aggregate_eval(totals)
+
+    def _checkpoint(self, pool: LocalPool | RayPool, state: RunState, step: int) -> None:
+        """Save replica 0's trainable tensors, the rule state and the ledger digest of ``step``."""
+        self._apply(pool, state)
+        tensors = pool.call("trainable_state", [()], replicas=[0])[0]
+        digest = pool.call("digest", [()], replicas=[0])[0]
+        meta = {"config_fingerprint": self.fingerprint, "ledger_digest": state.ledger.digest(step),
+                "digest": digest, "data_position": {"step": step}}
+        # Ledger first: a crash between the two writes then leaves an older checkpoint that still matches.
+        state.ledger.flush()
+        save_checkpoint(self.rd.checkpoints, step, tensors, {"rule": state.rule_state}, meta)
+        state.ckpt = Checkpoint(step, tensors, {"rule": state.rule_state}, meta)
+
+
+def ckpt_dir(root: Path, step: int) -> Path | None:
+    path = Path(root) / f"step_{step:08d}"
+    return path if path.is_dir() else None
+
+
+def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+          report: Callable[[dict[str, Any], Path | None], None] | None = None,
+          log: Callable[[str], None] = print) -> TrainResult:
+    """Train (or resume) a run; see ``Driver``."""
+    return Driver(config, run_dir, resume=resume, overwrite=overwrite, report=report, log=log).run()

@@ -1,0 +1,238 @@
+"""The replica engine: one model replica, its probes and its updates, with no Ray in it.
+
+A ``ReplicaEngine`` is what a Ray replica actor holds, and what the driver
+runs in-process when ``cluster.use_ray`` is false. It builds its own task and
+model from the config, so nothing but messages crosses the process boundary.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import FIRST_ORDER, RunConfig
+from ..tasks.base import EvalTotals, Task
+from ..zo.directions import DirectionSpace, NoiseTable, apply_update, select_parameters
+from ..zo.probes import Prober
+from .digest import model_digest
+from .messages import ProbeReply, ProbeRequest, Update
+
+# Checkpoint keys of a first-order optimizer's per-parameter state (AdamW's moments and step count):
+# "optimizer_state/<parameter name>/<state key>", saved beside the parameters so a resumed run continues
+# with its moments instead of restarting them.
+OPTIMIZER_STATE_PREFIX = "optimizer_state/"
+_TABLES: dict[tuple[int, str], NoiseTable] = {}
+
+
+def noise_table(size: int, device: torch.device) -> NoiseTable:
+    """One shared table per (size, device) per process: replicas in one process share it."""
+    key = (size, str(device))
+    if key not in _TABLES:
+        _TABLES[key] = NoiseTable(size, device=device)
+    return _TABLES[key]
+
+
+def build_space(model: torch.nn.Module, names: list[str], config: RunConfig) -> DirectionSpace:
+    """The direction space of a model's trainable parameters under the config's perturbation settings."""
+    names, params = select_parameters(model, names)
+    table = None
+    if config.perturbation.distribution == "table":
+        table = noise_table(config.perturbation.table_size, params[0].device)
+    return DirectionSpace(names, params, config.perturbation.distribution, table,
+                          noise_threads(config, params[0].device))
+
+
+def noise_threads(config: RunConfig, device: torch.device) -> int:
+    """Threads for making noise: on a GPU one (kernels run asynchronously already); on a CPU
+    ``cluster.noise_threads``, or torch's thread count when that is 0 (a generator call uses one core)."""
+    if device.type != "cpu":
+        return 1
+    return config.cluster.noise_threads or max(1, torch.get_num_threads())
+
+
+class ReplicaEngine:
+    """Holds one replica's task, model and direction space.
+
+    Args:
+        config: the run config.
+        replica: this replica's index (only used in replies).
+        task: an already built task (tests); built from the config if None.
+    """
+
+    def __init__(self, config: RunConfig, replica: int = 0, task: Task | None = None) -> None:
+        if config.cluster.threads_per_replica:
+            torch.set_num_threads(config.cluster.threads_per_replica)
+        from ..tasks import build_task  # local import: tasks pull in transformers
+
+        self.config = config
+        self.replica = replica
+        self.task = task if task is not None else build_task(config.task, config.seed)
+        self.model = self.task.build_model()
+        self.model.eval()  # no dropout: the loss must be a function of the parameters
+        self.device = _replica_device(config, self.model)
+        if self.device.type != "cpu" and not _spans_devices(self.model):
+            self.model.to(self.device)
+        self.trainable = self.task.trainable_names(self.model)
+        self.space = build_space(self.model, self.trainable, config)
+        self.prober = Prober(self.model, self.space, config.perturbation.mechanism)
+        self.applied_step = 0
+        self._first_order: torch.optim.Optimizer | None = None
+        if config.optimizer.name in FIRST_ORDER:
+            self._first_order = make_first_order(config, self.space.params)
+
+    # ------------------------------------------------------------------ steps
+    def apply(self, update: Update | None) -> None:
+        """Apply a step's update exactly once (a re-sent update for an applied step is ignored)."""
+        if update is None or update.step <= self.applied_step:
+            return
+        if update.step != self.applied_step + 1:
+            raise RuntimeError(f"replica {self.replica} is at step {self.applied_step} but got the update "
+                               f"of step {update.step}; an update was lost")
+        apply_update(self.space, update.pairs, update.param_scale)
+        self.applied_step = update.step
+
+    def probe(self, request: ProbeRequest) -> ProbeReply:
+        """Apply the pending update, then evaluate every (seed, radius) on this step's shard."""
+        start = time.perf_counter()
+        self.apply(request.update)
+        batch = to_device(self.task.train_batch(request.step, request.shard, request.num_shards), self.device)
+        with torch.no_grad():
+            prepared = self.task.prepare(self.model, batch, self.trainable)
+
+        def loss_fn() -> torch.Tensor:
+            return self.task.loss(self.model, prepared)
+
+        losses = []
+        for i, seed in enumerate(request.seeds):
+            radii = request.per_seed_radii[i] if request.per_seed_radii is not None else request.radii
+            losses.append(tuple(self.prober.evaluate(loss_fn, seed, r) for r in radii))
+        return ProbeReply(request.step, self.replica, tuple(losses), self.applied_step, time.perf_counter() - start)
+
+    def first_order_step(self, step: int, shard: int = 0, num_shards: int = 1) -> float:
+        """One backprop step of the first-order reference (SGD / AdamW); returns the batch loss."""
+        assert self._first_order is not None, "not a first-order run"
+        batch = to_device(self.task.train_batch(step, shard, num_shards), self.device)
+        with torch.no_grad():  # the frozen prefix needs no graph (feature reuse applies here too)
+            batch = self.task.prepare(self.model, batch, self.trainable)
+        self._first_order.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = self.task.loss(self.model, batch)
+            loss.backward()
+        self._first_order.step()
+        self.applied_step = step
+        return float(loss.detach())
+
+    # ------------------------------------------------------------- inspection
+    def digest(self) -> str:
+        return model_digest(self.model)
+
+    def evaluate(self, shard: int = 0, num_shards: int = 1) -> EvalTotals:
+        """Forward-only evaluation of this shard of the held-out set."""
+        totals = EvalTotals()
+        with torch.no_grad():
+            for batch in self.task.eval_batches(shard, num_shards):
+                totals = totals.merge(self.task.eval_totals(self.model, to_device(batch, self.device)))
+        return totals
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores, as detached CPU copies: the selected parameters and, for a
+        first-order run, its optimizer's per-parameter state (``OPTIMIZER_STATE_PREFIX`` keys)."""
+        out = {n: p.detach().to("cpu").clone() for n, p in zip(self.space.names, self.space.params)}
+        if self._first_order is not None:
+            for n, p in zip(self.space.names, self.space.params):
+                for key, value in self._first_order.state.get(p, {}).items():
+                    tensor = value if torch.is_tensor(value) else torch.tensor(value)
+                    out[f"{OPTIMIZER_STATE_PREFIX}{n}/{key}"] = tensor.detach().to("cpu").clone()
+        return out
+
+    def load_trainable(self, tensors: dict[str, torch.Tensor], applied_step: int) -> None:
+        """Overwrite the selected parameters (checkpoint restore or resync), and a first-order
+        optimizer's state when the checkpoint has it."""
+        missing = [n for n in self.space.names if n not in tensors]
+        if missing:
+            raise ValueError(f"checkpoint lacks parameter {missing[0]!r}; it belongs to another config")
+        with torch.no_grad():
+            for n, p in zip(self.space.names, self.space.params):
+                src = tensors[n]
+                if tuple(src.shape) != tuple(p.shape):
+                    raise ValueError(f"checkpoint parameter {n!r} has shape {tuple(src.shape)}, model has "
+                                     f"{tuple(p.shape)}; it belongs to another config")
+                p.copy_(src.to(p.device, p.dtype))
+        if self._first_order is not None:
+            self._load_optimizer_state(tensors)
+        self.applied_step = applied_step
+
+    def _load_optimizer_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        assert self._first_order is not None
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith(OPTIMIZER_STATE_PREFIX):
+                name, _, item = key[len(OPTIMIZER_STATE_PREFIX):].rpartition("/")
+                state.setdefault(name, {})[item] = value
+        unknown = sorted(set(state) - set(self.space.names))
+        if unknown:
+            raise ValueError(f"checkpoint has optimizer state for {unknown[0]!r}, which is not trainable here; "
+                             f"it belongs to another config")
+        self._first_order.state.clear()
+        for n, p in zip(self.space.names, self.space.params):
+            if n in state:
+                # AdamW keeps its step count on the CPU and its moments beside the parameter.
+                self._first_order.state[p] = {k: v.clone() if k == "step" else v.to(p.device)
+                                              for k, v in state[n].items()}
+
+    def replay(self, updates: list[tuple[int, list[tuple[int, float]], float]]) -> None:
+        """Apply ledger updates (step, pairs, param_scale) after ``applied_step``, no forward passes."""
+        for step, pairs, scale in updates:
+            if step > self.applied_step:
+                self.apply(Update(step, tuple(pairs), scale))
+
+    def save_final(self, directory: str | Path) -> None:
+        self.task.save_final(self.model, Path(directory))
+
+    def export_final(self) -> dict[str, bytes]:
+        """The files ``save_final`` writes, as relative path -> bytes (sent to the driver once, at the end)."""
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) / "final"
+            self.save_final(root)
+            return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    def info(self) -> dict[str, Any]:
+        return {"replica": self.replica, "trainable_parameters": self.space.dim,
+                "total_parameters": sum(p.numel() for p in self.model.parameters()),
+                "applied_step": self.applied_step}
+
+
+def _replica_device(config: RunConfig, model: torch.nn.Module) -> torch.device:
+    """cuda when the replica reserved a GPU and one is visible, else where the model already is."""
+    if config.cluster.gpus_per_replica > 0 and torch.cuda.is_available():
+        return torch.device("cuda")
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _spans_devices(model: torch.nn.Module) -> bool:
+    # A model placed with an accelerate device_map keeps its placement.
+    return len({p.device for p in model.parameters()}) > 1 or getattr(model, "hf_device_map", None) is not None
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move the tensors of a batch (dict/list/tuple, nested) to ``device``; other values unchanged."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device) if batch.device != device else batch
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def make_first_order(config: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """torch.optim SGD or AdamW over the selected parameters (the backprop reference)."""
+    opt = config.optimizer
+    if opt.name == "sgd":
+        return torch.optim.SGD(params, lr=opt.lr, weight_decay=opt.weight_decay)
+    return torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)

@@ -1,0 +1,45 @@
+"""Which group, data shard and direction seeds each replica serves in a step.
+
+- direction mode: every replica is its own group (own seeds, the same batch);
+- data mode: one group (shared seeds, the batch split into shards);
+- hybrid: ``cluster.groups`` groups, each splitting the batch among its members.
+
+Direction j of step k has seed ``mix_seed(run_seed, k, j)`` with j = group * q + i,
+so a run is a pure function of its config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import RunConfig
+from ..zo.directions import mix_seed
+
+
+@dataclass
+class Layout:
+    """Which group, shard and directions each replica serves."""
+
+    replicas: int
+    groups: int
+    directions: int  # q per group
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> "Layout":
+        c = config.cluster
+        groups = {"direction": c.replicas, "data": 1, "hybrid": c.groups}[c.mode]
+        return cls(c.replicas, groups, config.optimizer.directions)
+
+    @property
+    def shards(self) -> int:
+        return self.replicas // self.groups
+
+    def group(self, replica: int) -> int:
+        return replica // self.shards
+
+    def shard(self, replica: int) -> int:
+        return replica % self.shards
+
+    def seeds(self, run_seed: int, step: int, group: int) -> tuple[int, ...]:
+        q = self.directions
+        return tuple(mix_seed(run_seed, step, group * q + i) for i in range(q))

@@ -1,0 +1,219 @@
+"""Replica pools: the Ray actors (one per replica) and an in-process stand-in.
+
+Both pools expose the same calls; each call fans out to the given replicas
+and waits once. A Ray pool raises ``ReplicaFailure`` naming the replicas that
+died or did not answer within the timeout, so the driver can replace them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Sequence
+
+from ..config import RunConfig
+from .engine import ReplicaEngine
+
+
+class ReplicaFailure(RuntimeError):
+    """Some replicas died or hung; ``results`` holds the answers of the others (None where failed)."""
+
+    def __init__(self, failed: list[int], results: list[Any], reason: str) -> None:
+        super().__init__(f"replicas {failed} failed: {reason}")
+        self.failed = failed
+        self.results = results
+        self.reason = reason
+
+
+class ReplicaHost:
+    """What a Ray replica actor runs: a thin shell over ``ReplicaEngine``."""
+
+    def __init__(self, config_dict: dict[str, Any], replica: int) -> None:
+        cfg = RunConfig.from_dict(config_dict)
+        os.environ["RAY_S2P_REPLICA"] = str(replica)  # one actor per process: lets user tasks know their index
+        self.engine = ReplicaEngine(cfg, replica)
+
+    def call(self, method: str, *args: Any) -> Any:
+        return getattr(self.engine, method)(*args)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def node_id(self) -> str:
+        import ray
+        return ray.get_runtime_context().get_node_id()
+
+
+class LocalPool:
+    """Replicas as plain objects in this process (cluster.use_ray = false)."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.engines = [ReplicaEngine(config, r) for r in range(config.cluster.replicas)]
+
+    @property
+    def size(self) -> int:
+        return len(self.engines)
+
+    def call(self, method: str, args: Sequence[tuple], replicas: Sequence[int] | None = None,
+             timeout: float | None = None) -> list[Any]:
+        idx = list(range(self.size)) if replicas is None else list(replicas)
+        return [getattr(self.engines[r], method)(*a) for r, a in zip(idx, args)]
+
+    def replace(self, replica: int) -> None:
+        self.engines[replica] = ReplicaEngine(self.config, replica)
+
+    def pids(self) -> list[int]:
+        return [os.getpid()] * self.size
+
+    def shutdown(self) -> None:
+        self.engines = []
+
+
+class RayPool:
+    """One Ray actor per replica, each in its own placement-group bundle."""
+
+    def __init__(self, config: RunConfig, log: Callable[[str], None] = print) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+
+        self.config = config
+        self.log = log
+        c = config.cluster
+        bundle = {"CPU": c.cpus_per_replica}
+        if c.gpus_per_replica:
+            bundle["GPU"] = c.gpus_per_replica
+        # Inside a Ray Tune trial the replicas' bundles are already reserved by the trial's
+        # PlacementGroupFactory ([driver] + [replica] * n): use them instead of a nested group.
+        from ray.util import get_current_placement_group
+        current = get_current_placement_group()
+        self.owns_pg = not (current is not None and len(current.bundle_specs) >= c.replicas + 1)
+        self.bundle_offset = 0 if self.owns_pg else 1
+        if not self.owns_pg:
+            self.pg = current
+            ready = [True]
+        else:
+            self._check_resources(bundle, c.replicas)
+            self.pg = placement_group([dict(bundle) for _ in range(c.replicas)], strategy=c.placement_strategy)
+            ready, _ = ray.wait([self.pg.ready()], timeout=c.startup_timeout_s)
+        if not ready:
+            ray.util.remove_placement_group(self.pg)
+            raise RuntimeError(
+                f"could not reserve {c.replicas} replica bundles of {bundle} within "
+                f"cluster.startup_timeout_s={c.startup_timeout_s}s; the cluster has {ray.cluster_resources()}. "
+                f"Fix: lower cluster.replicas or cluster.cpus_per_replica/gpus_per_replica, or add nodes")
+        self._remote = ray.remote(ReplicaHost)
+        self.actors: list[Any] = [None] * c.replicas
+        for r in range(c.replicas):
+            self.actors[r] = self._spawn(r)
+        # Wait for every actor's __init__ (model build) once, with the startup timeout.
+        self.call("info", [()] * c.replicas, timeout=c.startup_timeout_s)
+
+    def _check_resources(self, bundle: dict[str, float], replicas: int) -> None:
+        import ray
+        total = ray.cluster_resources()
+        for key, need in bundle.items():
+            have = total.get(key, 0.0)
+            if need * replicas > have and not _autoscaling():
+                raise RuntimeError(
+                    f"cluster.replicas={replicas} x {key}={need} per replica needs {need * replicas:g} {key}, "
+                    f"but the cluster has {have:g}. Fix: lower cluster.replicas or cluster."
+                    f"{'gpus' if key == 'GPU' else 'cpus'}_per_replica, or add nodes")
+
+    def _spawn(self, replica: int) -> Any:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        c = self.config.cluster
+        threads = c.threads_per_replica or max(1, int(c.cpus_per_replica))
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        options: dict[str, Any] = dict(
+            num_cpus=c.cpus_per_replica, num_gpus=c.gpus_per_replica, max_restarts=0, max_task_retries=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self.pg, placement_group_bundle_index=replica + self.bundle_offset),
+            runtime_env={"env_vars": env})
+        cfg = self.config.to_dict()
+        if not cfg["cluster"].get("threads_per_replica"):
+            cfg["cluster"]["threads_per_replica"] = threads
+        return self._remote.options(**options).remote(cfg, replica)
+
+    @property
+    def size(self) -> int:
+        return len(self.actors)
+
+    def call(self, method: str, args: Sequence[tuple], replicas: Sequence[int] | None = None,
+             timeout: float | None = None) -> list[Any]:
+        """Fan out ``method`` to the replicas, then one wait; raise ReplicaFailure on death or timeout."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayError
+
+        idx = list(range(self.size)) if replicas is None else list(replicas)
+        refs = [self.actors[r].call.remote(method, *a) for r, a in zip(idx, args)]
+        deadline = time.monotonic() + (timeout if timeout is not None else self.config.cluster.step_timeout_s)
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
+        results: list[Any] = [None] * len(idx)
+        failed: list[int] = []
+        reasons = []
+        for pos, ref in enumerate(refs):
+            if ref in pending:
+                failed.append(idx[pos])
+                reasons.append(f"replica {idx[pos]} did not answer {method!r} in time")
+                continue
+            try:
+                results[pos] = ray.get(ref)
+            except (RayActorError, GetTimeoutError) as exc:
+                if getattr(exc, "actor_init_failed", False):
+                    # Building the task/model raised: bad config or data, not a fault to heal by restarting.
+                    raise RuntimeError(f"replica {idx[pos]} could not start: {_root_cause(exc)}") from exc
+                failed.append(idx[pos])
+                reasons.append(f"replica {idx[pos]} died ({type(exc).__name__})")
+            except RayError as exc:
+                # An exception raised inside the replica's code is a bug or bad input, not a fault to heal.
+                raise RuntimeError(f"replica {idx[pos]} raised in {method!r}: {_root_cause(exc)}") from exc
+        if failed:
+            raise ReplicaFailure(failed, results, "; ".join(reasons))
+        return results
+
+    def replace(self, replica: int) -> None:
+        """Kill (if still there) and start a fresh actor in the same bundle."""
+        import ray
+        try:
+            ray.kill(self.actors[replica], no_restart=True)
+        except Exception:  # already gone
+            pass
+        self.actors[replica] = self._spawn(replica)
+        self.call("info", [()], replicas=[replica], timeout=self.config.cluster.startup_timeout_s)
+
+    def pids(self) -> list[int]:
+        import ray
+        return ray.get([a.pid.remote() for a in self.actors], timeout=60)
+
+    def node_ids(self) -> list[str]:
+        import ray
+        return ray.get([a.node_id.remote() for a in self.actors], timeout=60)
+
+    def shutdown(self) -> None:
+        import ray
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+        if self.owns_pg:
+            try:
+                ray.util.remove_placement_group(self.pg)
+            except Exception:
+                pass
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The last 'SomeError: message' line of a remote traceback (what the user needs to read)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception")) and " " not in head:
+            return line
+    return lines[-1] if lines else repr(exc)
+
+
+def _autoscaling() -> bool:
+    # On an autoscaling cluster missing resources may still arrive; the placement-group wait bounds it.
+    return os.environ.get("RAY_S2P_AUTOSCALING", "0") == "1"

@@ -1,0 +1,216 @@
+"""The run directory: config.yaml, ledger.parquet, metrics.parquet, summary.json, checkpoints/, final/.
+
+Every file is written atomically. See docs/ledger.md for the layout.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from ..config import ConfigError, RunConfig
+from ..files import atomic_path, replace_dir, write_json, write_yaml
+from ..tasks.base import EvalTotals
+
+METRIC_COLUMNS = ["step", "kind", "loss", "eval_loss", "eval_accuracy", "eval_macro_f1", "forward_passes",
+                  "wall_seconds", "bytes_sent", "bytes_received", "skipped_directions"]
+
+
+class RunDirectoryError(ValueError):
+    """The output directory cannot be used as asked."""
+
+
+def aggregate_eval(parts: list[EvalTotals]) -> dict[str, float]:
+    """Loss, accuracy and macro-F1 from the replicas' evaluation shards."""
+    total = EvalTotals()
+    for part in parts:
+        total = total.merge(part)
+    out: dict[str, float] = {}
+    if total.count:
+        out["eval_loss"] = total.loss_sum / total.count
+    if total.predictions and total.labels:
+        preds, labels = total.predictions, total.labels
+        out["eval_accuracy"] = sum(int(p == y) for p, y in zip(preds, labels)) / len(labels)
+        f1s = []
+        for c in sorted(set(labels) | set(preds)):
+            tp = sum(1 for p, y in zip(preds, labels) if p == c and y == c)
+            fp = sum(1 for p, y in zip(preds, labels) if p == c and y != c)
+            fn = sum(1 for p, y in zip(preds, labels) if p != c and y == c)
+            f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+        out["eval_macro_f1"] = sum(f1s) / len(f1s)
+    return out
+
+
+class RunDirectory:
+    """Owns the files of one run."""
+
+    def __init__(self, path: Path, config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        self.config = config
+        self.resumed = resume
+        self.created = not self.path.exists()  # a failed start removes only a directory it created
+        existing = (self.path / "config.yaml").exists()
+        if resume and not existing:
+            raise RunDirectoryError(f"--resume: {str(self.path)!r} holds no run (no config.yaml). "
+                                    f"Fix: point --resume at an existing run directory")
+        if existing and not resume:
+            if not overwrite:
+                raise RunDirectoryError(f"output directory {str(self.path)!r} already holds a run. "
+                                        f"Fix: pass --resume to continue it, --overwrite to replace it, "
+                                        f"or choose another --output")
+            for name in ("config.yaml", "ledger.parquet", "metrics.parquet", "summary.json"):
+                (self.path / name).unlink(missing_ok=True)
+            for name in ("checkpoints", "final"):
+                shutil.rmtree(self.path / name, ignore_errors=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        # On resume too: the file then records overrides given with --resume (e.g. cluster.replicas).
+        write_yaml(self.path / "config.yaml", config.to_dict())
+        self.checkpoints = self.path / "checkpoints"
+        self.ledger_path = self.path / "ledger.parquet"
+        self.metrics_path = self.path / "metrics.parquet"
+        self.rows: list[dict[str, Any]] = []
+        if resume and self.metrics_path.exists():
+            try:
+                self.rows = pq.read_table(self.metrics_path).to_pylist()
+            except Exception:  # metrics are a log; a torn file is rebuilt from here on
+                self.rows = []
+        self.resyncs = 0
+        self._writer = None
+        if config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._writer = SummaryWriter(str(self.path / "tensorboard"))
+            except ImportError:
+                print("tensorboard is not installed; skipping event files (pip install tensorboard)", file=sys.stderr)
+
+    @staticmethod
+    def load_config(path: Path) -> RunConfig:
+        """The resolved config saved in a run directory."""
+        file = Path(path) / "config.yaml"
+        if not file.is_file():
+            raise ConfigError(f"{str(path)!r} holds no run (config.yaml missing). Fix: point at a run directory")
+        return RunConfig.from_dict(yaml.safe_load(file.read_text()))
+
+    # -------------------------------------------------------------- metrics
+    def truncate_metrics(self, step: int) -> None:
+        self.rows = [r for r in self.rows if r["step"] <= step]
+
+    def previous_wall_seconds(self) -> float:
+        return max((r["wall_seconds"] or 0.0 for r in self.rows), default=0.0)
+
+    def previous_forward_passes(self, step: int) -> int:
+        return int(max((r["forward_passes"] or 0 for r in self.rows if r["step"] <= step), default=0))
+
+    def initial_eval(self) -> dict[str, float] | None:
+        for r in self.rows:
+            if r["kind"] == "eval" and r["step"] == 0:
+                return {k: r[k] for k in ("eval_loss", "eval_accuracy", "eval_macro_f1") if r.get(k) is not None}
+        return None
+
+    def _row(self, **values: Any) -> dict[str, Any]:
+        row = {c: None for c in METRIC_COLUMNS}
+        row.update(values)
+        return row
+
+    def record_step(self, step: int, loss: float, passes: int, wall: float, sent: int, recv: int, skipped: int) -> None:
+        self.rows.append(self._row(step=step, kind="train", loss=loss, forward_passes=passes, wall_seconds=wall,
+                                   bytes_sent=sent, bytes_received=recv, skipped_directions=skipped))
+        if self._writer is not None and math.isfinite(loss):
+            self._writer.add_scalar("train/loss", loss, step)
+
+    def record_eval(self, step: int, metrics: dict[str, float], passes: int, wall: float) -> None:
+        self.rows.append(self._row(step=step, kind="eval", forward_passes=passes, wall_seconds=wall, **metrics))
+        if self._writer is not None:
+            for key, value in metrics.items():
+                self._writer.add_scalar(f"eval/{key.removeprefix('eval_')}", value, step)
+
+    def report_row(self, step: int) -> dict[str, Any]:
+        """Latest train loss and eval metrics, for Tune reports."""
+        out: dict[str, Any] = {"step": step}
+        for r in self.rows:
+            if r["kind"] == "train" and r["step"] <= step:
+                out["loss"] = r["loss"]
+                out["forward_passes"] = r["forward_passes"]
+            if r["kind"] == "eval" and r["step"] <= step:
+                out.update({k: r[k] for k in ("eval_loss", "eval_accuracy", "eval_macro_f1") if r[k] is not None})
+        return out
+
+    def flush_metrics(self) -> None:
+        table = pa.Table.from_pylist(self.rows, schema=pa.schema([
+            ("step", pa.int64()), ("kind", pa.string()), ("loss", pa.float64()), ("eval_loss", pa.float64()),
+            ("eval_accuracy", pa.float64()), ("eval_macro_f1", pa.float64()), ("forward_passes", pa.int64()),
+            ("wall_seconds", pa.float64()), ("bytes_sent", pa.int64()), ("bytes_received", pa.int64()),
+            ("skipped_directions", pa.int64())]))
+        with atomic_path(self.metrics_path) as tmp:
+            pq.write_table(table, tmp)
+        if self._writer is not None:
+            self._writer.flush()
+
+    def discard(self) -> None:
+        """Remove the run directory if this run created it and never trained a step (failed start)."""
+        if self.created and self.path.exists():
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def count_resync(self) -> None:
+        self.resyncs += 1
+
+    # -------------------------------------------------------------- outputs
+    def write_final(self, files: dict[str, bytes]) -> None:
+        """Write final/ (relative path -> bytes) into a temporary directory, then rename it into place."""
+        if not files:
+            raise RuntimeError("the replica exported no final model files")
+        tmp = self.path / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for rel, data in files.items():
+            target = (tmp / rel).resolve()
+            if tmp.resolve() not in target.parents:
+                raise RuntimeError(f"refusing to write final file outside final/: {rel!r}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        replace_dir(tmp, self.path / "final")
+
+    def write_summary(self, **fields: Any) -> dict[str, Any]:
+        fields["replica_resyncs"] = self.resyncs
+        fields["run_dir"] = str(self.path)
+        write_json(self.path / "summary.json", fields)
+        if self._writer is not None:
+            self._writer.close()
+        return fields
+
+    def progress(self, start: int) -> "Progress":
+        return Progress(self.config.steps, start, self.config.progress)
+
+
+class Progress:
+    """A tqdm bar with step, loss, eval metric and steps/s (tqdm prints steps/s itself)."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr, mininterval=1.0)
+        self.last = time.perf_counter()
+
+    def update(self, step: int, loss: float, eval_metrics: dict[str, float]) -> None:
+        if self.bar is None:
+            return
+        post = {"loss": f"{loss:.4f}"}
+        if "eval_accuracy" in eval_metrics:
+            post["acc"] = f"{eval_metrics['eval_accuracy']:.3f}"
+        elif "eval_loss" in eval_metrics:
+            post["eval"] = f"{eval_metrics['eval_loss']:.4f}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,62 @@
+"""What a training run carries from step to step, and what it returns."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import Checkpoint
+from .ledger import Ledger
+from .messages import Update
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns (also written to summary.json)."""
+
+    run_dir: Path
+    final_digest: str
+    steps_completed: int
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunState:
+    """What one run carries from step to step (the driver's only mutable run state).
+
+    ``step`` is the last completed step; ``pending`` its update, which the replicas
+    apply with the next request (or earlier, ``Driver._apply``); ``ckpt`` the newest
+    checkpoint, the base that recovery restores from before replaying the ledger.
+    """
+
+    start_step: int
+    step: int
+    rule_state: Any
+    ledger: Ledger
+    ckpt: Checkpoint | None
+    forward_passes: int
+    wall_before: float
+    pending: Update | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    wall: float = 0.0  # wall seconds when the last step was recorded
+    initial_eval: dict[str, float] = field(default_factory=dict)
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+    def elapsed(self) -> float:
+        """Wall seconds of the run so far, earlier runs of a resumed run included."""
+        return self.wall_before + time.perf_counter() - self.started
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """One step's numbers for the metrics row."""
+
+    loss: float
+    sent: int
+    received: int
+    passes: int
+    skipped: int

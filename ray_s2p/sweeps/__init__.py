@@ -1,0 +1,1 @@
+"""Many runs at once: Ray Tune searches (tune.py) and equal-budget optimizer comparisons (compare.py)."""

@@ -1,0 +1,116 @@
+"""A plain single-process optimizer for ordinary PyTorch loops.
+
+    opt = ZerothOrderOptimizer(model, optimizer_config(name="vs2p", eta=1.0, rho=1e-3), seed=0)
+    for batch in loader:
+        loss = opt.step(lambda: loss_fn(model(batch.x), batch.y))
+
+The closure returns the loss on the *current* parameters; the optimizer calls it
+once per probe (2 per direction for two-point rules) and never calls backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+
+from ..config import FIRST_ORDER, OptimizerConfig
+from .directions import (
+    DirectionSpace,
+    NoiseTable,
+    apply_update,
+    mix_seed,
+    select_parameters,
+)
+from .probes import Prober
+from .rules import StepDecision, build_rule
+
+if TYPE_CHECKING:
+    from ..distributed.ledger import Ledger
+
+
+def optimizer_config(**fields: Any) -> OptimizerConfig:
+    """An ``OptimizerConfig`` from keyword arguments (validated)."""
+    return OptimizerConfig(**fields)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one step did: the loss at x (mean of the probes) and the rule's decision."""
+
+    step: int
+    loss: float
+    seeds: tuple[int, ...]
+    losses: tuple[tuple[float, ...], ...]
+    decision: StepDecision
+
+
+class ZerothOrderOptimizer:
+    """S2P / VS2P / MeZO / ... on a model in one process, with an optional ledger.
+
+    Args:
+        model: the model (its ``requires_grad`` parameters are trained unless ``names`` is given).
+        config: the optimizer settings (see docs/config.md, section optimizer).
+        seed: run seed; the direction seed of (step, j) is ``mix_seed(seed, step, j)``.
+        total_steps: horizon for decay schedules.
+        names: parameter names to train (default: all with requires_grad).
+        distribution: gaussian, rademacher, sphere or table.
+        mechanism: hooks, swap or naive (see ray_s2p.zo.probes).
+        ledger_path: if given, every step's rows go to this ledger.parquet (flushed by ``flush``).
+    """
+
+    def __init__(self, model: torch.nn.Module, config: OptimizerConfig, *, seed: int = 0, total_steps: int = 1000,
+                 names: Sequence[str] | None = None, distribution: str = "gaussian", mechanism: str = "hooks",
+                 table_size: int = 1 << 22, ledger_path: str | Path | None = None) -> None:
+        if config.name in FIRST_ORDER:
+            raise ValueError("optimizer.name: sgd/adamw are first-order; use torch.optim directly in a plain loop")
+        self.model = model
+        self.config = config
+        self.seed = seed
+        sel_names, params = select_parameters(model, names)
+        table = NoiseTable(table_size, device=params[0].device) if distribution == "table" else None
+        self.space = DirectionSpace(sel_names, params, distribution, table)
+        self.prober = Prober(model, self.space, mechanism)
+        self.rule = build_rule(config, total_steps)
+        self.state = self.rule.init()
+        self.step_count = 0
+        self.ledger: Ledger | None = None
+        if ledger_path is not None:
+            # The ledger file format is the distributed trainer's (distributed/ledger.py, no Ray in it);
+            # imported only when asked for, so the math here needs neither pyarrow nor the trainer.
+            from ..distributed.ledger import Ledger
+            self.ledger = Ledger(ledger_path)
+
+    def step(self, closure: Callable[[], torch.Tensor]) -> StepRecord:
+        """One optimizer step (forward passes only).
+
+        Args:
+            closure: returns the loss of the model on the current batch.
+
+        Returns:
+            The step's record; ``loss`` is the mean of the finite probe losses.
+        """
+        self.step_count += 1
+        k = self.step_count
+        seeds = tuple(mix_seed(self.seed, k, j) for j in range(self.config.directions))
+        radii = self.rule.radii(self.state, k)
+        losses = [[self.prober.evaluate(closure, s, r) for r in radii] for s in seeds]
+        follow = self.rule.followup(losses, self.state, k)
+        if follow is not None:
+            losses = [row + [self.prober.evaluate(closure, s, r) for r in extra]
+                      for row, s, extra in zip(losses, seeds, follow)]
+        decision, self.state = self.rule.update(losses, self.state, k)
+        apply_update(self.space, list(zip(seeds, decision.coefficients)), decision.param_scale)
+        if self.ledger is not None:
+            from ..distributed.ledger import ledger_rows
+            self.ledger.extend(ledger_rows(k, seeds, radii, losses, decision))
+        finite = [v for row in losses for v in row if v == v and abs(v) != float("inf")]
+        mean = sum(finite) / len(finite) if finite else float("nan")
+        return StepRecord(k, mean, seeds, tuple(tuple(r) for r in losses), decision)
+
+    def flush(self) -> None:
+        """Write the ledger file (atomically)."""
+        if self.ledger is not None:
+            self.ledger.flush()

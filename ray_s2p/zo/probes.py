@@ -1,0 +1,128 @@
+"""Exact two-point probes: f(x + t z) evaluated without changing a bit of x.
+
+The in-place round trip x += t z; x -= t z rounds (errors ~1e-7) and replicas
+that probe different seeds then drift apart. We never do arithmetic on the
+stored tensor during a probe: the perturbed values live in a temporary tensor
+that is *swapped in* for the parameter's storage and swapped back, so the
+original storage is restored untouched. Mechanisms (``PerturbationConfig.mechanism``):
+
+- ``hooks`` (default): a forward pre-hook on each module that owns selected
+  parameters swaps in x + t z for that module only; its forward hook swaps the
+  original back. Extra memory: one module's parameters plus its noise.
+  Parameters used outside their owner's forward (found on the first probe, where
+  the hook never fired) are swapped for the whole forward instead.
+- ``swap``: every selected parameter is swapped for the whole forward. Extra
+  memory: one copy of the selected parameters. Works on bare parameter lists.
+- ``naive``: the MeZO-style in-place round trip, kept only as the benchmark
+  baseline; not exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .directions import DirectionSpace
+
+
+class Prober:
+    """Evaluates f(x + t z) with the chosen mechanism, leaving x bitwise unchanged (except ``naive``)."""
+
+    def __init__(self, model: torch.nn.Module | None, space: DirectionSpace, mechanism: str = "hooks") -> None:
+        if mechanism not in ("hooks", "swap", "naive"):
+            raise ValueError(f"unknown mechanism {mechanism!r}; use hooks, swap or naive")
+        if mechanism == "hooks" and model is None:
+            raise ValueError("mechanism 'hooks' needs the model; use 'swap' for bare parameters")
+        self.model = model
+        self.space = space
+        self.mechanism = mechanism
+        self._eager: set[int] | None = None  # params swapped for the whole forward under 'hooks'
+        self._owners: list[tuple[torch.nn.Module, list[int]]] = []
+        if mechanism == "hooks":
+            by_id = {id(p): i for i, p in enumerate(space.params)}
+            for module in model.modules():  # type: ignore[union-attr]
+                owned = [by_id[id(p)] for p in module._parameters.values() if p is not None and id(p) in by_id]
+                if owned:
+                    self._owners.append((module, owned))
+
+    def evaluate(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float) -> float:
+        """f(x + radius * z_seed) as a Python float (radius 0 is a plain forward)."""
+        with torch.no_grad():
+            if radius == 0.0:
+                return float(loss_fn())
+            if self.mechanism == "naive":
+                return self._naive(loss_fn, seed, radius)
+            if self.mechanism == "swap":
+                with self._swapped(range(len(self.space.params)), seed, radius):
+                    return float(loss_fn())
+            return self._hooked(loss_fn, seed, radius)
+
+    @contextlib.contextmanager
+    def _swapped(self, indices: Sequence[int] | range, seed: int, radius: float) -> Iterator[None]:
+        originals = []
+        perturbed = self.space.map_params(lambda i: self.space.perturbed(seed, i, radius), indices)
+        try:
+            for i, values in zip(indices, perturbed):
+                p = self.space.params[i]
+                originals.append((p, p.data))
+                p.data = values
+            yield
+        finally:
+            for p, data in originals:
+                p.data = data
+
+    def _hooked(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float) -> float:
+        fired: set[int] = set()
+        saved: dict[int, list[torch.Tensor]] = {}
+        handles = []
+
+        def pre_hook(indices: list[int]) -> Callable:
+            def hook(module: torch.nn.Module, args: object) -> None:
+                for i in indices:
+                    if self._eager is not None and i in self._eager:
+                        continue
+                    p = self.space.params[i]
+                    saved.setdefault(i, []).append(p.data)
+                    p.data = self.space.perturbed(seed, i, radius)
+                    fired.add(i)
+            return hook
+
+        def post_hook(indices: list[int]) -> Callable:
+            def hook(module: torch.nn.Module, args: object, output: object) -> None:
+                for i in indices:
+                    stack = saved.get(i)
+                    if stack:
+                        self.space.params[i].data = stack.pop()
+            return hook
+
+        try:
+            for module, indices in self._owners:
+                handles.append(module.register_forward_pre_hook(pre_hook(indices)))
+                handles.append(module.register_forward_hook(post_hook(indices)))
+            eager = sorted(self._eager) if self._eager is not None else []
+            with self._swapped(eager, seed, radius):
+                loss = float(loss_fn())
+        finally:
+            for h in handles:
+                h.remove()
+            for i, stack in saved.items():  # an exception mid-forward: restore from the bottom of the stack
+                if stack:
+                    self.space.params[i].data = stack[0]
+        if self._eager is None:
+            # First probe: parameters whose owner's forward never ran are either unused or read
+            # outside their module; swap those for the whole forward from now on, and redo this probe.
+            self._eager = set(range(len(self.space.params))) - fired
+            if self._eager:
+                return self._hooked(loss_fn, seed, radius)
+        return loss
+
+    def _naive(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float) -> float:
+        for i, p in enumerate(self.space.params):
+            p.data.add_(self.space.noise(seed, i).to(p.dtype), alpha=radius)
+        try:
+            return float(loss_fn())
+        finally:
+            for i, p in enumerate(self.space.params):
+                p.data.add_(self.space.noise(seed, i).to(p.dtype), alpha=-radius)

@@ -1,0 +1,106 @@
+"""The step-rule protocol: (probe losses, state) -> (update coefficients, new state).
+
+Zeroth-order update rules: (probe losses, state) -> (update coefficients, new state).
+
+Every rule follows one protocol (``StepRule``). Per step the driver asks
+``radii`` for the signed offsets t_j to probe, gathers ``losses[i][j] = f(x + t_j z_i)``
+for each direction i (plus an optional ``followup`` round), and ``update`` returns a
+``StepDecision``: every replica then applies ``x <- param_scale * x + sum_i c_i z_i``.
+Rules are pure (state is returned, never stashed or mutated) and use only the
+stdlib ``math``; this module never imports torch, numpy or ray.
+
+Shared semantics (our design, see docs/method.md):
+  * q-averaging: each c_i is divided by the number of directions with finite
+    losses (random search divides by its own b instead).
+  * A direction with any non-finite loss is skipped (c = 0, skipped True),
+    leaves the denominator and, when its gamma is non-finite, VS2P's history.
+    If no direction has finite losses, nothing moves (param_scale = 1 too).
+  * gamma == 0 gives c = 0 (sign(0) = 0); such a direction is not "skipped".
+  * argmin between x + a z and x - a z picks +a on a tie (Algorithm 1 always
+    moves; the first candidate wins, as Python's min does).
+  * Decoupled weight decay: param_scale = 1 - lr_k * weight_decay for every rule,
+    with lr_k = cfg.lr * decay (also for eta-scaled rules; reconstructed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence
+
+RuleState = dict  # JSON-serialisable (floats, ints, lists, None): checkpoints store it as JSON
+
+
+@dataclass(frozen=True)
+class StepDecision:
+    """What every replica applies: ``x <- param_scale * x + sum_i coefficients[i] * z_i``."""
+
+    coefficients: tuple[float, ...]
+    gammas: tuple[Optional[float], ...]      # (f(x+rho z) - f(x-rho z)) / (2 rho); None where not defined
+    sigma: Optional[float]                   # VS2P's sigma (random search: ARS's sigma_R); None otherwise
+    step_sizes: tuple[Optional[float], ...]  # a_k per direction, before averaging
+    skipped: tuple[bool, ...]
+    param_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        n = len(self.coefficients)
+        if not len(self.gammas) == len(self.step_sizes) == len(self.skipped) == n:
+            raise ValueError("StepDecision fields must have one entry per direction")
+
+
+class StepRule(Protocol):
+    """A zeroth-order update rule (see the module docstring for the step protocol)."""
+
+    name: str
+
+    def init(self) -> RuleState:
+        """State before the first step."""
+        ...
+
+    def radii(self, state: RuleState, step: int) -> tuple[float, ...]:
+        """Signed offsets t_j probed along every direction: f(x + t_j z_i)."""
+        ...
+
+    def followup(self, losses: Sequence[Sequence[float]], state: RuleState,
+                 step: int) -> Optional[list[tuple[float, ...]]]:
+        """Second-round offsets per direction, given first-round losses; None if the rule has none."""
+        ...
+
+    def update(self, losses: Sequence[Sequence[float]], state: RuleState,
+               step: int) -> tuple[StepDecision, RuleState]:
+        """Coefficients from all losses (first round, then followup); returns the new state."""
+        ...
+
+
+def loss_rows(losses: Sequence[Sequence[float]], width: int, what: str) -> list[tuple[float, ...]]:
+    """Validate the loss table: at least one direction, ``width`` losses each."""
+    rows = [tuple(float(v) for v in row) for row in losses]
+    if not rows:
+        raise ValueError("losses must hold at least one direction")
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            raise ValueError(f"direction {i}: expected {width} losses ({what}), got {len(row)}")
+    return rows
+
+
+def all_finite(row: Sequence[float]) -> bool:
+    """True when every loss of the row is finite."""
+    return all(math.isfinite(v) for v in row)
+
+
+def argmin_coefficient(f_plus: float, f_minus: float, a: float) -> float:
+    """+a if f(x + a z) <= f(x - a z) else -a (ties pick +a: Algorithm 1 always moves)."""
+    return a if f_plus <= f_minus else -a
+
+
+def average_decision(raw: Sequence[Optional[float]], valid: Sequence[bool], gammas: Sequence[Optional[float]],
+              step_sizes: Sequence[Optional[float]], sigma: Optional[float], param_scale: float,
+              denominator: Optional[int] = None) -> StepDecision:
+    """Average the per-direction coefficients over the valid directions (q-averaging)."""
+    n_valid = sum(valid)
+    denom = denominator if denominator is not None else n_valid
+    keep = [r is not None and ok for r, ok in zip(raw, valid)]
+    coefficients = tuple(r / denom + 0.0 if k else 0.0 for r, k in zip(raw, keep))  # + 0.0 turns -0.0 into 0.0
+    return StepDecision(coefficients, tuple(gammas), sigma,
+                        tuple(s if ok else None for s, ok in zip(step_sizes, valid)),
+                        tuple(not k for k in keep), param_scale if n_valid else 1.0)

@@ -1,0 +1,11 @@
+"""STP, the Stochastic Three Points method (Bergou et al. 2020)."""
+
+from __future__ import annotations
+
+from ..schedules import Schedule
+from .families import ProbeArgminRule
+
+
+def stp(lr: Schedule, weight_decay: float = 0.0) -> ProbeArgminRule:
+    """STP (Bergou et al. 2020): radii (0, a_k, -a_k), a_k = lr_k; stays if f(x) <= both."""
+    return ProbeArgminRule("stp", lr, stay=True, lr=lr, weight_decay=weight_decay)

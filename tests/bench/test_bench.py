@@ -1,0 +1,152 @@
+"""`ray-s2p bench`: every sub-benchmark on a tiny config, its JSON line's documented keys and numbers.
+
+Speed numbers are not checked against targets (the machine may be busy); what
+is checked is that each line is complete, positive where it must be, and
+internally consistent (ratios match their parts, replay reproduces the run).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from ray_s2p.bench.common import emit
+from ray_s2p.bench.runner import BENCHES, run_benches
+from ray_s2p.cli import main as cli
+
+SYNTHETIC = ["task.name=synthetic", "task.eval_size=32"]
+TINY_BERT = ["task.model=tiny-bert", "task.dataset=synthetic_text", "task.eval_size=8",
+             "task.options={tokenizer: word, synthetic_size: 96}"]
+MACHINE_KEYS = {"cpu_count", "torch_threads", "platform", "python", "torch", "ray", "cuda_device"}
+CONFIG_KEYS = {"task", "model", "trainable", "feature_reuse", "batch_size", "max_length", "optimizer", "rho",
+               "distribution", "mechanism"}
+
+
+def read_lines(path: Path) -> dict[str, dict]:
+    """The results file as {bench: record}; every line must be strict JSON (no NaN)."""
+    records = [json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+               for line in path.read_text().splitlines()]
+    return {r["bench"]: r for r in records}
+
+
+def check_common(record: dict) -> None:
+    assert MACHINE_KEYS <= set(record["machine"])
+    assert record["machine"]["cpu_count"] >= 1 and record["machine"]["torch_threads"] >= 1
+    assert CONFIG_KEYS <= set(record["config"])
+    assert record["time"]
+
+
+def positive(*values: float) -> None:
+    for v in values:
+        assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, values
+
+
+@pytest.fixture
+def ray_or_skip(request):
+    """The session's local Ray; the Ray benchmarks are skipped only where Ray cannot start at all."""
+    try:
+        return request.getfixturevalue("ray_session")
+    except Exception as exc:  # noqa: BLE001 - any start failure means: no Ray on this machine
+        pytest.skip(f"ray cannot start here: {exc}")
+
+
+def test_step_through_the_cli(tmp_path, capsys):
+    results = tmp_path / "r.jsonl"
+    argv = ["bench", "step", "--results", str(results), "--repeats", "1"]
+    for s in TINY_BERT:
+        argv += ["--set", s]
+    assert cli(argv) == 0
+    out = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert len(out) == 1 and json.loads(out[0])["bench"] == "step"  # stdout: exactly the one result line
+    r = read_lines(results)["step"]
+    check_common(r)
+    assert r["config"]["model"] == "tiny-bert" and r["config"]["batch_shape"] == [16, 64]  # fixed 16 x 64 tokens
+    positive(r["two_forwards_s"], r["config"]["trainable_parameters"])
+    assert set(r["variants"]) == {"hooks_gaussian", "swap_gaussian", "hooks_table", "swap_table", "naive_mezo"}
+    for name, v in r["variants"].items():
+        positive(v["step_s"], v["ratio"], v["rng_share"])
+        assert v["ratio"] == pytest.approx(v["step_s"] / r["two_forwards_s"], rel=1e-3)
+        assert v["generations_per_step"] == (4 if name == "naive_mezo" else 3)
+        assert r["targets"]["met"][name] == (v["ratio"] <= r["targets"]["ratio_max"])
+    split = r["split"]
+    assert set(split) == {"noise_gaussian_s", "noise_table_s", "perturbed_copy_s", "forward_s", "update_gaussian_s",
+                          "update_table_s", "remainder_s"}
+    positive(*(v for k, v in split.items() if k != "remainder_s"))
+    assert split["forward_s"] == pytest.approx(r["two_forwards_s"] / 2, rel=1e-3)
+    mem = r["extra_memory_bytes"]
+    # hooks holds one module at a time, swap the whole selection; the table is 4 bytes a float.
+    assert 0 < mem["hooks"] < mem["swap"] and mem["table"] == 4 * r["config"]["table_size"]
+
+
+def test_memory_and_replay(tmp_path):
+    results = tmp_path / "r.jsonl"
+    assert run_benches(["memory", "replay"], results=results, sets=SYNTHETIC, steps=3, repeats=1) == 0
+    lines = read_lines(results)
+    mem = lines["memory"]
+    check_common(mem)
+    assert set(mem["modes"]) == {"inference", "zeroth_order", "adamw"}
+    for m in mem["modes"].values():
+        positive(m["baseline_rss"], m["peak_rss"], m["parameter_bytes"])
+        assert m["peak_rss"] >= m["baseline_peak_rss"]  # ru_maxrss only grows
+    for basis in ("peak", "increment"):
+        j = mem["ratios"][basis]
+        positive(j["zeroth_order_over_inference"], j["adamw_over_zeroth_order"])
+        assert j["zeroth_order_met"] == (j["zeroth_order_over_inference"] <= 1.2)
+    assert "met" in mem["verdict"] and "AdamW" in mem["verdict"]
+    rep = lines["replay"]
+    check_common(rep)
+    positive(rep["train_steps_per_s"], rep["replay_steps_per_s"], rep["speedup"], rep["replay_seconds"])
+    assert rep["steps"] == 3 and rep["digest_match"] is True  # the replayed parameters are the trained ones
+    assert rep["speedup"] == pytest.approx(rep["replay_steps_per_s"] / rep["train_steps_per_s"], rel=1e-3)
+
+
+def test_ray_benchmarks(tmp_path, ray_or_skip):
+    results = tmp_path / "r.jsonl"
+    assert run_benches(["scaling", "traffic", "recovery"], results=results, sets=SYNTHETIC, steps=3, repeats=1) == 0
+    lines = read_lines(results)
+    sc = lines["scaling"]
+    check_common(sc)
+    assert [r["replicas"] for r in sc["runs"]] == [1, 2]
+    for run in sc["runs"]:
+        positive(run["seconds_per_step"], run["directions_per_s"])
+    one, two = sc["runs"]
+    assert sc["efficiency"] == pytest.approx(two["directions_per_s"] / (2 * one["directions_per_s"]), rel=1e-3)
+    positive(sc["efficiency"], sc["probe_seconds"], *sc["update_seconds"].values())
+    for dist in ("gaussian", "table"):
+        proj = sc["projected_efficiency"][dist]
+        assert set(proj) == {"8", "64", "512"}
+        assert 1 >= proj["8"] >= proj["64"] >= proj["512"] > 0  # more replicas: more pairs to apply per step
+    floor_one, floor_two = sc["floor_runs"]  # the same work in plain processes: the machine's ceiling
+    assert [floor_one["replicas"], floor_two["replicas"]] == [1, 2]
+    assert len(floor_two["process_seconds_per_step"]) == 2
+    assert floor_two["seconds_per_step"] == max(floor_two["process_seconds_per_step"])
+    assert sc["floor_efficiency"] == pytest.approx(
+        floor_two["directions_per_s"] / (2 * floor_one["directions_per_s"]), rel=1e-3)
+    assert sc["efficiency_vs_floor"] == pytest.approx(two["directions_per_s"] / floor_two["directions_per_s"], rel=1e-3)
+    tr = lines["traffic"]
+    check_common(tr)
+    assert tr["trainable_parameters"] == 610  # synthetic MLP: 16*32 + 32 + 32*2 + 2
+    assert tr["allreduce_bytes"] == 4 * 610
+    positive(*tr["bytes_per_step_per_replica"].values())
+    assert tr["worst_bytes_per_step_per_replica"] <= 1024 and tr["targets"]["met"] is True  # seeds and scalars only
+    rec = lines["recovery"]
+    check_common(rec)
+    assert rec["replica_failures"] == 1 and rec["steps_completed"] == 3 and rec["kill_after_step"] == 1
+    positive(rec["recovery_seconds_total"], rec["kill_to_next_step_s"], rec["step_seconds"])
+    assert rec["kill_to_next_step_s"] >= rec["recovery_seconds_total"]  # the next step waited for the recovery
+
+
+def test_bad_arguments_and_strict_json(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        run_benches(["nope"], results=tmp_path / "r.jsonl")
+    assert cli(["bench", "step", "--steps", "1", "--results", str(tmp_path / "r.jsonl")]) == 2
+    assert "--steps 2 or more" in capsys.readouterr().err
+    assert set(BENCHES) == {"step", "scaling", "traffic", "memory", "recovery", "replay"}
+    path = tmp_path / "e.jsonl"
+    emit({"bench": "x", "value": float("nan"), "n": 1.234567891}, path)
+    emit({"bench": "y"}, path)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]  # appended, strict JSON
+    assert rows[0] == {"bench": "x", "value": None, "n": 1.23457} and rows[1] == {"bench": "y"}

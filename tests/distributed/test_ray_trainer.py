@@ -1,0 +1,160 @@
+"""The trainer on a real local Ray: identical replicas, replica faults healed to the undisturbed digest."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import smoke_dict
+
+from ray_s2p.config import RunConfig
+from ray_s2p.distributed.driver import Driver, TrainingError, train
+
+
+def fault_config(tmp_path: Path, kind: str, at_step: int = 12, replica: int = 1, **overrides) -> RunConfig:
+    marker = tmp_path / "markers"
+    marker.mkdir(exist_ok=True)
+    data = smoke_dict(**{"task.name": "fault_tasks:build", "cluster.use_ray": True,
+                         "task.options": {"marker_dir": str(marker), "at_step": at_step, "replica": replica,
+                                          "kind": kind}}, **overrides)
+    return RunConfig.from_dict(data)
+
+
+def undisturbed_digest(tmp_path: Path, cfg: RunConfig) -> str:
+    local = cfg.replace({"cluster.use_ray": False, "task.options.kind": "none"})
+    return train(local, tmp_path / "reference", log=lambda m: None).final_digest
+
+
+def assert_every_step_once(run_dir: Path, steps: int, directions: int) -> None:
+    rows = pq.read_table(run_dir / "ledger.parquet").to_pylist()
+    keys = [(r["step"], r["direction"]) for r in rows]
+    assert len(keys) == len(set(keys)) == steps * directions
+    assert sorted({r["step"] for r in rows}) == list(range(1, steps + 1))
+
+
+def test_ray_replicas_equal_in_process_run(tmp_path, ray_session):
+    cfg = fault_config(tmp_path, "none", **{"cluster.digest_every": 1})
+    result = train(cfg, tmp_path / "ray", log=lambda m: None)
+    assert result.final_digest == undisturbed_digest(tmp_path, cfg)
+    assert result.summary["replica_resyncs"] == 0
+
+
+def test_sigkill_of_a_replica_process_mid_step_is_healed(tmp_path, ray_session):
+    cfg = fault_config(tmp_path, "die", at_step=12)
+    messages: list[str] = []
+    result = train(cfg, tmp_path / "run", log=messages.append)
+    assert result.summary["replica_failures"] == 1, messages
+    assert (tmp_path / "markers" / "fired-die").exists()
+    assert result.final_digest == undisturbed_digest(tmp_path, cfg)
+    assert_every_step_once(tmp_path / "run", cfg.steps, 2)
+
+
+def test_external_sigkill_of_replica_worker_is_healed(tmp_path, ray_session):
+    cfg = fault_config(tmp_path, "none", **{"steps": 40})
+    killed: list[int] = []
+
+    def report(metrics, checkpoint):
+        if metrics["step"] == 15 and not killed:
+            pid = driver.pool.pids()[0]  # the worker process of replica 0
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    driver = Driver(cfg, tmp_path / "run", report=report, log=lambda m: None)
+    result = driver.run()
+    assert killed and result.summary["replica_failures"] == 1
+    assert result.final_digest == undisturbed_digest(tmp_path, cfg)
+    assert_every_step_once(tmp_path / "run", cfg.steps, 2)
+
+
+def test_hung_replica_is_treated_as_dead(tmp_path, ray_session):
+    cfg = fault_config(tmp_path, "hang", at_step=8, **{"cluster.step_timeout_s": 5})
+    result = train(cfg, tmp_path / "run", log=lambda m: None)
+    assert result.summary["replica_failures"] == 1
+    assert result.final_digest == undisturbed_digest(tmp_path, cfg)
+
+
+def test_corrupted_replica_is_caught_and_resynced(tmp_path, ray_session):
+    cfg = fault_config(tmp_path, "corrupt", at_step=7, **{"cluster.digest_every": 1, "cluster.on_mismatch": "resync"})
+    messages: list[str] = []
+    result = train(cfg, tmp_path / "run", log=messages.append)
+    assert result.summary["replica_resyncs"] == 1
+    assert any("digests differ" in m for m in messages)
+
+
+def test_corrupted_replica_aborts_under_abort_policy(tmp_path, ray_session):
+    cfg = fault_config(tmp_path, "corrupt", at_step=7, **{"cluster.digest_every": 1, "cluster.on_mismatch": "abort"})
+    with pytest.raises(TrainingError, match="replica digests differ"):
+        train(cfg, tmp_path / "run", log=lambda m: None)
+
+
+def test_more_cpus_than_the_cluster_has_fails_fast(tmp_path, ray_session):
+    cfg = fault_config(tmp_path, "none", **{"cluster.cpus_per_replica": 8})
+    with pytest.raises(RuntimeError, match="cluster.replicas=2 x CPU=8"):
+        train(cfg, tmp_path / "run", log=lambda m: None)
+
+
+@pytest.mark.slow
+def test_removed_node_is_healed(tmp_path):
+    """A replica's node leaves a ray.cluster_utils.Cluster mid-run; its bundle moves to a spare node."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                            "object_store_memory": 100 * 1024 * 1024})
+    nodes = [cluster.add_node(num_cpus=1, object_store_memory=80 * 1024 * 1024) for _ in range(2)]
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        cfg = fault_config(tmp_path, "none", **{"steps": 40, "cluster.placement_strategy": "SPREAD",
+                                                "cluster.step_timeout_s": 60})
+        removed: list[str] = []
+
+        def report(metrics, checkpoint):
+            if metrics["step"] == 15 and not removed:
+                used = set(driver.pool.node_ids())
+                victim = next(n for n in nodes if n.node_id in used)
+                removed.append(victim.node_id)
+                threading.Thread(target=cluster.remove_node, args=(victim,)).start()
+
+        driver = Driver(cfg, tmp_path / "run", report=report, log=lambda m: None)
+        result = driver.run()
+        assert removed and result.summary["replica_failures"] >= 1
+        assert result.final_digest == undisturbed_digest(tmp_path, cfg)
+        assert_every_step_once(tmp_path / "run", cfg.steps, 2)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_repeated_random_sigkills_during_one_run(tmp_path, ray_session):
+    """Chaos: three SIGKILLs of random replicas at random steps; the run still ends bit-identical."""
+    import random
+
+    cfg = fault_config(tmp_path, "none", **{"steps": 60, "log_every": 1, "checkpoint_every": 15})
+    rng = random.Random(7)
+    kill_steps = set(rng.sample(range(5, 55), 3))
+    killed: list[tuple[int, int]] = []
+
+    def report(metrics, checkpoint):
+        if metrics["step"] in kill_steps and len(killed) < len(kill_steps):
+            victim = rng.randrange(2)
+            os.kill(driver.pool.pids()[victim], signal.SIGKILL)
+            killed.append((metrics["step"], victim))
+
+    driver = Driver(cfg, tmp_path / "run", report=report, log=lambda m: None)
+    result = driver.run()
+    assert len(killed) == 3 and result.summary["replica_failures"] == 3
+    assert result.final_digest == undisturbed_digest(tmp_path, cfg)
+    assert_every_step_once(tmp_path / "run", cfg.steps, 2)
+
+
+def test_too_many_replica_failures_stop_the_run(tmp_path, ray_session):
+    cfg = fault_config(tmp_path, "die", at_step=5, **{"cluster.max_replica_failures": 0})
+    with pytest.raises(TrainingError, match="exceed cluster.max_replica_failures=0"):
+        train(cfg, tmp_path / "run", log=lambda m: None)
