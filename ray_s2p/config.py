@@ -137,13 +137,21 @@ class OptimizerConfig:
 class PerturbationConfig:
     """How directions are generated and applied."""
 
-    distribution: str = "gaussian"   # gaussian, rademacher, sphere, table
+    distribution: str = "gaussian"   # gaussian, rademacher, sphere, table, lowrank
     mechanism: str = "hooks"          # hooks (module at a time), swap (whole model), naive (in-place round trip)
     table_size: int = 1 << 24         # floats in the shared noise table (distribution=table)
+    rank: int = 2                     # r of the low-rank directions U V^T / sqrt(r) (distribution=lowrank)
+    lowrank_interval: int = 1         # lazy V: redraw V every this many steps (1: fresh V per direction)
 
     def __post_init__(self) -> None:
-        _require(self.distribution in ("gaussian", "rademacher", "sphere", "table"), "perturbation.distribution",
-                 f"got {self.distribution!r}", "use gaussian, rademacher, sphere or table")
+        _require(self.distribution in ("gaussian", "rademacher", "sphere", "table", "lowrank"),
+                 "perturbation.distribution", f"got {self.distribution!r}",
+                 "use gaussian, rademacher, sphere, table or lowrank")
+        _require(isinstance(self.rank, int) and self.rank >= 1, "perturbation.rank", f"got {self.rank!r}",
+                 "use a positive integer (1-4 is typical)")
+        _require(isinstance(self.lowrank_interval, int) and self.lowrank_interval >= 1,
+                 "perturbation.lowrank_interval", f"got {self.lowrank_interval!r}",
+                 "use 1 (fresh V with every direction) or more (V kept for that many steps)")
         _require(self.mechanism in ("hooks", "swap", "naive"), "perturbation.mechanism",
                  f"got {self.mechanism!r}", "use hooks, swap or naive")
         _require(self.table_size >= 1024, "perturbation.table_size", f"got {self.table_size}", "use at least 1024")

@@ -42,6 +42,12 @@ class Checkpoint:
 def config_fingerprint(config_dict: dict[str, Any]) -> str:
     """sha256 of the parts of a config that change the trajectory (not steps, logging or cluster size)."""
     keep = {k: v for k, v in config_dict.items() if k in ("seed", "task", "optimizer", "perturbation")}
+    perturbation = dict(keep.get("perturbation") or {})
+    if perturbation.get("distribution") != "lowrank":
+        # The low-rank keys change nothing else, so runs from before they existed keep their fingerprint.
+        perturbation.pop("rank", None)
+        perturbation.pop("lowrank_interval", None)
+        keep["perturbation"] = perturbation
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
 

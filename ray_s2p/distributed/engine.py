@@ -41,8 +41,9 @@ def build_space(model: torch.nn.Module, names: list[str], config: RunConfig) -> 
     table = None
     if config.perturbation.distribution == "table":
         table = noise_table(config.perturbation.table_size, params[0].device)
-    return DirectionSpace(names, params, config.perturbation.distribution, table,
-                          noise_threads(config, params[0].device))
+    p = config.perturbation
+    return DirectionSpace(names, params, p.distribution, table, noise_threads(config, params[0].device),
+                          rank=p.rank, lowrank_interval=p.lowrank_interval, lowrank_seed=config.seed)
 
 
 def noise_threads(config: RunConfig, device: torch.device) -> int:
@@ -91,7 +92,7 @@ class ReplicaEngine:
         if update.step != self.applied_step + 1:
             raise RuntimeError(f"replica {self.replica} is at step {self.applied_step} but got the update "
                                f"of step {update.step}; an update was lost")
-        apply_update(self.space, update.pairs, update.param_scale)
+        apply_update(self.space, update.pairs, update.param_scale, update.step)
         self.applied_step = update.step
 
     def probe(self, request: ProbeRequest) -> ProbeReply:
@@ -108,7 +109,7 @@ class ReplicaEngine:
         losses = []
         for i, seed in enumerate(request.seeds):
             radii = request.per_seed_radii[i] if request.per_seed_radii is not None else request.radii
-            losses.append(tuple(self.prober.evaluate(loss_fn, seed, r) for r in radii))
+            losses.append(tuple(self.prober.evaluate(loss_fn, seed, r, request.step) for r in radii))
         return ProbeReply(request.step, self.replica, tuple(losses), self.applied_step, time.perf_counter() - start)
 
     def first_order_step(self, step: int, shard: int = 0, num_shards: int = 1) -> float:

@@ -56,14 +56,17 @@ class ZerothOrderOptimizer:
         seed: run seed; the direction seed of (step, j) is ``mix_seed(seed, step, j)``.
         total_steps: horizon for decay schedules.
         names: parameter names to train (default: all with requires_grad).
-        distribution: gaussian, rademacher, sphere or table.
+        distribution: gaussian, rademacher, sphere, table or lowrank.
+        rank: r of the low-rank directions (distribution="lowrank").
+        lowrank_interval: lazy V: V redrawn every this many steps (distribution="lowrank").
         mechanism: hooks, swap or naive (see ray_s2p.zo.probes).
         ledger_path: if given, every step's rows go to this ledger.parquet (flushed by ``flush``).
     """
 
     def __init__(self, model: torch.nn.Module, config: OptimizerConfig, *, seed: int = 0, total_steps: int = 1000,
                  names: Sequence[str] | None = None, distribution: str = "gaussian", mechanism: str = "hooks",
-                 table_size: int = 1 << 22, ledger_path: str | Path | None = None) -> None:
+                 table_size: int = 1 << 22, rank: int = 2, lowrank_interval: int = 1,
+                 ledger_path: str | Path | None = None) -> None:
         if config.name in FIRST_ORDER:
             raise ValueError("optimizer.name: sgd/adamw are first-order; use torch.optim directly in a plain loop")
         self.model = model
@@ -71,7 +74,8 @@ class ZerothOrderOptimizer:
         self.seed = seed
         sel_names, params = select_parameters(model, names)
         table = NoiseTable(table_size, device=params[0].device) if distribution == "table" else None
-        self.space = DirectionSpace(sel_names, params, distribution, table)
+        self.space = DirectionSpace(sel_names, params, distribution, table, rank=rank,
+                                    lowrank_interval=lowrank_interval, lowrank_seed=seed)
         self.prober = Prober(model, self.space, mechanism)
         self.rule = build_rule(config, total_steps)
         self.state = self.rule.init()
@@ -96,13 +100,13 @@ class ZerothOrderOptimizer:
         k = self.step_count
         seeds = tuple(mix_seed(self.seed, k, j) for j in range(self.config.directions))
         radii = self.rule.radii(self.state, k)
-        losses = [[self.prober.evaluate(closure, s, r) for r in radii] for s in seeds]
+        losses = [[self.prober.evaluate(closure, s, r, k) for r in radii] for s in seeds]
         follow = self.rule.followup(losses, self.state, k)
         if follow is not None:
-            losses = [row + [self.prober.evaluate(closure, s, r) for r in extra]
+            losses = [row + [self.prober.evaluate(closure, s, r, k) for r in extra]
                       for row, s, extra in zip(losses, seeds, follow)]
         decision, self.state = self.rule.update(losses, self.state, k)
-        apply_update(self.space, list(zip(seeds, decision.coefficients)), decision.param_scale)
+        apply_update(self.space, list(zip(seeds, decision.coefficients)), decision.param_scale, k)
         if self.ledger is not None:
             from ..distributed.ledger import ledger_rows
             self.ledger.extend(ledger_rows(k, seeds, radii, losses, decision))

@@ -13,6 +13,9 @@ original storage is restored untouched. Mechanisms (``PerturbationConfig.mechani
   the hook never fired) are swapped for the whole forward instead.
 - ``swap``: every selected parameter is swapped for the whole forward. Extra
   memory: one copy of the selected parameters. Works on bare parameter lists.
+  Low-rank weights of linear, Conv1D and embedding layers (``distribution: lowrank``)
+  are not swapped at all: their forward hook adds rho (x V) U^T / sqrt(r) to the
+  layer's output (lowrank.py); other layers' low-rank weights get a perturbed copy.
 - ``naive``: the MeZO-style in-place round trip, kept only as the benchmark
   baseline; not exact.
 """
@@ -25,6 +28,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .directions import DirectionSpace
+from .lowrank import output_delta, supports_output_delta
 
 
 class Prober:
@@ -39,30 +43,38 @@ class Prober:
         self.space = space
         self.mechanism = mechanism
         self._eager: set[int] | None = None  # params swapped for the whole forward under 'hooks'
-        self._owners: list[tuple[torch.nn.Module, list[int]]] = []
+        # (module, parameters swapped for its forward, low-rank weights added to its output)
+        self._owners: list[tuple[torch.nn.Module, list[int], list[int]]] = []
         if mechanism == "hooks":
             by_id = {id(p): i for i, p in enumerate(space.params)}
             for module in model.modules():  # type: ignore[union-attr]
                 owned = [by_id[id(p)] for p in module._parameters.values() if p is not None and id(p) in by_id]
+                added = [i for i in owned if space.is_lowrank(i) and supports_output_delta(module, space.params[i])]
+                swapped = [i for i in owned if i not in added]
                 if owned:
-                    self._owners.append((module, owned))
+                    self._owners.append((module, swapped, added))
 
-    def evaluate(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float) -> float:
-        """f(x + radius * z_seed) as a Python float (radius 0 is a plain forward)."""
+    def evaluate(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float,
+                 step: int | None = None) -> float:
+        """f(x + radius * z_seed) as a Python float (radius 0 is a plain forward).
+
+        ``step`` is the direction's step; only lazy low-rank V needs it.
+        """
         with torch.no_grad():
             if radius == 0.0:
                 return float(loss_fn())
             if self.mechanism == "naive":
-                return self._naive(loss_fn, seed, radius)
+                return self._naive(loss_fn, seed, radius, step)
             if self.mechanism == "swap":
-                with self._swapped(range(len(self.space.params)), seed, radius):
+                with self._swapped(range(len(self.space.params)), seed, radius, step):
                     return float(loss_fn())
-            return self._hooked(loss_fn, seed, radius)
+            return self._hooked(loss_fn, seed, radius, step)
 
     @contextlib.contextmanager
-    def _swapped(self, indices: Sequence[int] | range, seed: int, radius: float) -> Iterator[None]:
+    def _swapped(self, indices: Sequence[int] | range, seed: int, radius: float,
+                 step: int | None) -> Iterator[None]:
         originals = []
-        perturbed = self.space.map_params(lambda i: self.space.perturbed(seed, i, radius), indices)
+        perturbed = self.space.map_params(lambda i: self.space.perturbed(seed, i, radius, step), indices)
         try:
             for i, values in zip(indices, perturbed):
                 p = self.space.params[i]
@@ -73,19 +85,20 @@ class Prober:
             for p, data in originals:
                 p.data = data
 
-    def _hooked(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float) -> float:
+    def _hooked(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float, step: int | None) -> float:
         fired: set[int] = set()
         saved: dict[int, list[torch.Tensor]] = {}
         handles = []
 
+        def active(indices: list[int]) -> list[int]:
+            return [i for i in indices if self._eager is None or i not in self._eager]
+
         def pre_hook(indices: list[int]) -> Callable:
             def hook(module: torch.nn.Module, args: object) -> None:
-                for i in indices:
-                    if self._eager is not None and i in self._eager:
-                        continue
+                for i in active(indices):
                     p = self.space.params[i]
                     saved.setdefault(i, []).append(p.data)
-                    p.data = self.space.perturbed(seed, i, radius)
+                    p.data = self.space.perturbed(seed, i, radius, step)
                     fired.add(i)
             return hook
 
@@ -97,12 +110,26 @@ class Prober:
                         self.space.params[i].data = stack.pop()
             return hook
 
+        def delta_hook(indices: list[int]) -> Callable:
+            # Low-rank weights: W is never touched; rho * (x V) U^T / sqrt(r) is added to the output.
+            def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+                inputs = args if args else tuple(kwargs.values())
+                for i in active(indices):
+                    u, v = self.space.factors(seed, i, step)
+                    output = output + output_delta(module, inputs, u, v, radius).to(output.dtype)
+                    fired.add(i)
+                return output
+            return hook
+
         try:
-            for module, indices in self._owners:
-                handles.append(module.register_forward_pre_hook(pre_hook(indices)))
-                handles.append(module.register_forward_hook(post_hook(indices)))
+            for module, swapped, added in self._owners:
+                if swapped:
+                    handles.append(module.register_forward_pre_hook(pre_hook(swapped)))
+                    handles.append(module.register_forward_hook(post_hook(swapped)))
+                if added:
+                    handles.append(module.register_forward_hook(delta_hook(added), with_kwargs=True))
             eager = sorted(self._eager) if self._eager is not None else []
-            with self._swapped(eager, seed, radius):
+            with self._swapped(eager, seed, radius, step):
                 loss = float(loss_fn())
         finally:
             for h in handles:
@@ -115,14 +142,14 @@ class Prober:
             # outside their module; swap those for the whole forward from now on, and redo this probe.
             self._eager = set(range(len(self.space.params))) - fired
             if self._eager:
-                return self._hooked(loss_fn, seed, radius)
+                return self._hooked(loss_fn, seed, radius, step)
         return loss
 
-    def _naive(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float) -> float:
+    def _naive(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float, step: int | None) -> float:
         for i, p in enumerate(self.space.params):
-            p.data.add_(self.space.noise(seed, i).to(p.dtype), alpha=radius)
+            p.data.add_(self.space.noise(seed, i, step).to(p.dtype), alpha=radius)
         try:
             return float(loss_fn())
         finally:
             for i, p in enumerate(self.space.params):
-                p.data.add_(self.space.noise(seed, i).to(p.dtype), alpha=-radius)
+                p.data.add_(self.space.noise(seed, i, step).to(p.dtype), alpha=-radius)

@@ -54,10 +54,11 @@ def test_data_parallel_equals_one_replica_on_the_combined_batch(tmp_path):
     assert a.keys() == b.keys() and two.final_digest != "" and one.final_digest != ""
 
 
+@pytest.mark.parametrize("distribution", ["gaussian", "lowrank"])
 @pytest.mark.parametrize("mode,replicas,groups", [("direction", 2, 1), ("data", 2, 1), ("hybrid", 4, 2)])
-def test_modes_keep_replicas_identical_and_learn(tmp_path, mode, replicas, groups):
+def test_modes_keep_replicas_identical_and_learn(tmp_path, mode, replicas, groups, distribution):
     _, result = run(tmp_path, mode, **{"cluster.mode": mode, "cluster.replicas": replicas, "cluster.groups": groups,
-                                       "cluster.digest_every": 1})
+                                       "cluster.digest_every": 1, "perturbation.distribution": distribution})
     s = result.summary
     assert s["replica_resyncs"] == 0
     assert s["final_metrics"]["eval_loss"] < 0.8 * s["initial_metrics"]["eval_loss"]
@@ -72,6 +73,20 @@ def test_same_config_same_digest_and_replay(tmp_path):
     mid = replay_run(tmp_path / "a", step=10)
     ckpt = json.loads((tmp_path / "a" / "checkpoints" / "step_00000030" / "state.json").read_text())
     assert ckpt["digest"] == a.final_digest and mid.digest != a.final_digest
+
+
+@pytest.mark.parametrize("interval", [1, 4])
+def test_lowrank_runs_replay_bit_for_bit(tmp_path, interval):
+    lowrank = {"perturbation.distribution": "lowrank", "perturbation.rank": 2,
+               "perturbation.lowrank_interval": interval, "cluster.digest_every": 1}
+    _, a = run(tmp_path, "a", **lowrank)
+    _, gaussian = run(tmp_path, "g")
+    assert a.final_digest != gaussian.final_digest  # the low-rank directions are other directions
+    assert replay_run(tmp_path / "a").digest == a.final_digest
+    assert a.summary["replica_resyncs"] == 0
+    # The ledger stays seeds and scalars: the same columns and rows per step as a Gaussian run.
+    la, lg = (pq.read_table(tmp_path / d / "ledger.parquet") for d in ("a", "g"))
+    assert la.schema == lg.schema and la.num_rows == lg.num_rows
 
 
 def test_run_directory_contents(tmp_path):
@@ -170,3 +185,15 @@ def test_tensorboard_event_files(tmp_path):
     run(tmp_path, "tb", tensorboard=True)
     events = list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
+
+
+def test_lowrank_keys_change_the_fingerprint_only_of_lowrank_runs():
+    from ray_s2p.distributed.checkpoint import config_fingerprint
+
+    gaussian = RunConfig.from_dict(smoke_dict()).to_dict()
+    before_lowrank = {**gaussian, "perturbation": {k: v for k, v in gaussian["perturbation"].items()
+                                                   if k not in ("rank", "lowrank_interval")}}
+    assert config_fingerprint(gaussian) == config_fingerprint(before_lowrank)  # older runs still resume
+    lowrank = [RunConfig.from_dict(smoke_dict(**{"perturbation.distribution": "lowrank", "perturbation.rank": r}))
+               for r in (1, 2)]
+    assert config_fingerprint(lowrank[0].to_dict()) != config_fingerprint(lowrank[1].to_dict())

@@ -43,8 +43,9 @@ def test_ray_replicas_equal_in_process_run(tmp_path, ray_session):
     assert result.summary["replica_resyncs"] == 0
 
 
-def test_sigkill_of_a_replica_process_mid_step_is_healed(tmp_path, ray_session):
-    cfg = fault_config(tmp_path, "die", at_step=12)
+@pytest.mark.parametrize("distribution", ["gaussian", "lowrank"])
+def test_sigkill_of_a_replica_process_mid_step_is_healed(tmp_path, ray_session, distribution):
+    cfg = fault_config(tmp_path, "die", at_step=12, **{"perturbation.distribution": distribution})
     messages: list[str] = []
     result = train(cfg, tmp_path / "run", log=messages.append)
     assert result.summary["replica_failures"] == 1, messages

@@ -1,0 +1,110 @@
+"""Low-rank directions (LOZO, Chen et al. 2024): Z = U V^T / sqrt(r) for each 2-D weight.
+
+For a weight W of shape (m, n) the direction is ``Z = U V^T / sqrt(r)`` with
+U (m x r) and V (n x r) standard normal, drawn from the parameter's own seeded
+generator. Each entry of Z is a sum of r products of independent N(0, 1)
+factors divided by sqrt(r): mean 0, variance 1, and entries are uncorrelated
+(E[Z_ab Z_cd] = 0 unless (a, b) = (c, d)), so E[vec(Z) vec(Z)^T] = I, the
+covariance of a Gaussian direction; the two-point estimate
+(f(x + rho Z) - f(x - rho Z)) / (2 rho) still estimates the directional
+derivative along Z (docs/method.md, section 7).
+
+What makes them cheap is that Z never needs to exist:
+
+- probes: a linear layer's output gets ``rho * (x V) U^T / sqrt(r)`` added
+  (``output_delta``), an embedding's output the rows ``rho * U[ids] V^T / sqrt(r)``;
+  W itself is never touched, so it stays bitwise intact;
+- updates: N directions of one step are one product per matrix,
+  ``W += [c_1 U_1 ... c_N U_N] [V_1 ... V_N]^T / sqrt(r)`` (``add_lowrank``).
+
+Lazy V (LOZO's "lazy sampling"): with ``interval > 1`` V is drawn from
+(run seed, window, parameter) instead of the direction's seed, so it stays the
+same for ``interval`` steps and is shared by all directions of those steps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def draw_factors(key: int, shape: torch.Size | Sequence[int], rank: int, device: torch.device,
+                 v_key: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """U (m x r) and V (n x r), float32, from the generator seeded with ``key`` (V from ``v_key`` if given).
+
+    Args:
+        key: the parameter's generator seed for this direction (``mix_seed(seed, index)``).
+        shape: the weight's shape (m, n).
+        rank: r.
+        device: where the factors live (the parameter's device).
+        v_key: lazy V: V's own generator seed, the same for every direction of a window.
+    """
+    m, n = int(shape[0]), int(shape[1])
+    gen = torch.Generator(device=device)
+    gen.manual_seed(key)
+    u = torch.randn(m, rank, generator=gen, device=device, dtype=torch.float32)
+    if v_key is not None:
+        gen.manual_seed(v_key)
+    v = torch.randn(n, rank, generator=gen, device=device, dtype=torch.float32)
+    return u, v
+
+
+def materialise(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Z = U V^T / sqrt(r) as a full (m, n) float32 tensor (for mechanisms that need it)."""
+    return (u @ v.T).mul_(1.0 / math.sqrt(u.shape[1]))
+
+
+def is_conv1d(module: torch.nn.Module) -> bool:
+    """Hugging Face's Conv1D (GPT-2 style): y = x @ W + b with W of shape (in, out).
+
+    Recognised by shape, not by import: this module must not depend on transformers.
+    """
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+def supports_output_delta(module: torch.nn.Module, param: torch.nn.Parameter) -> bool:
+    """True when a low-rank perturbation of ``param`` can be added to ``module``'s output."""
+    if getattr(module, "weight", None) is not param or param.ndim != 2:
+        return False
+    if isinstance(module, torch.nn.Linear) or is_conv1d(module):
+        return True
+    # max_norm renormalises the gathered rows, which is not linear in W: use a perturbed copy there.
+    return isinstance(module, torch.nn.Embedding) and module.max_norm is None
+
+
+def output_delta(module: torch.nn.Module, inputs: tuple, u: torch.Tensor, v: torch.Tensor,
+                 radius: float) -> torch.Tensor:
+    """What ``radius * Z`` in place of 0 adds to the module's output, with Z = U V^T / sqrt(r).
+
+    - nn.Linear, W (out, in) = U V^T: x Z^T = (x V) U^T;
+    - Conv1D, W (in, out) = U V^T: x Z = (x U) V^T;
+    - nn.Embedding, W (rows, dim): Z[ids] = U[ids] V^T.
+    """
+    scale = radius / math.sqrt(u.shape[1])
+    x = inputs[0]
+    if isinstance(module, torch.nn.Embedding):
+        return (u[x] @ v.T).mul_(scale)
+    x32 = x.to(torch.float32)
+    if is_conv1d(module):
+        return ((x32 @ u) @ v.T).mul_(scale)
+    return ((x32 @ v) @ u.T).mul_(scale)
+
+
+def add_lowrank(param: torch.Tensor, factors: Sequence[tuple[float, torch.Tensor, torch.Tensor]]) -> None:
+    """param += sum_i c_i U_i V_i^T / sqrt(r), as one (m x Nr) @ (Nr x n) product, in place.
+
+    The product is formed in float32 and added once; for a float32 parameter ``addmm_``
+    adds it without a temporary of the parameter's size.
+    """
+    if not factors:
+        return
+    rank = factors[0][1].shape[1]
+    us = torch.cat([u * c for c, u, _ in factors], dim=1)
+    vs = torch.cat([v for _, _, v in factors], dim=1)
+    alpha = 1.0 / math.sqrt(rank)
+    if param.dtype == torch.float32:
+        param.addmm_(us, vs.T, alpha=alpha)
+    else:
+        param.add_((us @ vs.T).mul_(alpha).to(param.dtype))

@@ -1,0 +1,127 @@
+"""Low-rank directions: valid two-point directions, probes that never touch W, one-product updates."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ray_s2p.distributed.digest import model_digest
+from ray_s2p.zo.directions import (
+    DirectionSpace,
+    apply_update,
+    mix_seed,
+    select_parameters,
+)
+from ray_s2p.zo.lowrank import draw_factors, materialise
+from ray_s2p.zo.optimizer import ZerothOrderOptimizer, optimizer_config
+from ray_s2p.zo.probes import Prober
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding -> Linear -> tanh -> Linear -> LayerNorm: every layer kind the low-rank probe handles."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.emb = torch.nn.Embedding(50, 16)
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 4)
+        self.norm = torch.nn.LayerNorm(4)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.fc2(torch.tanh(self.fc1(self.emb(ids)))).mean(1))
+
+
+def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 50, (8, 5), generator=gen), torch.randint(0, 4, (8,), generator=gen)
+
+
+def lowrank_space(model: torch.nn.Module, rank: int = 2, interval: int = 1) -> DirectionSpace:
+    names, params = select_parameters(model)
+    return DirectionSpace(names, params, "lowrank", rank=rank, lowrank_interval=interval, lowrank_seed=7)
+
+
+def test_lowrank_entries_have_unit_variance_and_no_correlation():
+    # Z = U V^T / sqrt(r): E[Z_ab] = 0, E[Z_ab^2] = 1, E[Z_ab Z_cd] = 0 for (a, b) != (c, d).
+    samples = torch.stack([materialise(*draw_factors(mix_seed(3, k), (6, 5), 3, torch.device("cpu"))).reshape(-1)
+                           for k in range(20000)]).double()
+    cov = samples.T @ samples / samples.shape[0]
+    assert samples.mean().abs() < 0.02
+    assert torch.allclose(torch.diagonal(cov), torch.ones(30, dtype=torch.float64), atol=0.06)
+    off = cov - torch.diag(torch.diagonal(cov))
+    assert off.abs().max() < 0.06
+
+
+def test_hooked_lowrank_probe_equals_the_materialised_direction_and_leaves_weights_intact():
+    model = TinyLM()
+    ids, _ = batch()
+    space = lowrank_space(model)
+    assert [space.is_lowrank(i) for i in range(len(space.params))] == [True, True, False, True, False, False, False]
+    before = model_digest(model)
+    fn = lambda: model(ids).pow(2).mean()  # noqa: E731
+    hooked = Prober(model, space, "hooks").evaluate(fn, 11, 0.05)
+    swapped = Prober(model, space, "swap").evaluate(fn, 11, 0.05)
+    assert model_digest(model) == before  # W never changed, not even by a rounding
+    assert hooked == pytest.approx(swapped, rel=1e-5)
+    with torch.no_grad():
+        assert hooked != pytest.approx(float(fn()), rel=1e-4)  # the probe did perturb
+
+
+def test_lowrank_update_equals_the_sum_of_materialised_directions_and_is_thread_independent():
+    pairs = [(mix_seed(5, j), c) for j, c in enumerate([0.02, -0.01, 0.005, 0.0])]
+    digests = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        model = TinyLM()
+        space = lowrank_space(model)
+        apply_update(space, pairs, param_scale=0.999)
+        digests.append(model_digest(model))
+    torch.set_num_threads(2)
+    assert digests[0] == digests[1]
+    reference = TinyLM()
+    ref_space = lowrank_space(reference)
+    with torch.no_grad():
+        for i, p in enumerate(ref_space.params):
+            p.mul_(0.999)
+            for seed, c in pairs:
+                p.add_(ref_space.noise(seed, i), alpha=c)
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_lazy_v_keeps_v_for_the_interval_and_needs_the_step():
+    space = lowrank_space(TinyLM(), interval=3)
+    v = [space.factors(mix_seed(9, step), 1, step)[1] for step in (1, 2, 3, 4)]
+    assert torch.equal(v[0], v[1]) and torch.equal(v[1], v[2]) and not torch.equal(v[2], v[3])
+    u = [space.factors(mix_seed(9, step), 1, step)[0] for step in (1, 2)]
+    assert not torch.equal(u[0], u[1])  # U is fresh with every direction
+    with pytest.raises(ValueError, match="needs the step"):
+        space.factors(1, 1)
+
+
+@pytest.mark.parametrize("interval", [1, 4])
+def test_plain_pytorch_optimizer_with_lowrank_directions_lowers_the_loss(interval):
+    model = TinyLM()
+    ids, labels = batch()
+    loss_fn = lambda: torch.nn.functional.cross_entropy(model(ids), labels)  # noqa: E731
+    start = float(loss_fn())
+    opt = ZerothOrderOptimizer(model, optimizer_config(name="mezo", lr=0.05, rho=1e-3, directions=4), seed=0,
+                               total_steps=300, distribution="lowrank", rank=2, lowrank_interval=interval)
+    for _ in range(300):
+        opt.step(loss_fn)
+    assert float(loss_fn()) < 0.8 * start
+
+
+def test_rademacher_directions_are_signs_with_balanced_halves():
+    names, params = select_parameters(TinyLM())
+    space = DirectionSpace(names, params, "rademacher")
+    z = torch.cat([space.noise(s, 0).reshape(-1) for s in range(20)])
+    assert set(z.unique().tolist()) == {-1.0, 1.0}
+    assert abs(float(z.mean())) < 4 / math.sqrt(z.numel())  # 4 standard errors
+    assert torch.equal(space.noise(3, 0), space.noise(3, 0)) and not torch.equal(space.noise(3, 0), space.noise(4, 0))
