@@ -7,7 +7,8 @@ Each child builds the task and the model, makes the benchmark batch, records the
 baseline, does 5 steps, and prints one JSON line:
 
 - ``inference``: 5 forwards under no_grad.
-- ``zeroth_order``: 5 ReplicaEngine steps (hooks, gaussian; two probes + update).
+- ``zeroth_order``: 5 ReplicaEngine steps (hooks, the config's distribution, Gaussian by default;
+  two probes + update).
 - ``adamw``: 5 steps of backward + AdamW over the trainable parameters.
 
 Numbers (bytes): ``baseline_rss`` (resident set after imports + task + model
@@ -98,8 +99,7 @@ def measure(mode: str, config: RunConfig, steps: int = MEMORY_STEPS) -> dict[str
     task = build_task(config.task, config.seed)
     engine = None
     if mode == "zeroth_order":
-        engine = ReplicaEngine(config.replace({"perturbation.mechanism": "hooks",
-                                               "perturbation.distribution": "gaussian"}), 0, task=task)
+        engine = ReplicaEngine(config.replace({"perturbation.mechanism": "hooks"}), 0, task=task)
         model, names, device = engine.model, engine.trainable, engine.device
         batch = fixed_batch(task, model, config)
         engine.task = FixedBatchTask(task, batch)
