@@ -29,3 +29,15 @@ ray-s2p compare --config jobs/configs/default.yaml --output runs/compare/rt_mini
   --set cluster.use_ray=false --set cluster.replicas=1 --set cluster.mode=direction --set task.train_size=512 \
   --set task.eval_size=500 --set eval_every=250 --set checkpoint_every=0 --set optimizer.directions=1 \
   --budget 3000 --trials 3 --seeds 0,1,2 --target 0.62
+
+# (c), (d) Low-rank directions (rank 2) on (b) and (a): VS2P and MeZO, the same budgets, trials and seeds.
+ray-s2p compare --config jobs/configs/default.yaml --output runs/compare/rt_minilm_lowrank \
+  --set cluster.use_ray=false --set cluster.replicas=1 --set cluster.mode=direction --set task.train_size=512 \
+  --set task.eval_size=500 --set eval_every=250 --set checkpoint_every=0 --set optimizer.directions=1 \
+  --set perturbation.distribution=lowrank --optimizers vs2p,mezo --no-ablations \
+  --budget 3000 --trials 3 --seeds 0,1,2 --target 0.62
+ray-s2p compare --config jobs/configs/mnist5k_cnn.yaml --output runs/compare/mnist5k_cnn_lowrank \
+  --set cluster.use_ray=false --set cluster.replicas=1 --set task.tiny_width=16 \
+  --set checkpoint_every=0 --set task.eval_size=1000 --set eval_every=200 \
+  --set perturbation.distribution=lowrank --optimizers vs2p,mezo --no-ablations \
+  --budget 4000 --trials 3 --seeds 0,1,2 --target 0.25
