@@ -125,3 +125,24 @@ def test_rademacher_directions_are_signs_with_balanced_halves():
     assert set(z.unique().tolist()) == {-1.0, 1.0}
     assert abs(float(z.mean())) < 4 / math.sqrt(z.numel())  # 4 standard errors
     assert torch.equal(space.noise(3, 0), space.noise(3, 0)) and not torch.equal(space.noise(3, 0), space.noise(4, 0))
+
+
+def test_gpt2_conv1d_and_tied_embedding_probe_equals_the_materialised_direction():
+    # GPT-2's attention and MLP use Conv1D (weight stored (in, out)); its output head is tied to the
+    # token embedding, so the same low-rank Z must reach both the gather and the head's product.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)).eval()
+    ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(2))
+    space = lowrank_space(model)
+    prober = Prober(model, space, "hooks")
+    assert any(type(m).__name__ == "Conv1D" for m, _, added in prober._owners if added)
+    before = model_digest(model)
+    fn = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
+    hooked = prober.evaluate(fn, 5, 0.02)
+    swapped = Prober(model, space, "swap").evaluate(fn, 5, 0.02)
+    assert model_digest(model) == before
+    assert hooked == pytest.approx(swapped, rel=1e-5)
+    with torch.no_grad():
+        assert abs(hooked - float(fn())) > 1e-4
