@@ -131,7 +131,7 @@ class DirectionSpace:
         self._pool: ThreadPoolExecutor | None = None
         # Submission rank: largest parameters first, so one big tensor does not start last and run alone.
         by_size = sorted(range(len(self.params)), key=lambda i: -self.params[i].numel())
-        self._rank = {i: r for r, i in enumerate(by_size)}
+        self._submit_order = {i: r for r, i in enumerate(by_size)}
 
     def map_params(self, fn: Callable[[int], T], indices: Sequence[int] | range | None = None) -> list[T]:
         """[fn(i) for i in indices] (default: every parameter), on ``threads`` threads, under no_grad.
@@ -149,7 +149,7 @@ class DirectionSpace:
             return [call(i) for i in order]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="ray-s2p-noise")
-        futures = {i: self._pool.submit(call, i) for i in sorted(order, key=self._rank.__getitem__)}
+        futures = {i: self._pool.submit(call, i) for i in sorted(order, key=self._submit_order.__getitem__)}
         return [futures[i].result() for i in order]
 
     @property
