@@ -124,7 +124,10 @@ def factors_fn(space: DirectionSpace) -> Callable[[], None]:
     """Draw one direction's low-rank factors U, V (vectors: their Gaussian noise) over all parameters."""
     def factors() -> None:
         for i in range(len(space.params)):
-            space.factors(BENCH_SEED, i) if space.is_lowrank(i) else space.noise(BENCH_SEED, i)
+            if space.is_lowrank(i):
+                space.factors(BENCH_SEED, i)
+            else:
+                space.noise(BENCH_SEED, i)
     return factors
 
 

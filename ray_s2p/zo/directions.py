@@ -28,7 +28,6 @@ from .lowrank import add_lowrank, draw_factors, materialise
 MASK64 = (1 << 64) - 1
 T = TypeVar("T")
 DISTRIBUTIONS = ("gaussian", "rademacher", "sphere", "table", "lowrank")
-_BIT_SHIFTS: dict[str, torch.Tensor] = {}
 
 
 def mix_seed(*values: int) -> int:
@@ -57,9 +56,7 @@ def rademacher(shape: torch.Size, gen: torch.Generator, device: torch.device) ->
     numel = math.prod(shape)
     words = torch.randint(-(1 << 63), (1 << 63) - 1, ((numel + 63) // 64,), generator=gen, device=device,
                           dtype=torch.int64)
-    shifts = _BIT_SHIFTS.get(str(device))
-    if shifts is None:
-        shifts = _BIT_SHIFTS[str(device)] = torch.arange(8, dtype=torch.uint8, device=device)
+    shifts = torch.arange(8, dtype=torch.uint8, device=device)
     bits = ((words.view(torch.uint8).unsqueeze(-1) >> shifts) & 1).reshape(-1)[:numel]
     out = torch.empty(numel, dtype=torch.float32, device=device)
     torch.mul(bits, 2, out=out)
