@@ -49,31 +49,18 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable, Sequence  # noqa: E402
 
-import torch  # noqa: E402
-from gpu_check_checks import (  # noqa: E402
-    Comparison,
-    LlamaHolder,
-    free_memory,
-    memory_llama,
-    oom_errors,
-    step_llama,
-    step_lm,
-)
-
+# isort: off
 # gpu_check_plan first: it sets the offline environment before torch and transformers load.
-from gpu_check_plan import (  # noqa: E402
-    CHECK_NAMES,
-    DEFAULT_CONFIG,
-    LLAMA_PRECISIONS,
-    MEMORY_PRECISIONS,
-    Budget,
-    BudgetExceeded,
-    Plan,
-)
-from gpu_check_report import markdown  # noqa: E402
+from gpu_check_plan import (CHECK_NAMES, DEFAULT_CONFIG, LLAMA_PRECISIONS, MEMORY_PRECISIONS,  # noqa: E402
+                            Budget, BudgetExceeded, Plan)
+import torch  # noqa: E402
 
+from gpu_check_checks import (Comparison, LlamaHolder, free_memory, memory_llama, oom_errors,  # noqa: E402
+                              step_llama, step_lm)
+from gpu_check_report import markdown  # noqa: E402
 from ray_s2p.bench.common import emit, log, machine_info  # noqa: E402
 from ray_s2p.config import load_config  # noqa: E402
+# isort: on
 
 
 # ----------------------------------------------------------------- runner

@@ -13,16 +13,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from gpu_check_plan import (
-    CHECK_SEED,
-    LLAMA_PRECISIONS,
-    MEMORY_ADAMW_MIN,
-    MEMORY_ZO_MAX,
-    STEP_RATIO_MAX,
-    VARIANTS,
-    Plan,
-)
 
+from gpu_check_plan import CHECK_SEED, LLAMA_PRECISIONS, MEMORY_ADAMW_MIN, MEMORY_ZO_MAX, STEP_RATIO_MAX, VARIANTS, Plan
 from ray_s2p.bench.common import log, median_seconds
 from ray_s2p.bench.memory import _vm_hwm, current_rss, reset_peak_rss
 from ray_s2p.bench.step import FixedBatchTask, engine_step_fn, naive_mezo_fn

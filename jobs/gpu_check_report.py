@@ -5,14 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from gpu_check_plan import (
-    MEMORY_ADAMW_MIN,
-    MEMORY_ZO_MAX,
-    STEP_RATIO_MAX,
-    VARIANT_LABELS,
-    Budget,
-)
 
+from gpu_check_plan import MEMORY_ADAMW_MIN, MEMORY_ZO_MAX, STEP_RATIO_MAX, VARIANT_LABELS, Budget
 from ray_s2p.bench.common import machine_info
 
 

@@ -29,12 +29,7 @@ from typing import Any, Callable
 
 from ..config import FIRST_ORDER, FIRST_ORDER_PASSES, RunConfig
 from ..zo.rules import build_rule
-from .checkpoint import (
-    Checkpoint,
-    config_fingerprint,
-    latest_checkpoint,
-    save_checkpoint,
-)
+from .checkpoint import Checkpoint, config_fingerprint, latest_checkpoint, save_checkpoint
 from .layout import Layout
 from .ledger import Ledger, ledger_rows, updates_by_step
 from .messages import ProbeReply, ProbeRequest, Update

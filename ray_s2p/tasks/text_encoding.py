@@ -23,13 +23,7 @@ import torch
 
 from ..config import TaskConfig
 from ..data.batching import Examples, split_rows
-from ..data.sources import (
-    check_label_range,
-    labels_to_ids,
-    load_source,
-    package_dir,
-    require_columns,
-)
+from ..data.sources import check_label_range, labels_to_ids, load_source, package_dir, require_columns
 from .errors import TaskError, brief
 from .hf_models import MINILM_PACKAGE, TINY_MODELS, resolve_model_path
 

@@ -17,13 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from ..config import FIRST_ORDER, OptimizerConfig
-from .directions import (
-    DirectionSpace,
-    NoiseTable,
-    apply_update,
-    mix_seed,
-    select_parameters,
-)
+from .directions import DirectionSpace, NoiseTable, apply_update, mix_seed, select_parameters
 from .probes import Prober
 from .rules import StepDecision, build_rule
 

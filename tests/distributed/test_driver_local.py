@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import smoke_dict
 
+from conftest import smoke_dict
 from ray_s2p.config import RunConfig
 from ray_s2p.distributed.digest import model_digest
 from ray_s2p.distributed.driver import train

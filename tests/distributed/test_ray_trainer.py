@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import smoke_dict
 
+from conftest import smoke_dict
 from ray_s2p.config import RunConfig
 from ray_s2p.distributed.driver import Driver, TrainingError, train
 

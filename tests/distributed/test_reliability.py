@@ -11,8 +11,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import smoke_dict
 
+from conftest import smoke_dict
 from ray_s2p.config import ConfigError, RunConfig, load_config
 from ray_s2p.distributed.checkpoint import CheckpointError, list_checkpoints
 from ray_s2p.distributed.driver import TrainingError, train

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import yaml
-from conftest import smoke_dict
 
+from conftest import smoke_dict
 from ray_s2p.config import RunConfig
 from ray_s2p.distributed.checkpoint import list_checkpoints
 from ray_s2p.distributed.driver import train

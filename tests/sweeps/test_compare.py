@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import smoke_dict
 
+from conftest import smoke_dict
 from ray_s2p.config import RunConfig
 from ray_s2p.distributed.driver import train
 from ray_s2p.sweeps.compare import ABLATIONS, ALL_OPTIMIZERS, compare, variant_overrides

@@ -362,11 +362,7 @@ def test_task_errors_name_the_field() -> None:
 # ---------------------------------------------------------------- saving
 @pytest.mark.parametrize("mode", ["lora", "head"])
 def test_save_final_reloads_with_plain_transformers(tmp_path, mode: str) -> None:
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     for name, auto in [("text_classification", AutoModelForSequenceClassification),
                        ("prompt_classification", AutoModelForCausalLM)]:

@@ -8,12 +8,7 @@ import pytest
 import torch
 
 from ray_s2p.distributed.digest import model_digest
-from ray_s2p.zo.directions import (
-    DirectionSpace,
-    apply_update,
-    mix_seed,
-    select_parameters,
-)
+from ray_s2p.zo.directions import DirectionSpace, apply_update, mix_seed, select_parameters
 from ray_s2p.zo.lowrank import draw_factors, materialise
 from ray_s2p.zo.optimizer import ZerothOrderOptimizer, optimizer_config
 from ray_s2p.zo.probes import Prober

@@ -17,13 +17,7 @@ import pytest
 from ray_s2p.config import FIRST_ORDER, OptimizerConfig
 from ray_s2p.zo.rules import StepDecision, build_rule
 from ray_s2p.zo.schedules import Schedule, decay_factor
-from ray_s2p.zo.transforms import (
-    chain,
-    normalise_by_running_std,
-    scale,
-    sign,
-    soft_clip,
-)
+from ray_s2p.zo.transforms import chain, normalise_by_running_std, scale, sign, soft_clip
 
 REPO = Path(__file__).resolve().parents[2]
 NAN, INF = float("nan"), float("inf")

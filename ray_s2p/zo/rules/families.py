@@ -11,14 +11,7 @@ from typing import Optional, Sequence
 
 from ..schedules import Schedule
 from ..transforms import Chain, finite_difference, weight_decay_scale
-from .base import (
-    RuleState,
-    StepDecision,
-    all_finite,
-    argmin_coefficient,
-    average_decision,
-    loss_rows,
-)
+from .base import RuleState, StepDecision, all_finite, argmin_coefficient, average_decision, loss_rows
 
 
 @dataclass(frozen=True)

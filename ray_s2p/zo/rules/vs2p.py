@@ -3,13 +3,7 @@
 from __future__ import annotations
 
 from ..schedules import Schedule
-from ..transforms import (
-    chain,
-    normalise_by_running_std,
-    scale,
-    scale_by_schedule,
-    soft_clip_by_running_std,
-)
+from ..transforms import chain, normalise_by_running_std, scale, scale_by_schedule, soft_clip_by_running_std
 from .families import GammaRule
 
 
