@@ -82,10 +82,11 @@ class Driver:
             self.rd.discard()  # bad model path, data or resources: leave nothing half-written
             raise
         self.pool = pool  # exposed for monitoring and fault-injection tests
+        state.started = time.perf_counter()  # wall time counts from the replicas being up, as before a resume
         try:
             self._start(pool, state)
-            progress = self.rd.progress(state.step)
-            for step in range(state.step + 1, self.config.steps + 1):
+            progress = self.rd.progress(state.start_step)
+            for step in range(state.start_step + 1, self.config.steps + 1):
                 outcome = self._first_order_step(pool, step) if self.first_order else self._zo_step(pool, state, step)
                 self._record(state, step, outcome)
                 self._between_steps(pool, state, step)
@@ -108,7 +109,7 @@ class Driver:
                                 "another run). Fix: restore the run's own ledger")
         self.rd.truncate_metrics(start_step)
         # The checkpoint of step s stores parameters *with* update s applied, so nothing is pending.
-        return RunState(start_step=start_step, step=start_step, rule_state=rule_state, ledger=ledger, ckpt=ckpt,
+        return RunState(start_step=start_step, rule_state=rule_state, ledger=ledger, ckpt=ckpt,
                         forward_passes=self.rd.previous_forward_passes(start_step),
                         wall_before=self.rd.previous_wall_seconds() if self.rd.resumed else 0.0)
 
@@ -125,14 +126,13 @@ class Driver:
     def _start(self, pool: LocalPool | RayPool, state: RunState) -> None:
         """Restore a resumed run's replicas, and evaluate the starting point (once per run)."""
         if state.ckpt is not None:
-            self._restore(pool, list(range(pool.size)), state.ckpt, state.ledger, state.step)
+            self._restore(pool, list(range(pool.size)), state.ckpt, state.ledger, state.start_step)
         state.initial_eval = self.rd.initial_eval() or self._evaluate(pool, state)
         if not self.rd.resumed:
             self.rd.record_eval(0, state.initial_eval, state.forward_passes, 0.0)
         state.last_eval = state.initial_eval
 
     def _record(self, state: RunState, step: int, outcome: StepOutcome) -> None:
-        state.step = step
         state.bytes_sent += outcome.sent
         state.bytes_received += outcome.received
         state.forward_passes += outcome.passes

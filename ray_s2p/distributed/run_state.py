@@ -26,13 +26,12 @@ class TrainResult:
 class RunState:
     """What one run carries from step to step (the driver's only mutable run state).
 
-    ``step`` is the last completed step; ``pending`` its update, which the replicas
-    apply with the next request (or earlier, ``Driver._apply``); ``ckpt`` the newest
+    ``start_step`` is where this run (or resume) began; ``pending`` the last step's update,
+    which the replicas apply with the next request (or earlier, ``Driver._apply``); ``ckpt`` the newest
     checkpoint, the base that recovery restores from before replaying the ledger.
     """
 
     start_step: int
-    step: int
     rule_state: Any
     ledger: Ledger
     ckpt: Checkpoint | None
@@ -41,7 +40,7 @@ class RunState:
     pending: Update | None = None
     bytes_sent: int = 0
     bytes_received: int = 0
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=time.perf_counter)  # reset by the driver once replicas are up
     wall: float = 0.0  # wall seconds when the last step was recorded
     initial_eval: dict[str, float] = field(default_factory=dict)
     last_eval: dict[str, float] = field(default_factory=dict)
