@@ -167,7 +167,7 @@ class ClusterConfig:
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
     threads_per_replica: int | None = None
-    noise_threads: int = 1           # parameters whose noise is made at once (CPU); 0: torch's thread count
+    noise_threads: int = 0           # noise jobs run at once (CPU); 0: torch's thread count
     use_ray: bool = True             # false: replicas run in-process (tests, debugging)
     address: str | None = None
     step_timeout_s: float = 300.0

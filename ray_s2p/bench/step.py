@@ -3,9 +3,10 @@
 A two-point step needs f(x + rho z) and f(x - rho z): two forwards are the
 physical floor. Everything else is overhead: making z (a random generation over
 all d parameters, three times per step: once per probe and once for the
-update), building the perturbed values, and the update itself. On CPU the
-generation is the big part (a randn over MiniLM's 22.7 M floats is ~0.16 s), so
-the noise table, which reads z as a slice, is measured beside the Gaussian.
+update), building the perturbed values, and the update itself. On a CPU the
+generation is the big part; it is drawn in chunks on the noise threads
+(``cluster.noise_threads``, zo/noise.py). The noise table, Rademacher bits and
+low-rank factors are measured beside the Gaussian.
 
 All on one in-process ``ReplicaEngine`` and one fixed batch: for a text
 classification task, exactly batch_size x max_length random token ids (no
@@ -18,12 +19,14 @@ own first training batch. Output keys:
   previous step's update with one (seed, coef) pair) and ``naive_mezo`` (in-place
   +rho, -2 rho, +rho, update; z regenerated with randn each time): ``step_s``,
   ``ratio`` (step_s / two_forwards_s), ``generations_per_step``, ``rng_share``
-  (noise generation time x generations / step_s), ``speedup_vs_naive_mezo``.
-- ``split`` (of hooks_gaussian): ``noise_gaussian_s`` and ``noise_table_s`` (one
-  direction over all parameters), ``perturbed_copy_s`` (x + rho z into a new
-  tensor, z given), ``forward_s``, ``update_gaussian_s`` and ``update_table_s``
-  (apply_update with one pair), ``remainder_s`` (step minus 2 noise + 2 copies +
-  2 forwards + update: hooks, Python, batch handling).
+  (the probes' noise and the update, 2 x copies + update, over step_s; naive: 4 serial
+  generations), ``speedup_vs_naive_mezo``.
+- ``split`` (seconds): ``copies_<distribution>_s`` (one direction's perturbed copies of
+  every parameter, noise drawn and added on the noise threads, what the swap probes make;
+  for low-rank only the vectors are copied and U, V drawn), ``serial_randn_s`` (one
+  ``randn`` per parameter on one thread, as the naive step draws), ``forward_s``,
+  ``update_<distribution>_s`` (apply_update with one pair), ``remainder_s`` (the
+  hooks + Gaussian step minus 2 copies + 2 forwards + update: hooks, Python, batch handling).
 - ``extra_memory_bytes``: per mechanism, from the parameter sizes.
 - ``targets``: ``ratio_max`` per distribution (CPU: table 1.3, Rademacher 1.4, low-rank 1.1;
   GPU: 1.1), Gaussian >= 1.3x faster than the naive MeZO step, and ``met`` per variant.
@@ -116,26 +119,30 @@ def update_fn(space: DirectionSpace) -> Callable[[], None]:
 
     def update() -> None:
         k = next(counter)
-        apply_update(space, [(mix_seed(BENCH_SEED, k, 2), (1.0 if k % 2 else -1.0) * UPDATE_COEF)])
+        apply_update(space, [(mix_seed(BENCH_SEED, k, 2), (1.0 if k % 2 else -1.0) * UPDATE_COEF)], step=k)
     return update
 
 
-def factors_fn(space: DirectionSpace) -> Callable[[], None]:
-    """Draw one direction's low-rank factors U, V (vectors: their Gaussian noise) over all parameters."""
-    def factors() -> None:
-        for i in range(len(space.params)):
-            if space.is_lowrank(i):
-                space.factors(BENCH_SEED, i)
-            else:
-                space.noise(BENCH_SEED, i)
-    return factors
+def copies_fn(space: DirectionSpace, rho: float) -> Callable[[], None]:
+    """One direction's perturbed copies of every parameter at once (low-rank: U, V of the matrices and copies
+    of the vectors), as a probe makes them."""
+    matrices = [i for i in range(len(space.params)) if space.is_lowrank(i)]
+    rest = [i for i in range(len(space.params)) if not space.is_lowrank(i)]
+
+    def copies() -> None:
+        for i in matrices:
+            space.factors(BENCH_SEED, i, step=1)
+        space.perturbed_many(BENCH_SEED, rest, rho)
+    return copies
 
 
-def noise_fn(space: DirectionSpace) -> Callable[[], None]:
-    """Generate one direction's noise over all parameters (each tensor dropped at once, as a probe does)."""
+def serial_randn_fn(space: DirectionSpace) -> Callable[[], None]:
+    """One randn per parameter from one generator on this thread (how the naive step draws its noise)."""
     def noise() -> None:
-        for i in range(len(space.params)):
-            space.noise(BENCH_SEED, i)
+        gen = torch.Generator(device=space.params[0].device)
+        gen.manual_seed(BENCH_SEED)
+        for p in space.params:
+            torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
     return noise
 
 
@@ -217,24 +224,13 @@ def bench_step(ctx: BenchContext) -> dict[str, Any]:
 
     # The split, on the hooks/gaussian engine's parameters.
     space_g = first.space
-    space_t = build_space(first.model, first.trainable, variant_config("hooks", "table"))
-    space_r = build_space(first.model, first.trainable, variant_config("hooks", "rademacher"))
-    space_l = build_space(first.model, first.trainable, variant_config("hooks", "lowrank"))
-    zs = [space_g.noise(BENCH_SEED, i) for i in range(len(space_g.params))]
-
-    def copies() -> None:
-        for p, z in zip(space_g.params, zs):
-            p.detach().to(torch.float32).add(z, alpha=rho).to(p.dtype)
-
-    split = {"noise_gaussian_s": median_seconds(noise_fn(space_g), repeats, device),
-             "noise_table_s": median_seconds(noise_fn(space_t), repeats, device),
-             "noise_rademacher_s": median_seconds(noise_fn(space_r), repeats, device),
-             "noise_lowrank_factors_s": median_seconds(factors_fn(space_l), repeats, device),
-             "perturbed_copy_s": median_seconds(copies, repeats, device), "forward_s": forward,
-             "update_gaussian_s": median_seconds(update_fn(space_g), repeats, device),
-             "update_table_s": median_seconds(update_fn(space_t), repeats, device),
-             "update_lowrank_s": median_seconds(update_fn(space_l), repeats, device)}
-    del zs
+    spaces = {"gaussian": space_g, "table": build_space(first.model, first.trainable, variant_config("hooks", "table")),
+              "rademacher": build_space(first.model, first.trainable, variant_config("hooks", "rademacher")),
+              "lowrank": build_space(first.model, first.trainable, variant_config("hooks", "lowrank"))}
+    split = {f"copies_{d}_s": median_seconds(copies_fn(sp, rho), repeats, device) for d, sp in spaces.items()}
+    split["serial_randn_s"] = median_seconds(serial_randn_fn(space_g), repeats, device)
+    split["forward_s"] = forward
+    split.update({f"update_{d}_s": median_seconds(update_fn(sp), repeats, device) for d, sp in spaces.items()})
     memory = mechanism_memory(first.model, space_g, base.perturbation.table_size)
 
     steps: dict[str, float] = {}
@@ -246,8 +242,8 @@ def bench_step(ctx: BenchContext) -> dict[str, Any]:
         steps[name] = median_seconds(engine_step_fn(engine, rho), repeats, device)
         if engine is not first:
             del engine  # one extra model at a time
-    split["remainder_s"] = steps["hooks_gaussian"] - (2 * split["noise_gaussian_s"] + 2 * split["perturbed_copy_s"]
-                                                      + 2 * forward + split["update_gaussian_s"])
+    split["remainder_s"] = steps["hooks_gaussian"] - (2 * split["copies_gaussian_s"] + 2 * forward
+                                                      + split["update_gaussian_s"])
 
     log("  timing the naive MeZO step")
     naive_model = task.build_model()
@@ -261,15 +257,14 @@ def bench_step(ctx: BenchContext) -> dict[str, Any]:
     del naive_model, params
 
     variants = {}
-    noise_of = {"table": split["noise_table_s"], "rademacher": split["noise_rademacher_s"],
-                "lowrank": split["noise_lowrank_factors_s"]}
     met: dict[str, bool] = {}
     for name, seconds in steps.items():
         generations = 4 if name == "naive_mezo" else 3  # naive: +rho, -2rho, +rho, update; else 2 probes + update
         distribution = name.split("_", 1)[1]
-        noise = noise_of.get(distribution, split["noise_gaussian_s"])
+        noise = (4 * split["serial_randn_s"] if name == "naive_mezo"
+                 else 2 * split[f"copies_{distribution}_s"] + split[f"update_{distribution}_s"])
         variants[name] = {"step_s": seconds, "ratio": seconds / floor, "generations_per_step": generations,
-                          "rng_share": noise * generations / seconds,
+                          "rng_share": noise / seconds,
                           "speedup_vs_naive_mezo": steps["naive_mezo"] / seconds}
         if name == "naive_mezo":
             continue

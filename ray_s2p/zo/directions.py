@@ -1,91 +1,44 @@
 """Seeded directions: how z is made from a seed, and how x <- x + sum_i c_i z_i is applied.
 
 A direction z is never stored: it is regenerated from a 64-bit seed. Each
-selected parameter gets its own generator seed, ``mix_seed(seed, index)``, where
+selected parameter gets its own noise stream, keyed ``mix_seed(seed, index)``, where
 ``index`` is the parameter's position in the *canonical order* (the order of
 ``model.named_parameters()`` restricted to the selected names, tied parameters
 once). So tensors of equal shape get distinct noise, and any one parameter's
 noise can be made without the others (which the per-module probe hooks in
 ``probes.py`` need).
 
-Because every parameter's noise has its own generator, parameters can be
-perturbed and updated on several threads at once (``DirectionSpace.threads``)
-with results equal bit for bit to one thread: on a CPU a generator call uses
-one core, so this is where Gaussian noise gets its speed back.
+A stream is cut into chunks with their own generators (noise.py), and the work of
+a probe or an update is a list of independent jobs, one per chunk (one per
+parameter for low-rank and table directions), run on ``DirectionSpace.threads``
+threads. Every job writes only its own slice, so results are equal bit for bit
+for any thread count, and no job holds more than one chunk of noise: the threads
+cost no memory beyond a few MB.
 """
 
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Sequence
 
 import torch
 
 from .lowrank import add_lowrank, draw_factors, materialise
+from .noise import NoiseTable, chunk_bounds, draw, fill_chunk, mix_seed
 
-MASK64 = (1 << 64) - 1
-T = TypeVar("T")
 DISTRIBUTIONS = ("gaussian", "rademacher", "sphere", "table", "lowrank")
+Job = tuple[int, Callable[[], None]]  # (cost in elements, work); jobs touch disjoint memory
+_IN_WORKER = threading.local()
+INLINE_MAX_NUMEL = 1 << 16  # jobs with fewer elements in all run on the calling thread
 
 
-def mix_seed(*values: int) -> int:
-    """Hash integers into one 63-bit seed (splitmix64 finaliser chained over the values).
-
-    Used for per-parameter generator seeds and for step/direction seeds; 63 bits
-    because torch.Generator.manual_seed wants a non-negative int64.
-    """
-    state = 0x9E3779B97F4A7C15
-    for value in values:
-        state = (state ^ (int(value) & MASK64)) & MASK64
-        state = (state + 0x9E3779B97F4A7C15) & MASK64
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
-        state = z ^ (z >> 31)
-    return state & ((1 << 63) - 1)
-
-
-def rademacher(shape: torch.Size, gen: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Rademacher (+-1) noise from random bits: one 64-bit draw gives 64 signs.
-
-    Drawing one random word per 64 entries instead of one integer per entry makes it
-    about 2.5x cheaper than ``randn`` of the same size on a CPU.
-    """
-    numel = math.prod(shape)
-    words = torch.randint(-(1 << 63), (1 << 63) - 1, ((numel + 63) // 64,), generator=gen, device=device,
-                          dtype=torch.int64)
-    shifts = torch.arange(8, dtype=torch.uint8, device=device)
-    bits = ((words.view(torch.uint8).unsqueeze(-1) >> shifts) & 1).reshape(-1)[:numel]
-    out = torch.empty(numel, dtype=torch.float32, device=device)
-    torch.mul(bits, 2, out=out)
-    return out.sub_(1.0).view(shape)
-
-
-class NoiseTable:
-    """A fixed table of N(0, 1) floats; a direction reads windows at seed-derived offsets.
-
-    Reading is a slice (no generation), so applying a direction costs one axpy.
-    The table is built once per process from ``table_seed`` on ``device``.
-    """
-
-    def __init__(self, size: int, table_seed: int = 0x5EED, device: torch.device | str = "cpu") -> None:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(mix_seed(table_seed, size))
-        self.values = torch.randn(size, generator=gen, device=device, dtype=torch.float32)
-
-    @property
-    def size(self) -> int:
-        return self.values.numel()
-
-    def window(self, key: int, numel: int) -> torch.Tensor:
-        if numel > self.size:
-            raise ValueError(
-                f"a parameter has {numel} elements but perturbation.table_size is {self.size}. "
-                f"Fix: set perturbation.table_size to at least {numel}")
-        offset = key % (self.size - numel + 1)
-        return self.values[offset:offset + numel]
+def _as_worker(fn: Callable[[], None]) -> None:
+    _IN_WORKER.active = True  # a job that asks for more noise runs it inline instead of waiting on the pool
+    with torch.no_grad():  # grad mode is per thread
+        fn()
 
 
 @dataclass
@@ -98,9 +51,9 @@ class DirectionSpace:
         distribution: gaussian, rademacher, sphere (uniform on the sphere of radius sqrt(d)), table, or
             lowrank (2-D weights get U V^T / sqrt(rank), see lowrank.py; other parameters Gaussian).
         table: the shared noise table (distribution=table only).
-        threads: parameters processed at once by ``map_params`` (perturbed copies, updates). Each
-            parameter's noise and arithmetic are unchanged, so results are bitwise the same for any
-            thread count; on a CPU, where one generator call uses one core, 2 threads halve the time.
+        threads: jobs (noise chunks, low-rank products) run at once for perturbed copies and updates.
+            Results are bitwise the same for any thread count; on a CPU, where one generator call
+            uses one core, 2 threads halve the time of Gaussian noise.
         rank: r of the low-rank directions (distribution=lowrank).
         lowrank_interval: lazy V: V is redrawn every this many steps (1: with every direction).
         lowrank_seed: the run seed, which lazy V's generator seeds mix in.
@@ -126,28 +79,24 @@ class DirectionSpace:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         self._sphere_scale: dict[int, float] = {}
         self._pool: ThreadPoolExecutor | None = None
-        # Submission rank: largest parameters first, so one big tensor does not start last and run alone.
-        by_size = sorted(range(len(self.params)), key=lambda i: -self.params[i].numel())
-        self._submit_order = {i: r for r, i in enumerate(by_size)}
 
-    def map_params(self, fn: Callable[[int], T], indices: Sequence[int] | range | None = None) -> list[T]:
-        """[fn(i) for i in indices] (default: every parameter), on ``threads`` threads, under no_grad.
+    def run_jobs(self, jobs: list[Job]) -> None:
+        """Run independent jobs on ``threads`` threads, largest first, under no_grad; re-raise the first error.
 
-        ``fn`` must touch only parameter ``i``: the parameters are independent, which is what
-        makes the parallel result equal to the sequential one bit for bit.
+        Inside a job, with one thread, or when they are small, they run inline, in the given order.
         """
-        order = list(range(len(self.params))) if indices is None else list(indices)
-
-        def call(i: int) -> T:
-            with torch.no_grad():  # grad mode is per thread
-                return fn(i)
-
-        if self.threads == 1 or len(order) < 2:
-            return [call(i) for i in order]
+        small = sum(cost for cost, _ in jobs) < INLINE_MAX_NUMEL  # waking a thread costs more than the work
+        if self.threads == 1 or len(jobs) < 2 or small or getattr(_IN_WORKER, "active", False):
+            with torch.no_grad():
+                for _, fn in jobs:
+                    fn()
+            return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="ray-s2p-noise")
-        futures = {i: self._pool.submit(call, i) for i in sorted(order, key=self._submit_order.__getitem__)}
-        return [futures[i].result() for i in order]
+        futures = [self._pool.submit(_as_worker, fn) for _, fn in sorted(jobs, key=lambda job: -job[0])]
+        wait(futures)  # every job has finished writing before an error is raised
+        for future in futures:
+            future.result()
 
     @property
     def dim(self) -> int:
@@ -157,6 +106,16 @@ class DirectionSpace:
     def is_lowrank(self, index: int) -> bool:
         """True when parameter ``index`` gets low-rank directions (a 2-D weight under distribution=lowrank)."""
         return self.distribution == "lowrank" and self.params[index].ndim == 2
+
+    def _chunked(self, index: int) -> bool:
+        # Gaussian, Rademacher and sphere noise of a contiguous parameter is made chunk by chunk.
+        return (self.distribution in ("gaussian", "rademacher", "sphere")
+                or (self.distribution == "lowrank" and not self.is_lowrank(index))
+                ) and self.params[index].is_contiguous()
+
+    def _stream(self) -> str:
+        # The chunk distribution: lowrank's vectors and sphere's raw numbers are Gaussian.
+        return "rademacher" if self.distribution == "rademacher" else "gaussian"
 
     def factors(self, seed: int, index: int, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """U, V of parameter ``index`` for direction ``seed`` (``step`` is needed for lazy V)."""
@@ -177,11 +136,7 @@ class DirectionSpace:
             return self.table.window(key, p.numel()).view(p.shape)
         if self.is_lowrank(index):
             return materialise(*self.factors(seed, index, step))
-        gen = torch.Generator(device=p.device)
-        gen.manual_seed(key)
-        if self.distribution == "rademacher":
-            return rademacher(p.shape, gen, p.device)
-        return torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
+        return draw(p.shape, key, self._stream(), p.device)
 
     def noise(self, seed: int, index: int, step: int | None = None) -> torch.Tensor:
         """z restricted to parameter ``index`` (float32), for direction ``seed``."""
@@ -191,23 +146,71 @@ class DirectionSpace:
         return z
 
     def _sphere(self, seed: int) -> float:
-        # Normalising needs the global norm: one extra generation pass per seed, cached.
-        # (map_params threads may ask at once: they compute the same value, and each returns its own.)
+        # Normalising needs the global norm: one extra generation pass per seed (chunk jobs), cached.
         scale = self._sphere_scale.get(seed)
         if scale is None:
-            sq = sum(float(self.raw_noise(seed, i).double().pow(2).sum()) for i in range(len(self.params)))
+            parts: dict[tuple[int, int], float] = {}
+            jobs: list[Job] = []
+            for i, p in enumerate(self.params):
+                for k, (lo, hi) in enumerate(chunk_bounds(p.numel())):
+                    def square_sum(i: int = i, k: int = k, n: int = hi - lo, device: torch.device = p.device) -> None:
+                        z = fill_chunk(torch.empty(n, dtype=torch.float32, device=device), mix_seed(seed, i), k,
+                                       "gaussian")
+                        parts[(i, k)] = float(z.double().pow(2).sum())
+                    jobs.append((hi - lo, square_sum))
+            self.run_jobs(jobs)
+            sq = sum(parts[key] for key in sorted(parts))  # a fixed order: the same float on every replica
             scale = math.sqrt(self.dim / sq) if sq > 0 else 0.0
             if len(self._sphere_scale) > 64:
                 self._sphere_scale.clear()
             self._sphere_scale[seed] = scale
         return scale
 
+    def perturbed_many(self, seed: int, indices: Sequence[int], radius: float, step: int | None = None,
+                       out: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+        """New tensors x_i + radius * z_i for each ``i`` in ``indices``, in the parameters' dtypes.
+
+        The parameters themselves are not touched. Chunked noise is drawn into the output and the
+        parameter added while the chunk is in cache, on ``threads`` threads.
+
+        Args:
+            out: optional float32 buffers of each parameter's size to write into (None: a new tensor);
+                reusing them spares the page faults of a fresh allocation of a large tensor.
+        """
+        factor = radius * self._sphere(seed) if self.distribution == "sphere" else radius
+        outs: list[torch.Tensor] = []
+        jobs: list[Job] = []
+        for slot, i in enumerate(indices):
+            p = self.params[i]
+            given = out[slot] if out is not None else None
+            buffer = given.view(-1) if given is not None else None
+            if buffer is None or buffer.numel() != p.numel() or buffer.dtype != torch.float32:
+                buffer = torch.empty(p.numel(), dtype=torch.float32, device=p.device)
+            out_i = buffer
+            outs.append(out_i)
+            if not self._chunked(i):
+                def whole(i: int = i, out: torch.Tensor = out_i) -> None:
+                    out.copy_(self.params[i].detach().to(torch.float32).add(self.noise(seed, i, step),
+                                                                             alpha=radius).reshape(-1))
+                jobs.append((self.params[i].numel(), whole))
+                continue
+            flat = p.detach().reshape(-1)
+            bounds = chunk_bounds(p.numel())
+            if len(bounds) == 1 and p.numel() <= INLINE_MAX_NUMEL:  # one small chunk (a bias, a norm): no job
+                fill_chunk(out_i, mix_seed(seed, i), 0, self._stream()).mul_(factor).add_(flat.to(torch.float32))
+                continue
+            for k, (lo, hi) in enumerate(bounds):
+                def part(k: int = k, lo: int = lo, hi: int = hi, out: torch.Tensor = out_i, flat: torch.Tensor = flat,
+                         key: int = mix_seed(seed, i)) -> None:
+                    z = fill_chunk(out[lo:hi], key, k, self._stream())
+                    z.mul_(factor).add_(flat[lo:hi].to(torch.float32))
+                jobs.append((hi - lo, part))
+        self.run_jobs(jobs)
+        return [o.view(self.params[i].shape).to(self.params[i].dtype) for i, o in zip(indices, outs)]
+
     def perturbed(self, seed: int, index: int, radius: float, step: int | None = None) -> torch.Tensor:
         """A new tensor x_index + radius * z_index in the parameter's dtype (x itself is not touched)."""
-        p = self.params[index]
-        z = self.noise(seed, index, step)
-        out = p.detach().to(torch.float32).add(z, alpha=radius)
-        return out.to(p.dtype)
+        return self.perturbed_many(seed, [index], radius, step)[0]
 
 
 def select_parameters(model: torch.nn.Module, names: Sequence[str] | None = None) -> tuple[list[str], list[torch.nn.Parameter]]:
@@ -239,12 +242,12 @@ def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], para
                  step: int | None = None) -> None:
     """x <- param_scale * x + sum_i c_i z_i, in place, in a fixed order.
 
-    The order is parameter by parameter (canonical order), and within one
-    parameter the pairs in the given order; replay uses the same function, so
-    training and replay produce the same bits. The sum is accumulated in float32
-    and then cast to the parameter's dtype (fp32 master parameters: tiny steps
-    are not rounded away). A low-rank parameter takes all directions in one product
-    (``lowrank.add_lowrank``), which costs N r (m + n) noise numbers and one GEMM.
+    Every element gets ``param_scale`` first, then the pairs in the given order;
+    replay uses the same function, so training and replay produce the same bits.
+    Chunked noise is added chunk by chunk (one chunk of noise per thread at a time);
+    each addition is rounded to the parameter's dtype. A low-rank parameter takes all
+    directions in one product (``lowrank.add_lowrank``), which costs N r (m + n) noise
+    numbers and one GEMM.
 
     Args:
         space: the selected parameters.
@@ -255,15 +258,31 @@ def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], para
     active = [(s, c) for s, c in pairs if c != 0.0]
     if not active and param_scale == 1.0:
         return
-
-    def update(i: int) -> None:
-        p = space.params[i]
-        if param_scale != 1.0:
-            p.mul_(param_scale)
-        if space.is_lowrank(i):
-            add_lowrank(p, [(coefficient, *space.factors(seed, i, step)) for seed, coefficient in active])
-            return
-        for seed, coefficient in active:
-            p.add_(space.noise(seed, i, step).to(p.dtype), alpha=coefficient)
-
-    space.map_params(update)
+    # Sphere scales need every parameter's noise: computed here, before the jobs that use them.
+    scales = {s: space._sphere(s) for s, _ in active} if space.distribution == "sphere" else {}
+    jobs: list[Job] = []
+    for i, p in enumerate(space.params):
+        if not space._chunked(i):
+            def whole(i: int = i, p: torch.Tensor = p) -> None:
+                if param_scale != 1.0:
+                    p.mul_(param_scale)
+                if space.is_lowrank(i):
+                    add_lowrank(p, [(c, *space.factors(s, i, step)) for s, c in active])
+                    return
+                for s, c in active:
+                    p.add_(space.noise(s, i, step).to(p.dtype), alpha=c)
+            jobs.append((p.numel(), whole))
+            continue
+        flat = p.detach().view(-1)
+        for k, (lo, hi) in enumerate(chunk_bounds(p.numel())):
+            def part(i: int = i, k: int = k, segment: torch.Tensor = flat[lo:hi]) -> None:
+                if param_scale != 1.0:
+                    segment.mul_(param_scale)
+                buffer = torch.empty(segment.numel(), dtype=torch.float32, device=segment.device)
+                for s, c in active:
+                    z = fill_chunk(buffer, mix_seed(s, i), k, space._stream())
+                    if scales:
+                        z.mul_(scales[s])
+                    segment.add_(z.to(segment.dtype), alpha=c)
+            jobs.append((hi - lo, part))
+    space.run_jobs(jobs)

@@ -12,7 +12,7 @@ derivative along Z (docs/method.md, section 7).
 What makes them cheap is that Z never needs to exist:
 
 - probes: a linear layer's output gets ``rho * (x V) U^T / sqrt(r)`` added
-  (``output_delta``), an embedding's output the rows ``rho * U[ids] V^T / sqrt(r)``;
+  (``add_output_delta``), an embedding's output the rows ``rho * U[ids] V^T / sqrt(r)``;
   W itself is never touched, so it stays bitwise intact;
 - updates: N directions of one step are one product per matrix,
   ``W += [c_1 U_1 ... c_N U_N] [V_1 ... V_N]^T / sqrt(r)`` (``add_lowrank``).
@@ -74,26 +74,39 @@ def supports_output_delta(module: torch.nn.Module, param: torch.nn.Parameter) ->
     return isinstance(module, torch.nn.Embedding) and module.max_norm is None
 
 
-def output_delta(module: torch.nn.Module, inputs: tuple, u: torch.Tensor, v: torch.Tensor,
-                 radius: float) -> torch.Tensor:
-    """What ``radius * Z`` in place of 0 adds to the module's output, with Z = U V^T / sqrt(r).
+def add_output_delta(module: torch.nn.Module, inputs: tuple, output: torch.Tensor, u: torch.Tensor,
+                     v: torch.Tensor, radius: float) -> torch.Tensor:
+    """The module's output with what ``radius * Z`` in place of 0 adds to it, Z = U V^T / sqrt(r).
 
     - nn.Linear, W (out, in) = U V^T: x Z^T = (x V) U^T;
     - Conv1D, W (in, out) = U V^T: x Z = (x U) V^T;
     - nn.Embedding, W (rows, dim): Z[ids] = U[ids] V^T.
+
+    A float32 contiguous output (a fresh tensor made by the module) gets the delta added in
+    place, as one ``addmm_`` of the skinny factors: no output-sized temporary.
     """
-    scale = radius / math.sqrt(u.shape[1])
+    rank = u.shape[1]
+    scale = radius / math.sqrt(rank)
     x = inputs[0]
+    # x @ V is written as linear(x, V^T) with V^T contiguous: the skinny (tokens x n) @ (n x r) GEMM
+    # takes a slow path in the BLAS otherwise (about 5x slower on a CPU, measured in docs/benchmarks.md).
     if isinstance(module, torch.nn.Embedding):
-        return (u[x] @ v.T).mul_(scale)
-    x32 = x.to(torch.float32)
-    if is_conv1d(module):
-        return ((x32 @ u) @ v.T).mul_(scale)
-    return ((x32 @ v) @ u.T).mul_(scale)
+        left, right = u[x], v
+    elif is_conv1d(module):
+        left, right = torch.nn.functional.linear(x.to(torch.float32), u.T.contiguous()), v
+    else:
+        left, right = torch.nn.functional.linear(x.to(torch.float32), v.T.contiguous()), u
+    if output.dtype == torch.float32 and output.is_contiguous():
+        output.view(-1, output.shape[-1]).addmm_(left.reshape(-1, rank), right.T, alpha=scale)
+        return output
+    return output + (left @ right.T).mul_(scale).to(output.dtype)
 
 
 def add_lowrank(param: torch.Tensor, factors: Sequence[tuple[float, torch.Tensor, torch.Tensor]]) -> None:
     """param += sum_i c_i U_i V_i^T / sqrt(r), as one (m x Nr) @ (Nr x n) product, in place.
+
+    When every direction shares V (lazy V within its window) the sum is (sum_i c_i U_i) V^T:
+    one (m x r) @ (r x n) product, whatever the number of directions.
 
     The product is formed in float32 and added once; for a float32 parameter ``addmm_``
     adds it without a temporary of the parameter's size.
@@ -101,8 +114,16 @@ def add_lowrank(param: torch.Tensor, factors: Sequence[tuple[float, torch.Tensor
     if not factors:
         return
     rank = factors[0][1].shape[1]
-    us = torch.cat([u * c for c, u, _ in factors], dim=1)
-    vs = torch.cat([v for _, _, v in factors], dim=1)
+    v0 = factors[0][2]
+    if all(torch.equal(v, v0) for _, _, v in factors[1:]):
+        # Lazy V shared by every direction: sum_i c_i U_i V^T = (sum_i c_i U_i) V^T, one rank-r product.
+        us = factors[0][1] * factors[0][0]
+        for c, u, _ in factors[1:]:
+            us.add_(u, alpha=c)
+        vs = v0
+    else:
+        us = torch.cat([u * c for c, u, _ in factors], dim=1)
+        vs = torch.cat([v for _, _, v in factors], dim=1)
     alpha = 1.0 / math.sqrt(rank)
     if param.dtype == torch.float32:
         param.addmm_(us, vs.T, alpha=alpha)

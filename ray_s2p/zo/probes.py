@@ -28,7 +28,13 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .directions import DirectionSpace
-from .lowrank import output_delta, supports_output_delta
+from .lowrank import add_output_delta, supports_output_delta
+
+
+# Layers whose forward reads their parameters without returning a view of them, so a perturbed copy
+# can be overwritten once their forward has returned.
+COPYING_LAYERS = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm, torch.nn.Conv1d, torch.nn.Conv2d)
+REUSE_MIN_NUMEL = 1 << 18  # 1 MB of float32: below this the allocator reuses memory by itself
 
 
 class Prober:
@@ -45,6 +51,11 @@ class Prober:
         self._eager: set[int] | None = None  # params swapped for the whole forward under 'hooks'
         # (module, parameters swapped for its forward, low-rank weights added to its output)
         self._owners: list[tuple[torch.nn.Module, list[int], list[int]]] = []
+        # Large float32 parameters of layers whose outputs never alias their weights get their perturbed
+        # copies in buffers kept from one probe to the next (numel -> free buffers): a fresh allocation of
+        # tens of MB costs page faults every probe. Held between probes: the largest module's copies.
+        self._reusable: set[int] = set()
+        self._scratch: dict[int, list[torch.Tensor]] = {}
         if mechanism == "hooks":
             by_id = {id(p): i for i, p in enumerate(space.params)}
             for module in model.modules():  # type: ignore[union-attr]
@@ -53,6 +64,9 @@ class Prober:
                 swapped = [i for i in owned if i not in added]
                 if owned:
                     self._owners.append((module, swapped, added))
+                if isinstance(module, COPYING_LAYERS):
+                    self._reusable.update(i for i in swapped if space.params[i].dtype == torch.float32
+                                          and space.params[i].numel() >= REUSE_MIN_NUMEL)
 
     def evaluate(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float,
                  step: int | None = None) -> float:
@@ -74,7 +88,7 @@ class Prober:
     def _swapped(self, indices: Sequence[int] | range, seed: int, radius: float,
                  step: int | None) -> Iterator[None]:
         originals = []
-        perturbed = self.space.map_params(lambda i: self.space.perturbed(seed, i, radius, step), indices)
+        perturbed = self.space.perturbed_many(seed, list(indices), radius, step)
         try:
             for i, values in zip(indices, perturbed):
                 p = self.space.params[i]
@@ -95,10 +109,12 @@ class Prober:
 
         def pre_hook(indices: list[int]) -> Callable:
             def hook(module: torch.nn.Module, args: object) -> None:
-                for i in active(indices):
+                chosen = active(indices)
+                buffers = [self._take(i) for i in chosen]
+                for i, values in zip(chosen, self.space.perturbed_many(seed, chosen, radius, step, buffers)):
                     p = self.space.params[i]
                     saved.setdefault(i, []).append(p.data)
-                    p.data = self.space.perturbed(seed, i, radius, step)
+                    p.data = values
                     fired.add(i)
             return hook
 
@@ -107,7 +123,10 @@ class Prober:
                 for i in indices:
                     stack = saved.get(i)
                     if stack:
-                        self.space.params[i].data = stack.pop()
+                        p = self.space.params[i]
+                        if i in self._reusable:
+                            self._scratch.setdefault(p.numel(), []).append(p.data)
+                        p.data = stack.pop()
             return hook
 
         def delta_hook(indices: list[int]) -> Callable:
@@ -116,7 +135,7 @@ class Prober:
                 inputs = args if args else tuple(kwargs.values())
                 for i in active(indices):
                     u, v = self.space.factors(seed, i, step)
-                    output = output + output_delta(module, inputs, u, v, radius).to(output.dtype)
+                    output = add_output_delta(module, inputs, output, u, v, radius)
                     fired.add(i)
                 return output
             return hook
@@ -144,6 +163,13 @@ class Prober:
             if self._eager:
                 return self._hooked(loss_fn, seed, radius, step)
         return loss
+
+    def _take(self, index: int) -> torch.Tensor | None:
+        """A kept buffer for parameter ``index``'s perturbed copy, or None (a new one is allocated)."""
+        if index not in self._reusable:
+            return None
+        free = self._scratch.get(self.space.params[index].numel())
+        return free.pop() if free else None
 
     def _naive(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float, step: int | None) -> float:
         for i, p in enumerate(self.space.params):

@@ -90,6 +90,22 @@ def test_lowrank_update_equals_the_sum_of_materialised_directions_and_is_thread_
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_lazy_v_update_is_one_product_equal_to_the_sum_of_directions():
+    # Every direction of a window shares V, so the update collapses to (sum_i c_i U_i) V^T.
+    pairs = [(mix_seed(6, j), c) for j, c in enumerate([0.03, -0.02, 0.01])]
+    model, reference = TinyLM(), TinyLM()
+    space, ref_space = lowrank_space(model, interval=4), lowrank_space(reference, interval=4)
+    assert torch.equal(space.factors(pairs[0][0], 1, 5)[1], space.factors(pairs[1][0], 1, 5)[1])
+    apply_update(space, pairs, step=5)
+    with torch.no_grad():
+        for i, p in enumerate(ref_space.params):
+            for seed, c in pairs:
+                p.add_(ref_space.noise(seed, i, 5), alpha=c)
+    for a, b, untouched in zip(model.parameters(), reference.parameters(), TinyLM().parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+        assert not torch.equal(a, untouched)
+
+
 def test_lazy_v_keeps_v_for_the_interval_and_needs_the_step():
     space = lowrank_space(TinyLM(), interval=3)
     v = [space.factors(mix_seed(9, step), 1, step)[1] for step in (1, 2, 3, 4)]

@@ -9,6 +9,7 @@ import torch
 
 from ray_s2p.distributed.digest import model_digest
 from ray_s2p.zo.directions import DirectionSpace, NoiseTable, apply_update, mix_seed, select_parameters
+from ray_s2p.zo import noise
 from ray_s2p.zo.probes import Prober
 
 
@@ -187,8 +188,9 @@ def test_table_too_small_names_the_fix():
         space2.noise(1, 0)
 
 
-@pytest.mark.parametrize("distribution", ["gaussian", "sphere", "table"])
-def test_noise_threads_change_nothing_but_speed(distribution):
+@pytest.mark.parametrize("chunk", [None, 1000])
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher", "sphere", "table"])
+def test_noise_threads_change_nothing_but_speed(distribution, chunk, monkeypatch):
     # Parameters are made and updated on several threads at once; each parameter's own noise and
     # arithmetic are unchanged, so probes and updates must equal the one-thread ones bit for bit.
     def wide(seed: int) -> torch.nn.Module:
@@ -196,6 +198,8 @@ def test_noise_threads_change_nothing_but_speed(distribution):
         return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 256),
                                    torch.nn.Tanh(), torch.nn.Linear(256, 3))
 
+    if chunk is not None:  # several chunks per weight, drawn on different threads
+        monkeypatch.setattr(noise, "CHUNK", chunk)
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
     pairs = [(mix_seed(9, j), c) for j, c in enumerate([0.02, -0.01, 0.005])]
     digests, losses = [], []
@@ -212,3 +216,32 @@ def test_noise_threads_change_nothing_but_speed(distribution):
     assert losses[0] == losses[1] and digests[0] == digests[1]
     with pytest.raises(ValueError, match="threads must be >= 1"):
         DirectionSpace(names, params, "gaussian", None, threads=0)
+
+
+def test_chunked_streams(monkeypatch):
+    # A parameter of at most CHUNK elements has one randn's noise; a longer one has fresh
+    # numbers in every chunk (not chunk 0 repeated), and a parameter's noise does not depend
+    # on how the chunks are cut into jobs.
+    monkeypatch.setattr(noise, "CHUNK", 64)
+    weight = torch.nn.Parameter(torch.zeros(10, 20))  # 200 elements: chunks of 64, 64, 64, 8
+    small = torch.nn.Parameter(torch.zeros(7, 9))
+    space = DirectionSpace(["w", "s"], [weight, small], "gaussian", None, threads=2)
+    key = mix_seed(5, 1)
+    assert torch.equal(space.noise(5, 1), torch.randn(7, 9, generator=torch.Generator().manual_seed(key)))
+    z = space.noise(5, 0).reshape(-1)
+    assert not torch.equal(z[:64], z[64:128])
+    expected = torch.cat([torch.randn(hi - lo, generator=torch.Generator().manual_seed(noise.chunk_key(mix_seed(5, 0), k)))
+                          for k, (lo, hi) in enumerate(noise.chunk_bounds(200))])
+    assert torch.equal(z, expected)
+    assert torch.equal(space.perturbed(5, 0, 0.5).reshape(-1), expected * 0.5)
+    apply_update(space, [(5, 2.0)])
+    assert torch.equal(weight.detach().reshape(-1), expected * 2.0)
+
+
+def test_rademacher_signs_are_the_bits_of_the_random_words():
+    gen = torch.Generator().manual_seed(3)
+    words = torch.randint(-(1 << 63), (1 << 63) - 1, (2,), generator=gen, dtype=torch.int64)
+    bits = [(int(b) >> j) & 1 for b in words.view(torch.uint8) for j in range(8)]
+    for numel in (128, 100):  # a whole number of words, and a partial last word
+        out = noise.rademacher_fill(torch.empty(numel), torch.Generator().manual_seed(3))
+        assert out.tolist() == [2.0 * b - 1.0 for b in bits[:numel]]
