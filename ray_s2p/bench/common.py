@@ -160,6 +160,27 @@ def median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device | s
     return statistics.median(times)
 
 
+def paired_median_seconds(reference: Callable[[], Any], fn: Callable[[], Any], repeats: int,
+                          device: torch.device | str | None = None) -> tuple[float, float]:
+    """Medians of ``reference()`` and ``fn()`` timed in alternation (A B A B ...), after one warm-up each.
+
+    On a shared machine whose speed drifts by tens of percent within a minute, two
+    medians taken at different times give a ratio that measures the drift; taken in
+    alternation, both see the same machine.
+    """
+    reference()
+    fn()
+    synchronize(device)
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(max(1, repeats)):
+        for slot, call in enumerate((reference, fn)):
+            start = time.perf_counter()
+            call()
+            synchronize(device)
+            times[slot].append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def log(message: str) -> None:
     """Progress and driver messages go to stderr: stdout carries only the JSON lines."""
     print(message, file=sys.stderr, flush=True)

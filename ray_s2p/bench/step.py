@@ -17,10 +17,11 @@ own first training batch. Output keys:
 - ``variants``: per ``hooks_gaussian``, ``swap_gaussian``, ``hooks_table``,
   ``swap_table``, ``hooks_rademacher``, ``hooks_lowrank`` (full engine steps: ProbeRequest with radii (rho, -rho) plus the
   previous step's update with one (seed, coef) pair) and ``naive_mezo`` (in-place
-  +rho, -2 rho, +rho, update; z regenerated with randn each time): ``step_s``,
-  ``ratio`` (step_s / two_forwards_s), ``generations_per_step``, ``rng_share``
+  +rho, -2 rho, +rho, update; z regenerated with randn each time): ``step_s`` and
+  ``two_forwards_s`` (timed in alternation, A B A B, so both see the same machine),
+  ``ratio`` (step_s / that two_forwards_s), ``generations_per_step``, ``rng_share``
   (the probes' noise and the update, 2 x copies + update, over step_s; naive: 4 serial
-  generations), ``speedup_vs_naive_mezo``.
+  generations), ``speedup_vs_naive_mezo`` (the naive step's ratio over this one's).
 - ``split`` (seconds): ``copies_<distribution>_s`` (one direction's perturbed copies of
   every parameter, noise drawn and added on the noise threads, what the swap probes make;
   for low-rank only the vectors are copied and U, V drawn), ``serial_randn_s`` (one
@@ -43,7 +44,7 @@ from ..config import RunConfig
 from ..distributed.engine import ReplicaEngine, build_space, to_device
 from ..distributed.messages import ProbeRequest, Update
 from ..zo.directions import DirectionSpace, apply_update, mix_seed, select_parameters
-from .common import BENCH_SEED, BenchContext, config_essentials, log, median_seconds
+from .common import BENCH_SEED, BenchContext, config_essentials, log, median_seconds, paired_median_seconds
 
 VARIANTS = (("hooks", "gaussian"), ("swap", "gaussian"), ("hooks", "table"), ("swap", "table"),
             ("hooks", "rademacher"), ("hooks", "lowrank"))
@@ -233,13 +234,15 @@ def bench_step(ctx: BenchContext) -> dict[str, Any]:
     split.update({f"update_{d}_s": median_seconds(update_fn(sp), repeats, device) for d, sp in spaces.items()})
     memory = mechanism_memory(first.model, space_g, base.perturbation.table_size)
 
+    # Each step is timed in alternation with two bare forwards: its ratio compares the two on the same machine.
     steps: dict[str, float] = {}
+    floors: dict[str, float] = {}
     for mechanism, distribution in VARIANTS:
         name = f"{mechanism}_{distribution}"
         log(f"  timing {name}")
         engine = first if name == "hooks_gaussian" else ReplicaEngine(variant_config(mechanism, distribution), 0,
                                                                       task=fixed)
-        steps[name] = median_seconds(engine_step_fn(engine, rho), repeats, device)
+        floors[name], steps[name] = paired_median_seconds(two_forwards, engine_step_fn(engine, rho), repeats, device)
         if engine is not first:
             del engine  # one extra model at a time
     split["remainder_s"] = steps["hooks_gaussian"] - (2 * split["copies_gaussian_s"] + 2 * forward
@@ -252,8 +255,8 @@ def bench_step(ctx: BenchContext) -> dict[str, Any]:
         naive_model.to(device)
     with torch.no_grad():
         naive_batch = task.prepare(naive_model, on_device, names)
-    steps["naive_mezo"] = median_seconds(naive_mezo_fn(params, lambda: task.loss(naive_model, naive_batch), rho),
-                                         repeats, device)
+    floors["naive_mezo"], steps["naive_mezo"] = paired_median_seconds(
+        two_forwards, naive_mezo_fn(params, lambda: task.loss(naive_model, naive_batch), rho), repeats, device)
     del naive_model, params
 
     variants = {}
@@ -263,9 +266,11 @@ def bench_step(ctx: BenchContext) -> dict[str, Any]:
         distribution = name.split("_", 1)[1]
         noise = (4 * split["serial_randn_s"] if name == "naive_mezo"
                  else 2 * split[f"copies_{distribution}_s"] + split[f"update_{distribution}_s"])
-        variants[name] = {"step_s": seconds, "ratio": seconds / floor, "generations_per_step": generations,
-                          "rng_share": noise / seconds,
-                          "speedup_vs_naive_mezo": steps["naive_mezo"] / seconds}
+        ratio = seconds / floors[name]
+        variants[name] = {"step_s": seconds, "two_forwards_s": floors[name], "ratio": ratio,
+                          "generations_per_step": generations, "rng_share": noise / seconds,
+                          # Both ratios are to their own paired floors, so machine drift between them cancels.
+                          "speedup_vs_naive_mezo": steps["naive_mezo"] / floors["naive_mezo"] / ratio}
         if name == "naive_mezo":
             continue
         limit = 1.1 if device.type == "cuda" else RATIO_MAX_CPU[distribution]
