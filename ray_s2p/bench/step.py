@@ -18,7 +18,8 @@ own first training batch. Output keys:
   ``swap_table``, ``hooks_rademacher``, ``hooks_lowrank`` (full engine steps: ProbeRequest with radii (rho, -rho) plus the
   previous step's update with one (seed, coef) pair) and ``naive_mezo`` (in-place
   +rho, -2 rho, +rho, update; z regenerated with randn each time): ``step_s`` and
-  ``two_forwards_s`` (timed in alternation, A B A B, so both see the same machine),
+  ``two_forwards_s`` (two bare forwards of the same model, timed in alternation with the
+  step, A B A B, so both see the same machine),
   ``ratio`` (step_s / that two_forwards_s), ``generations_per_step``, ``rng_share``
   (the probes' noise and the update, 2 x copies + update, over step_s; naive: 4 serial
   generations), ``speedup_vs_naive_mezo`` (the naive step's ratio over this one's).
@@ -215,10 +216,18 @@ def bench_step(ctx: BenchContext) -> dict[str, Any]:
     def loss() -> torch.Tensor:
         return task.loss(first.model, prepared)
 
-    def two_forwards() -> None:
+    def two_forwards_of(model: torch.nn.Module, trainable: list[str]) -> Callable[[], None]:
+        """Two bare forwards of ``model`` (the floor a step of that model is paired with)."""
         with torch.no_grad():
-            float(loss())
-            float(loss())
+            inputs = task.prepare(model, on_device, trainable)
+
+        def run() -> None:
+            with torch.no_grad():
+                float(task.loss(model, inputs))
+                float(task.loss(model, inputs))
+        return run
+
+    two_forwards = two_forwards_of(first.model, first.trainable)
 
     floor = median_seconds(two_forwards, repeats, device)
     forward = floor / 2.0
@@ -242,7 +251,8 @@ def bench_step(ctx: BenchContext) -> dict[str, Any]:
         log(f"  timing {name}")
         engine = first if name == "hooks_gaussian" else ReplicaEngine(variant_config(mechanism, distribution), 0,
                                                                       task=fixed)
-        floors[name], steps[name] = paired_median_seconds(two_forwards, engine_step_fn(engine, rho), repeats, device)
+        floors[name], steps[name] = paired_median_seconds(two_forwards_of(engine.model, engine.trainable),
+                                                          engine_step_fn(engine, rho), repeats, device)
         if engine is not first:
             del engine  # one extra model at a time
     split["remainder_s"] = steps["hooks_gaussian"] - (2 * split["copies_gaussian_s"] + 2 * forward
@@ -256,7 +266,7 @@ def bench_step(ctx: BenchContext) -> dict[str, Any]:
     with torch.no_grad():
         naive_batch = task.prepare(naive_model, on_device, names)
     floors["naive_mezo"], steps["naive_mezo"] = paired_median_seconds(
-        two_forwards, naive_mezo_fn(params, lambda: task.loss(naive_model, naive_batch), rho), repeats, device)
+        two_forwards_of(naive_model, names), naive_mezo_fn(params, lambda: task.loss(naive_model, naive_batch), rho), repeats, device)
     del naive_model, params
 
     variants = {}
