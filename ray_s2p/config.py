@@ -157,6 +157,20 @@ class PerturbationConfig:
         _require(self.table_size >= 1024, "perturbation.table_size", f"got {self.table_size}", "use at least 1024")
 
 
+WEIGHT_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """The dtype the replicas keep their weights in (``task.precision`` is the forward's autocast)."""
+
+    weights: str = "fp32"             # fp32, or bf16 / fp16: 2 bytes per parameter, updates rounded stochastically
+
+    def __post_init__(self) -> None:
+        _require(self.weights in WEIGHT_PRECISIONS, "precision.weights", f"got {self.weights!r}",
+                 "use fp32, bf16 or fp16 (task.precision is the forward's autocast, a different setting)")
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """Replicas and their resources."""
@@ -210,6 +224,7 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     perturbation: PerturbationConfig = field(default_factory=PerturbationConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:

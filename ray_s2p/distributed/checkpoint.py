@@ -42,6 +42,11 @@ class Checkpoint:
 def config_fingerprint(config_dict: dict[str, Any]) -> str:
     """sha256 of the parts of a config that change the trajectory (not steps, logging or cluster size)."""
     keep = {k: v for k, v in config_dict.items() if k in ("seed", "task", "optimizer", "perturbation")}
+    weights = (config_dict.get("precision") or {}).get("weights", "fp32")
+    if weights != "fp32":
+        # Only half-precision weights change the trajectory; fp32 runs keep the fingerprint they had
+        # before the precision section existed.
+        keep["precision"] = {"weights": weights}
     perturbation = dict(keep.get("perturbation") or {})
     if perturbation.get("distribution") != "lowrank":
         # The low-rank keys change nothing else, so runs from before they existed keep their fingerprint.
@@ -107,8 +112,8 @@ def load_checkpoint(path: Path, fingerprint: str | None = None) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path.name!r}: params.safetensors fails its checksum "
                               f"(truncated or corrupted). Fix: delete it to fall back to an older checkpoint")
     if fingerprint is not None and state.get("config_fingerprint") != fingerprint:
-        raise CheckpointError(f"checkpoint {path.name!r} belongs to another config (seed, task, optimizer or "
-                              f"perturbation differ). Fix: resume with the run's own config.yaml")
+        raise CheckpointError(f"checkpoint {path.name!r} belongs to another config (seed, task, optimizer, "
+                              f"perturbation or precision differ). Fix: resume with the run's own config.yaml")
     tensors = load_file(str(tensor_file))
     return Checkpoint(int(state["step"]), tensors, state.get("rule_state") or {}, state)
 
