@@ -26,8 +26,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .lowrank import add_lowrank, draw_factors, materialise
+from .factors import FactorStreams
+from .lowrank import add_lowrank, materialise
 from .noise import NoiseTable, chunk_bounds, draw, fill_chunk, mix_seed
+from .rounding import HALF_DTYPES, stochastic_round
 
 DISTRIBUTIONS = ("gaussian", "rademacher", "sphere", "table", "lowrank")
 Job = tuple[int, Callable[[], None]]  # (cost in elements, work); jobs touch disjoint memory
@@ -56,7 +58,8 @@ class DirectionSpace:
             uses one core, 2 threads halve the time of Gaussian noise.
         rank: r of the low-rank directions (distribution=lowrank).
         lowrank_interval: lazy V: V is redrawn every this many steps (1: with every direction).
-        lowrank_seed: the run seed, which lazy V's generator seeds mix in.
+        run_seed: the run seed, which lazy V's generator seeds and the stochastic rounding of
+            bf16/fp16 parameters (``apply_update``) mix in.
     """
 
     names: list[str]
@@ -66,7 +69,7 @@ class DirectionSpace:
     threads: int = 1
     rank: int = 2
     lowrank_interval: int = 1
-    lowrank_seed: int = 0
+    run_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.distribution not in DISTRIBUTIONS:
@@ -79,6 +82,9 @@ class DirectionSpace:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         self._sphere_scale: dict[int, float] = {}
         self._pool: ThreadPoolExecutor | None = None
+        matrices = [(i, (int(p.shape[0]), int(p.shape[1]))) for i, p in enumerate(self.params) if self.is_lowrank(i)]
+        self.factor_streams = FactorStreams(matrices, self.rank, self.lowrank_interval, self.run_seed,
+                                            self.params[matrices[0][0]].device if matrices else torch.device("cpu"))
 
     def run_jobs(self, jobs: list[Job]) -> None:
         """Run independent jobs on ``threads`` threads, largest first, under no_grad; re-raise the first error.
@@ -118,14 +124,11 @@ class DirectionSpace:
         return "rademacher" if self.distribution == "rademacher" else "gaussian"
 
     def factors(self, seed: int, index: int, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """U, V of parameter ``index`` for direction ``seed`` (``step`` is needed for lazy V)."""
-        p = self.params[index]
-        v_key = None
-        if self.lowrank_interval > 1:
-            if step is None:
-                raise ValueError("lazy V (perturbation.lowrank_interval > 1) needs the step of the direction")
-            v_key = mix_seed(self.lowrank_seed, (step - 1) // self.lowrank_interval, index)
-        return draw_factors(mix_seed(seed, index), p.shape, self.rank, p.device, v_key)
+        """U, V of low-rank parameter ``index`` for direction ``seed`` (``step`` is needed for lazy V).
+
+        Views into the direction's factor streams (factors.py), drawn once for all matrices.
+        """
+        return self.factor_streams.factors(seed, index, step, self.params[index].device)
 
     def raw_noise(self, seed: int, index: int, step: int | None = None) -> torch.Tensor:
         """Unscaled noise for parameter ``index`` of direction ``seed`` (float32, on the parameter's device)."""
@@ -238,51 +241,88 @@ def select_parameters(model: torch.nn.Module, names: Sequence[str] | None = None
     return [n for n, _ in chosen], [p for _, p in chosen]
 
 
+def rounding_generator(space: DirectionSpace, step: int, index: int, chunk: int,
+                       device: torch.device) -> torch.Generator:
+    """The generator of the stochastic rounding of chunk ``chunk`` of parameter ``index`` at ``step``.
+
+    Seeded with ``mix_seed(run_seed, step, index, chunk)``: a function of the run and the
+    element's position only, so every replica, every thread count and every replay rounds
+    each element the same way.
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(mix_seed(space.run_seed, step, index, chunk))
+    return gen
+
+
 def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], param_scale: float = 1.0,
                  step: int | None = None) -> None:
     """x <- param_scale * x + sum_i c_i z_i, in place, in a fixed order.
 
     Every element gets ``param_scale`` first, then the pairs in the given order;
     replay uses the same function, so training and replay produce the same bits.
-    Chunked noise is added chunk by chunk (one chunk of noise per thread at a time);
-    each addition is rounded to the parameter's dtype. A low-rank parameter takes all
-    directions in one product (``lowrank.add_lowrank``), which costs N r (m + n) noise
-    numbers and one GEMM.
+    Chunked noise is added chunk by chunk (one chunk of noise per thread at a time).
+    A low-rank parameter takes all directions in one product (``lowrank.add_lowrank``),
+    which costs N r (m + n) noise numbers and one GEMM.
+
+    Rounding: a float32 (or float64) parameter is updated in its own dtype, each addition
+    rounded to nearest. A bf16 or fp16 parameter is updated in a float32 copy of each chunk
+    (of the whole tensor for low-rank, table and non-contiguous parameters) and rounded back
+    once, stochastically (``rounding.stochastic_round``), with the generator
+    ``rounding_generator(space, step, index, chunk)`` (chunk 0 for a whole tensor): round to
+    nearest would drop every update below half an ulp.
 
     Args:
         space: the selected parameters.
         pairs: (seed, coefficient) per direction; zero coefficients are skipped.
         param_scale: multiplier on x first (weight decay), 1.0 for none.
-        step: the step the pairs belong to (needed only for lazy V).
+        step: the step the pairs belong to (needed for lazy V and for bf16/fp16 parameters).
+
+    Raises:
+        ValueError: ``step`` is None while bf16/fp16 parameters are to be updated (or lazy V needs it).
     """
     active = [(s, c) for s, c in pairs if c != 0.0]
     if not active and param_scale == 1.0:
         return
+    if step is None and any(p.dtype in HALF_DTYPES for p in space.params):
+        raise ValueError("bf16/fp16 parameters are updated with seeded stochastic rounding, which needs the "
+                         "step of the update. Fix: pass step= to apply_update")
     # Sphere scales need every parameter's noise: computed here, before the jobs that use them.
     scales = {s: space._sphere(s) for s, _ in active} if space.distribution == "sphere" else {}
+    if space.factor_streams.layout:  # every direction's low-rank factors at once, before the jobs read them
+        space.factor_streams.prefetch([s for s, _ in active], step)
     jobs: list[Job] = []
     for i, p in enumerate(space.params):
+        half = p.dtype in HALF_DTYPES
         if not space._chunked(i):
-            def whole(i: int = i, p: torch.Tensor = p) -> None:
+            def whole(i: int = i, p: torch.Tensor = p, half: bool = half) -> None:
+                target = p.detach().float() if half else p  # half: a float32 copy, rounded once at the end
                 if param_scale != 1.0:
-                    p.mul_(param_scale)
+                    target.mul_(param_scale)
                 if space.is_lowrank(i):
-                    add_lowrank(p, [(c, *space.factors(s, i, step)) for s, c in active])
-                    return
-                for s, c in active:
-                    p.add_(space.noise(s, i, step).to(p.dtype), alpha=c)
+                    add_lowrank(target, [(c, *space.factors(s, i, step)) for s, c in active])
+                else:
+                    for s, c in active:
+                        target.add_(space.noise(s, i, step).to(target.dtype), alpha=c)
+                if half:
+                    assert step is not None
+                    p.copy_(stochastic_round(target, p.dtype, rounding_generator(space, step, i, 0, p.device)))
             jobs.append((p.numel(), whole))
             continue
         flat = p.detach().view(-1)
         for k, (lo, hi) in enumerate(chunk_bounds(p.numel())):
-            def part(i: int = i, k: int = k, segment: torch.Tensor = flat[lo:hi]) -> None:
+            def part(i: int = i, k: int = k, segment: torch.Tensor = flat[lo:hi], half: bool = half) -> None:
+                target = segment.float() if half else segment  # half: a float32 copy, rounded once at the end
                 if param_scale != 1.0:
-                    segment.mul_(param_scale)
+                    target.mul_(param_scale)
                 buffer = torch.empty(segment.numel(), dtype=torch.float32, device=segment.device)
                 for s, c in active:
                     z = fill_chunk(buffer, mix_seed(s, i), k, space._stream())
                     if scales:
                         z.mul_(scales[s])
-                    segment.add_(z.to(segment.dtype), alpha=c)
+                    target.add_(z.to(target.dtype), alpha=c)
+                if half:
+                    assert step is not None
+                    gen = rounding_generator(space, step, i, k, segment.device)
+                    segment.copy_(stochastic_round(target, segment.dtype, gen))
             jobs.append((hi - lo, part))
     space.run_jobs(jobs)

@@ -1,8 +1,8 @@
 """Low-rank directions (LOZO, Chen et al. 2024): Z = U V^T / sqrt(r) for each 2-D weight.
 
 For a weight W of shape (m, n) the direction is ``Z = U V^T / sqrt(r)`` with
-U (m x r) and V (n x r) standard normal, drawn from the parameter's own seeded
-generator. Each entry of Z is a sum of r products of independent N(0, 1)
+U (m x r) and V (n x r) standard normal, views into the direction's factor streams
+(factors.py). Each entry of Z is a sum of r products of independent N(0, 1)
 factors divided by sqrt(r): mean 0, variance 1, and entries are uncorrelated
 (E[Z_ab Z_cd] = 0 unless (a, b) = (c, d)), so E[vec(Z) vec(Z)^T] = I, the
 covariance of a Gaussian direction; the two-point estimate
@@ -18,8 +18,8 @@ What makes them cheap is that Z never needs to exist:
   ``W += [c_1 U_1 ... c_N U_N] [V_1 ... V_N]^T / sqrt(r)`` (``add_lowrank``).
 
 Lazy V (LOZO's "lazy sampling"): with ``interval > 1`` V is drawn from
-(run seed, window, parameter) instead of the direction's seed, so it stays the
-same for ``interval`` steps and is shared by all directions of those steps.
+(run seed, window) instead of the direction's seed, so it stays the same for
+``interval`` steps and is shared by all directions of those steps.
 """
 
 from __future__ import annotations
@@ -28,27 +28,6 @@ import math
 from typing import Sequence
 
 import torch
-
-
-def draw_factors(key: int, shape: torch.Size | Sequence[int], rank: int, device: torch.device,
-                 v_key: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """U (m x r) and V (n x r), float32, from the generator seeded with ``key`` (V from ``v_key`` if given).
-
-    Args:
-        key: the parameter's generator seed for this direction (``mix_seed(seed, index)``).
-        shape: the weight's shape (m, n).
-        rank: r.
-        device: where the factors live (the parameter's device).
-        v_key: lazy V: V's own generator seed, the same for every direction of a window.
-    """
-    m, n = int(shape[0]), int(shape[1])
-    gen = torch.Generator(device=device)
-    gen.manual_seed(key)
-    u = torch.randn(m, rank, generator=gen, device=device, dtype=torch.float32)
-    if v_key is not None:
-        gen.manual_seed(v_key)
-    v = torch.randn(n, rank, generator=gen, device=device, dtype=torch.float32)
-    return u, v
 
 
 def materialise(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -115,7 +94,7 @@ def add_lowrank(param: torch.Tensor, factors: Sequence[tuple[float, torch.Tensor
         return
     rank = factors[0][1].shape[1]
     v0 = factors[0][2]
-    if all(torch.equal(v, v0) for _, _, v in factors[1:]):
+    if all(v.data_ptr() == v0.data_ptr() or torch.equal(v, v0) for _, _, v in factors[1:]):
         # Lazy V shared by every direction: sum_i c_i U_i V^T = (sum_i c_i U_i) V^T, one rank-r product.
         us = factors[0][1] * factors[0][0]
         for c, u, _ in factors[1:]:

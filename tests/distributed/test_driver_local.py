@@ -57,8 +57,12 @@ def test_data_parallel_equals_one_replica_on_the_combined_batch(tmp_path):
 @pytest.mark.parametrize("distribution", ["gaussian", "lowrank"])
 @pytest.mark.parametrize("mode,replicas,groups", [("direction", 2, 1), ("data", 2, 1), ("hybrid", 4, 2)])
 def test_modes_keep_replicas_identical_and_learn(tmp_path, mode, replicas, groups, distribution):
+    # A rank-2 direction moves each matrix in a 2-dimensional subspace, so low-rank runs get 60 steps to the
+    # Gaussian's 30 (at 30 their final/initial loss ranged 0.60-0.85 over seeds 3-7; at 60, 0.55-0.62).
+    steps = 60 if distribution == "lowrank" else 30
     _, result = run(tmp_path, mode, **{"cluster.mode": mode, "cluster.replicas": replicas, "cluster.groups": groups,
-                                       "cluster.digest_every": 1, "perturbation.distribution": distribution})
+                                       "cluster.digest_every": 1, "perturbation.distribution": distribution,
+                                       "steps": steps})
     s = result.summary
     assert s["replica_resyncs"] == 0
     assert s["final_metrics"]["eval_loss"] < 0.8 * s["initial_metrics"]["eval_loss"]

@@ -9,7 +9,6 @@ import torch
 
 from ray_s2p.distributed.digest import model_digest
 from ray_s2p.zo.directions import DirectionSpace, apply_update, mix_seed, select_parameters
-from ray_s2p.zo.lowrank import draw_factors, materialise
 from ray_s2p.zo.optimizer import ZerothOrderOptimizer, optimizer_config
 from ray_s2p.zo.probes import Prober
 
@@ -39,13 +38,14 @@ def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 def lowrank_space(model: torch.nn.Module, rank: int = 2, interval: int = 1) -> DirectionSpace:
     names, params = select_parameters(model)
-    return DirectionSpace(names, params, "lowrank", rank=rank, lowrank_interval=interval, lowrank_seed=7)
+    return DirectionSpace(names, params, "lowrank", rank=rank, lowrank_interval=interval, run_seed=7)
 
 
 def test_lowrank_entries_have_unit_variance_and_no_correlation():
     # Z = U V^T / sqrt(r): E[Z_ab] = 0, E[Z_ab^2] = 1, E[Z_ab Z_cd] = 0 for (a, b) != (c, d).
-    samples = torch.stack([materialise(*draw_factors(mix_seed(3, k), (6, 5), 3, torch.device("cpu"))).reshape(-1)
-                           for k in range(20000)]).double()
+    weight = torch.nn.Parameter(torch.zeros(6, 5))
+    space = DirectionSpace(["w"], [weight], "lowrank", rank=3)
+    samples = torch.stack([space.noise(mix_seed(3, k), 0).reshape(-1) for k in range(20000)]).double()
     cov = samples.T @ samples / samples.shape[0]
     assert samples.mean().abs() < 0.02
     assert torch.allclose(torch.diagonal(cov), torch.ones(30, dtype=torch.float64), atol=0.06)
@@ -157,3 +157,16 @@ def test_gpt2_conv1d_and_tied_embedding_probe_equals_the_materialised_direction(
     assert hooked == pytest.approx(swapped, rel=1e-5)
     with torch.no_grad():
         assert abs(hooked - float(fn())) > 1e-4
+
+
+def test_factor_streams_give_each_matrix_its_own_factors_whatever_was_drawn_before():
+    # A direction's factors are one stream cut into per-matrix views: distinct matrices get distinct
+    # numbers, and the values do not depend on which directions were drawn (or kept) before.
+    fresh, busy = lowrank_space(TinyLM()), lowrank_space(TinyLM())
+    for k in range(20):
+        busy.factors(mix_seed(1, k), 1)
+    busy.factor_streams.prefetch([mix_seed(2, k) for k in range(5)], None)
+    for index in (0, 1, 3):  # the embedding, fc1 and fc2 weights
+        u, v = fresh.factors(77, index)
+        assert torch.equal(u, busy.factors(77, index)[0]) and torch.equal(v, busy.factors(77, index)[1])
+    assert not torch.equal(fresh.factors(77, 1)[0][:4], fresh.factors(77, 3)[0][:4])

@@ -1,0 +1,114 @@
+"""Low-rank factor streams: every matrix's U and V of one direction, drawn in one go.
+
+A low-rank direction needs U (m x r) and V (n x r) for every selected 2-D weight.
+Drawing them matrix by matrix costs one generator per (direction, matrix): on a
+transformer that is tens of generator set-ups per direction, which is what the
+update of N directions pays N times. Instead a direction's factors are one stream:
+
+- U stream: one generator seeded ``mix_seed(seed, U_STREAM)`` draws the U of every
+  low-rank matrix, in canonical order, as one ``randn``;
+- V stream: with ``interval == 1`` the same generator goes on to draw every V; with
+  lazy V (``interval > 1``) one generator seeded ``mix_seed(run_seed, window, V_STREAM)``
+  draws them, once per window of ``interval`` steps, and every direction of the window
+  gets the same V tensors (so ``add_lowrank`` can sum the U's first).
+
+A matrix's factors are views into these streams. Recent directions' streams are kept
+(a probe asks for each matrix's factors from its own hook); an update first asks for
+all of its directions at once (``prefetch``), so its jobs only read.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterable
+
+import torch
+
+from .noise import mix_seed
+
+U_STREAM = 0x55  # tags that keep the factor streams apart from every other use of a direction's seed
+V_STREAM = 0x56
+KEEP = 8  # directions' streams kept for probes beyond those of the last prefetch
+
+
+class FactorStreams:
+    """The factor layout of a model's low-rank matrices, and the streams of recent directions.
+
+    Args:
+        shapes: (canonical index, (m, n)) of every low-rank matrix, in canonical order.
+        rank: r.
+        interval: lazy V's window in steps (1: V drawn with every direction).
+        run_seed: the run seed, mixed into lazy V's generator seeds.
+        device: where the streams are drawn (the first matrix's device).
+    """
+
+    def __init__(self, shapes: Iterable[tuple[int, tuple[int, int]]], rank: int, interval: int, run_seed: int,
+                 device: torch.device) -> None:
+        self.rank = rank
+        self.interval = interval
+        self.run_seed = run_seed
+        self.device = device
+        self.layout: dict[int, tuple[int, int, int, int]] = {}  # index -> (U offset, m, V offset, n)
+        u_total = v_total = 0
+        for index, (m, n) in shapes:
+            self.layout[index] = (u_total, m, v_total, n)
+            u_total += m * rank
+            v_total += n * rank
+        self.u_total, self.v_total = u_total, v_total
+        self._streams: dict[tuple[int, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._windows: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def window(self, step: int | None) -> int | None:
+        """Lazy V's window of ``step`` (None without lazy V)."""
+        if self.interval == 1:
+            return None
+        if step is None:
+            raise ValueError("lazy V (perturbation.lowrank_interval > 1) needs the step of the direction")
+        return (step - 1) // self.interval
+
+    def _draw(self, seed: int, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(mix_seed(seed, U_STREAM))
+        u = torch.randn(self.u_total, generator=gen, device=self.device, dtype=torch.float32)
+        if window is None:
+            return u, torch.randn(self.v_total, generator=gen, device=self.device, dtype=torch.float32)
+        v = self._windows.get(window)
+        if v is None:
+            gen.manual_seed(mix_seed(self.run_seed, window, V_STREAM))
+            v = torch.randn(self.v_total, generator=gen, device=self.device, dtype=torch.float32)
+            self._windows = {w: t for w, t in self._windows.items() if w >= window - 1}  # this window and the last
+            self._windows[window] = v
+        return u, v
+
+    def streams(self, seed: int, step: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flat U and V streams of direction ``seed`` (drawn once, then kept while recent)."""
+        key = (seed, self.window(step))
+        with self._lock:
+            found = self._streams.get(key)
+            if found is None:
+                found = self._draw(*key)
+                if len(self._streams) >= KEEP:
+                    self._streams.pop(next(iter(self._streams)))  # the oldest
+                self._streams[key] = found
+            return found
+
+    def prefetch(self, seeds: Iterable[int], step: int | None) -> None:
+        """Draw the streams of every direction an update applies, keeping exactly those.
+
+        Memory: (number of directions) x (U and V stream sizes) floats, for the update's duration.
+        """
+        window = self.window(step)
+        wanted = [(seed, window) for seed in seeds]
+        with self._lock:
+            kept = {key: self._streams.get(key) or self._draw(*key) for key in wanted}
+            self._streams = kept
+
+    def factors(self, seed: int, index: int, step: int | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """U (m x r) and V (n x r) of matrix ``index`` for direction ``seed``, on ``device``."""
+        u_flat, v_flat = self.streams(seed, step)
+        u_off, m, v_off, n = self.layout[index]
+        r = self.rank
+        u = u_flat[u_off:u_off + m * r].view(m, r)
+        v = v_flat[v_off:v_off + n * r].view(n, r)
+        return u.to(device), v.to(device)
