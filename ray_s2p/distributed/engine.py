@@ -43,7 +43,7 @@ def build_space(model: torch.nn.Module, names: list[str], config: RunConfig) -> 
         table = noise_table(config.perturbation.table_size, params[0].device)
     p = config.perturbation
     return DirectionSpace(names, params, p.distribution, table, noise_threads(config, params[0].device),
-                          rank=p.rank, lowrank_interval=p.lowrank_interval, lowrank_seed=config.seed)
+                          rank=p.rank, lowrank_interval=p.lowrank_interval, run_seed=config.seed)
 
 
 def noise_threads(config: RunConfig, device: torch.device) -> int:

@@ -44,6 +44,10 @@ class StepRecord:
 class ZerothOrderOptimizer:
     """S2P / VS2P / MeZO / ... on a model in one process, with an optional ledger.
 
+    A bf16 or fp16 model stays in its dtype: probes perturb fp32 copies, and each update is
+    accumulated in fp32 and rounded back with seeded stochastic rounding (``apply_update``
+    with this step and ``seed``), so updates far below half an ulp are not lost.
+
     Args:
         model: the model (its ``requires_grad`` parameters are trained unless ``names`` is given).
         config: the optimizer settings (see docs/config.md, section optimizer).
@@ -69,7 +73,7 @@ class ZerothOrderOptimizer:
         sel_names, params = select_parameters(model, names)
         table = NoiseTable(table_size, device=params[0].device) if distribution == "table" else None
         self.space = DirectionSpace(sel_names, params, distribution, table, rank=rank,
-                                    lowrank_interval=lowrank_interval, lowrank_seed=seed)
+                                    lowrank_interval=lowrank_interval, run_seed=seed)
         self.prober = Prober(model, self.space, mechanism)
         self.rule = build_rule(config, total_steps)
         self.state = self.rule.init()
