@@ -25,6 +25,7 @@ from .messages import ProbeReply, ProbeRequest, Update
 # with its moments instead of restarting them.
 OPTIMIZER_STATE_PREFIX = "optimizer_state/"
 _TABLES: dict[tuple[int, str], NoiseTable] = {}
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision.weights
 
 
 def noise_table(size: int, device: torch.device) -> NoiseTable:
@@ -73,6 +74,12 @@ class ReplicaEngine:
         self.task = task if task is not None else build_task(config.task, config.seed)
         self.model = self.task.build_model()
         self.model.eval()  # no dropout: the loss must be a function of the parameters
+        weights = WEIGHT_DTYPES[config.precision.weights]
+        if weights != torch.float32:
+            # Half-precision weights: 2 bytes per parameter and no fp32 master copy; updates are
+            # rounded back stochastically (zo/rounding.py). Cast before the direction space is built,
+            # so that it holds the cast parameters.
+            self.model.to(weights)
         self.device = _replica_device(config, self.model)
         if self.device.type != "cpu" and not _spans_devices(self.model):
             self.model.to(self.device)

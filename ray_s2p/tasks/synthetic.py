@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from ..config import TaskConfig
 from ..zo.directions import mix_seed
 from .base import Batch, EvalTotals
+from .precision import match_weights
 
 
 class BlobsTask:
@@ -74,8 +75,14 @@ class BlobsTask:
     def prepare(self, model: torch.nn.Module, batch: Batch, trainable: list[str]) -> Batch:
         return batch
 
+    def logits(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """(B, classes) fp32 logits; the input is cast to the weights' dtype (precision.weights)."""
+        # The loss is computed from fp32 logits: a bf16 loss (ulp 2^-8 near 1) would swallow the
+        # difference f(x + rho z) - f(x - rho z) the two-point rules divide by 2 rho.
+        return model(match_weights(x, model)).float()
+
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(model(batch["x"]), batch["y"])
+        return torch.nn.functional.cross_entropy(self.logits(model, batch["x"]), batch["y"])
 
     def eval_batches(self, shard: int, num_shards: int) -> Iterator[Batch]:
         idx = torch.arange(shard, self.eval_x.shape[0], num_shards)
@@ -84,7 +91,7 @@ class BlobsTask:
             yield {"x": self.eval_x[part], "y": self.eval_y[part]}
 
     def eval_totals(self, model: torch.nn.Module, batch: Batch) -> EvalTotals:
-        logits = model(batch["x"])
+        logits = self.logits(model, batch["x"])
         loss = torch.nn.functional.cross_entropy(logits, batch["y"], reduction="sum")
         return EvalTotals(float(loss), int(batch["y"].numel()), logits.argmax(-1).tolist(), batch["y"].tolist())
 

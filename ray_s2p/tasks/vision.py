@@ -37,7 +37,7 @@ from .classifier import LogitsClassifier
 from .errors import TaskError, check_options
 from .feature_reuse import FeatureCache, prepare_features, replay
 from .hf_models import seeded
-from .precision import autocast_context
+from .precision import autocast_context, match_weights
 from .trainable import LORA_TARGETS, apply_lora, select_trainable
 from .vision_models import ARCHITECTURES, build_vision_model
 
@@ -134,7 +134,10 @@ class ImageClassificationTask(LogitsClassifier):
 
     # ------------------------------------------------------------------ forward
     def prepare(self, model: torch.nn.Module, batch: Batch, trainable: list[str]) -> Batch:
-        """Cache the output of the frozen leading blocks (head-only / top_k)."""
+        """Cache the output of the frozen leading blocks (head-only / top_k); pixels in the weights' dtype."""
+        pixels = match_weights(batch["pixels"], model)
+        if pixels is not batch["pixels"]:  # bf16/fp16 weights (precision.weights)
+            batch = {**batch, "pixels": pixels}
         if not self.cfg.feature_reuse:
             return batch
         return prepare_features(model, batch, trainable, self.anatomy(model), self.cache,
@@ -143,7 +146,7 @@ class ImageClassificationTask(LogitsClassifier):
     def logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """(B, num_labels) fp32 logits."""
         with autocast_context(self.cfg.precision, model):
-            out = replay(batch) if "features" in batch else model(batch["pixels"])
+            out = replay(batch) if "features" in batch else model(match_weights(batch["pixels"], model))
         return out.float()
 
     def save_final(self, model: torch.nn.Module, directory: Path) -> None:

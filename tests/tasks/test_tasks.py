@@ -293,6 +293,27 @@ def test_low_precision_forward_keeps_fp32_parameters(name: str, precision: str) 
     assert abs(float(loss) - float(reference.loss(model, batch))) < 0.05 * max(1.0, float(loss))
 
 
+@pytest.mark.parametrize("name", list(KINDS) + ["synthetic"])
+@pytest.mark.parametrize("weights", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_forward_gives_an_fp32_loss_near_the_fp32_one(name: str, weights: torch.dtype) -> None:
+    # precision.weights: the replica casts the whole model; float inputs follow the weights' dtype and
+    # the loss comes from fp32 logits (with feature reuse on the head-only selection, and without it).
+    for trainable in ("all", "head"):
+        task = make_task(name, trainable=trainable) if name != "synthetic" else build_task(
+            TaskConfig(name="synthetic", batch_size=8, eval_size=16, trainable=trainable), 0)
+        reference = task.build_model()
+        names = task.trainable_names(reference)
+        model = task.build_model().to(weights)
+        task.trainable_names(model)
+        with torch.no_grad():
+            expected = float(task.loss(reference, task.train_batch(1, 0, 1)))
+            loss = task.loss(model, task.prepare(model, task.train_batch(1, 0, 1), names))
+            totals = task.eval_totals(model, next(iter(task.eval_batches(0, 1))))
+        assert loss.dtype == torch.float32 and math.isfinite(float(loss)) and math.isfinite(totals.loss_sum)
+        assert all(p.dtype == weights for p in model.parameters())
+        assert abs(float(loss) - expected) < 0.02 * max(1.0, expected), (trainable, float(loss), expected)
+
+
 # ---------------------------------------------------------------- eval and metrics
 def test_eval_totals_and_metrics_match_sklearn() -> None:
     from sklearn.metrics import accuracy_score, f1_score

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -296,3 +297,40 @@ def test_plain_optimizer_trains_a_half_model_in_its_dtype(dtype):
     assert all(p.dtype == dtype for p in model.parameters())
     assert start > 10 and end < 0.1 * start, (start, end)
 
+
+# ---------------------------------------------------------------- runs
+def half_run(tmp_path, name: str, weights: str, **overrides):
+    from conftest import smoke_dict
+    from ray_s2p.distributed.driver import train
+
+    cfg = RunConfig.from_dict(smoke_dict(**{"precision.weights": weights, "cluster.digest_every": 1, **overrides}))
+    return cfg, train(cfg, tmp_path / name, log=lambda m: None)
+
+
+@pytest.mark.parametrize("weights", ["bf16", "fp16"])
+def test_half_precision_run_repeats_and_replays_bit_for_bit(tmp_path, weights, capsys):
+    from safetensors.torch import load_file
+    from ray_s2p.cli import main as cli_main
+
+    _, a = half_run(tmp_path, "a", weights)
+    _, b = half_run(tmp_path, "b", weights)
+    _, fp32 = half_run(tmp_path, "fp32", "fp32")
+    assert a.final_digest == b.final_digest != fp32.final_digest
+    assert a.summary["replica_resyncs"] == 0  # both replicas had equal digests at every step
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[weights]
+    assert {t.dtype for t in load_file(str(tmp_path / "a" / "final" / "model.safetensors")).values()} == {dtype}
+    assert a.summary["final_metrics"]["eval_loss"] < 0.8 * a.summary["initial_metrics"]["eval_loss"]
+    capsys.readouterr()
+    assert cli_main(["replay", str(tmp_path / "a"), "--check"]) == 0  # what `ray-s2p replay RUN --check` runs
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["match"] is True
+
+
+def test_half_precision_resume_continues_to_the_same_digest(tmp_path):
+    import yaml
+    from ray_s2p.distributed.driver import train
+
+    cfg, full = half_run(tmp_path, "full", "bf16")
+    half_run(tmp_path, "part", "bf16", steps=20)  # as if the driver had died after step 20
+    (tmp_path / "part" / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    resumed = train(cfg, tmp_path / "part", resume=True, log=lambda m: None)
+    assert resumed.final_digest == full.final_digest
