@@ -77,7 +77,7 @@ class BlobsTask:
 
     def logits(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """(B, classes) fp32 logits; the input is cast to the weights' dtype (precision.weights)."""
-        # The loss is computed from fp32 logits: a bf16 loss (ulp 2^-8 near 1) would swallow the
+        # The loss is computed from fp32 logits: a bf16 loss (ulp 2^-8 at 0.7) would swallow the
         # difference f(x + rho z) - f(x - rho z) the two-point rules divide by 2 rho.
         return model(match_weights(x, model)).float()
 
