@@ -83,8 +83,10 @@ class DirectionSpace:
         self._sphere_scale: dict[int, float] = {}
         self._pool: ThreadPoolExecutor | None = None
         matrices = [(i, (int(p.shape[0]), int(p.shape[1]))) for i, p in enumerate(self.params) if self.is_lowrank(i)]
+        vectors = [(i, p.numel()) for i, p in enumerate(self.params) if self._in_stream(i)]
         self.factor_streams = FactorStreams(matrices, self.rank, self.lowrank_interval, self.run_seed,
-                                            self.params[matrices[0][0]].device if matrices else torch.device("cpu"))
+                                            self.params[matrices[0][0]].device if matrices else torch.device("cpu"),
+                                            vectors)
 
     def run_jobs(self, jobs: list[Job]) -> None:
         """Run independent jobs on ``threads`` threads, largest first, under no_grad; re-raise the first error.
@@ -113,10 +115,16 @@ class DirectionSpace:
         """True when parameter ``index`` gets low-rank directions (a 2-D weight under distribution=lowrank)."""
         return self.distribution == "lowrank" and self.params[index].ndim == 2
 
+    def _in_stream(self, index: int) -> bool:
+        # Low-rank directions draw small non-matrix parameters (biases, norms) from the direction's one
+        # factor stream (factors.py): one generator per direction instead of one per parameter.
+        return (self.distribution == "lowrank" and not self.is_lowrank(index)
+                and self.params[index].numel() <= INLINE_MAX_NUMEL)
+
     def _chunked(self, index: int) -> bool:
         # Gaussian, Rademacher and sphere noise of a contiguous parameter is made chunk by chunk.
         return (self.distribution in ("gaussian", "rademacher", "sphere")
-                or (self.distribution == "lowrank" and not self.is_lowrank(index))
+                or (self.distribution == "lowrank" and not self.is_lowrank(index) and not self._in_stream(index))
                 ) and self.params[index].is_contiguous()
 
     def _stream(self) -> str:
@@ -139,6 +147,8 @@ class DirectionSpace:
             return self.table.window(key, p.numel()).view(p.shape)
         if self.is_lowrank(index):
             return materialise(*self.factors(seed, index, step))
+        if self._in_stream(index):
+            return self.factor_streams.vector(seed, index, step, p.device).view(p.shape)
         return draw(p.shape, key, self._stream(), p.device)
 
     def noise(self, seed: int, index: int, step: int | None = None) -> torch.Tensor:
@@ -288,7 +298,7 @@ def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], para
                          "step of the update. Fix: pass step= to apply_update")
     # Sphere scales need every parameter's noise: computed here, before the jobs that use them.
     scales = {s: space._sphere(s) for s, _ in active} if space.distribution == "sphere" else {}
-    if space.factor_streams.layout:  # every direction's low-rank factors at once, before the jobs read them
+    if space.factor_streams.layout or space.factor_streams.vector_layout:  # all at once, before the jobs read them
         space.factor_streams.prefetch([s for s, _ in active], step)
     jobs: list[Job] = []
     for i, p in enumerate(space.params):

@@ -10,7 +10,10 @@ update of N directions pays N times. Instead a direction's factors are one strea
 - V stream: with ``interval == 1`` the same generator goes on to draw every V; with
   lazy V (``interval > 1``) one generator seeded ``mix_seed(run_seed, window, V_STREAM)``
   draws them, once per window of ``interval`` steps, and every direction of the window
-  gets the same V tensors (so ``add_lowrank`` can sum the U's first).
+  gets the same V tensors (so ``add_lowrank`` can sum the U's first);
+- vector stream: the direction's generator then draws the Gaussian noise of every small
+  parameter that is not low-rank (biases, norms: at most 2^16 elements each), so they
+  need no generator of their own either.
 
 A matrix's factors are views into these streams. Recent directions' streams are kept
 (a probe asks for each matrix's factors from its own hook); an update first asks for
@@ -43,7 +46,7 @@ class FactorStreams:
     """
 
     def __init__(self, shapes: Iterable[tuple[int, tuple[int, int]]], rank: int, interval: int, run_seed: int,
-                 device: torch.device) -> None:
+                 device: torch.device, vectors: Iterable[tuple[int, int]] = ()) -> None:
         self.rank = rank
         self.interval = interval
         self.run_seed = run_seed
@@ -55,7 +58,13 @@ class FactorStreams:
             u_total += m * rank
             v_total += n * rank
         self.u_total, self.v_total = u_total, v_total
-        self._streams: dict[tuple[int, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.vector_layout: dict[int, tuple[int, int]] = {}  # index -> (offset, numel) in the vector stream
+        w_total = 0
+        for index, numel in vectors:
+            self.vector_layout[index] = (w_total, numel)
+            w_total += numel
+        self.w_total = w_total
+        self._streams: dict[tuple[int, int | None], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._windows: dict[int, torch.Tensor] = {}
         self._lock = threading.Lock()
 
@@ -67,22 +76,28 @@ class FactorStreams:
             raise ValueError("lazy V (perturbation.lowrank_interval > 1) needs the step of the direction")
         return (step - 1) // self.interval
 
-    def _draw(self, seed: int, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw(self, seed: int, window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(mix_seed(seed, U_STREAM))
-        u = torch.randn(self.u_total, generator=gen, device=self.device, dtype=torch.float32)
+
+        def normal(count: int) -> torch.Tensor:
+            return torch.randn(count, generator=gen, device=self.device, dtype=torch.float32)
+
+        u = normal(self.u_total)
         if window is None:
-            return u, torch.randn(self.v_total, generator=gen, device=self.device, dtype=torch.float32)
+            v = normal(self.v_total)
+            return u, v, normal(self.w_total)
+        w = normal(self.w_total)
         v = self._windows.get(window)
         if v is None:
             gen.manual_seed(mix_seed(self.run_seed, window, V_STREAM))
-            v = torch.randn(self.v_total, generator=gen, device=self.device, dtype=torch.float32)
-            self._windows = {w: t for w, t in self._windows.items() if w >= window - 1}  # this window and the last
+            v = normal(self.v_total)
+            self._windows = {k: t for k, t in self._windows.items() if k >= window - 1}  # this window and the last
             self._windows[window] = v
-        return u, v
+        return u, v, w
 
-    def streams(self, seed: int, step: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The flat U and V streams of direction ``seed`` (drawn once, then kept while recent)."""
+    def streams(self, seed: int, step: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The flat U, V and vector streams of direction ``seed`` (drawn once, then kept while recent)."""
         key = (seed, self.window(step))
         with self._lock:
             found = self._streams.get(key)
@@ -106,9 +121,14 @@ class FactorStreams:
 
     def factors(self, seed: int, index: int, step: int | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """U (m x r) and V (n x r) of matrix ``index`` for direction ``seed``, on ``device``."""
-        u_flat, v_flat = self.streams(seed, step)
+        u_flat, v_flat, _ = self.streams(seed, step)
         u_off, m, v_off, n = self.layout[index]
         r = self.rank
         u = u_flat[u_off:u_off + m * r].view(m, r)
         v = v_flat[v_off:v_off + n * r].view(n, r)
         return u.to(device), v.to(device)
+
+    def vector(self, seed: int, index: int, step: int | None, device: torch.device) -> torch.Tensor:
+        """The (flat, float32) Gaussian noise of small parameter ``index`` for direction ``seed``, on ``device``."""
+        offset, numel = self.vector_layout[index]
+        return self.streams(seed, step)[2][offset:offset + numel].to(device)
