@@ -272,7 +272,9 @@ def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], para
     replay uses the same function, so training and replay produce the same bits.
     Chunked noise is added chunk by chunk (one chunk of noise per thread at a time).
     A low-rank parameter takes all directions in one product (``lowrank.add_lowrank``),
-    which costs N r (m + n) noise numbers and one GEMM.
+    which costs N r (m + n) noise numbers and one GEMM; with lazy V, whose V every direction
+    shares, the U's are summed first (one rank-r product). The small parameters of low-rank
+    directions take the sum of their directions' noise in one addition.
 
     Rounding: a float32 (or float64) parameter is updated in its own dtype, each addition
     rounded to nearest. A bf16 or fp16 parameter is updated in a float32 copy of each chunk
@@ -298,8 +300,13 @@ def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], para
                          "step of the update. Fix: pass step= to apply_update")
     # Sphere scales need every parameter's noise: computed here, before the jobs that use them.
     scales = {s: space._sphere(s) for s, _ in active} if space.distribution == "sphere" else {}
-    if space.factor_streams.layout or space.factor_streams.vector_layout:  # all at once, before the jobs read them
-        space.factor_streams.prefetch([s for s, _ in active], step)
+    streams = space.factor_streams
+    u_sum = w_sum = None
+    if active and (streams.layout or streams.vector_layout):  # every direction's stream, before the jobs read
+        streams.prefetch([s for s, _ in active], step)
+        # Summed over directions on the flat streams: a shared (lazy) V makes every matrix's update
+        # (sum_i c_i U_i) V^T, and the small parameters take one addition each.
+        u_sum, w_sum = streams.combined(active, step)
     jobs: list[Job] = []
     for i, p in enumerate(space.params):
         half = p.dtype in HALF_DTYPES
@@ -308,8 +315,13 @@ def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], para
                 target = p.detach().float() if half else p  # half: a float32 copy, rounded once at the end
                 if param_scale != 1.0:
                     target.mul_(param_scale)
-                if space.is_lowrank(i):
+                if space.is_lowrank(i) and u_sum is not None:
+                    add_lowrank(target, [(1.0, streams.slice_u(u_sum, i, p.device),
+                                          streams.window_v(i, step, p.device))])
+                elif space.is_lowrank(i):
                     add_lowrank(target, [(c, *space.factors(s, i, step)) for s, c in active])
+                elif w_sum is not None and space._in_stream(i):
+                    target.add_(streams.slice_w(w_sum, i, p.device).view(p.shape).to(target.dtype))
                 else:
                     for s, c in active:
                         target.add_(space.noise(s, i, step).to(target.dtype), alpha=c)

@@ -23,7 +23,7 @@ all of its directions at once (``prefetch``), so its jobs only read.
 from __future__ import annotations
 
 import threading
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
@@ -132,3 +132,43 @@ class FactorStreams:
         """The (flat, float32) Gaussian noise of small parameter ``index`` for direction ``seed``, on ``device``."""
         offset, numel = self.vector_layout[index]
         return self.streams(seed, step)[2][offset:offset + numel].to(device)
+
+    def combined(self, pairs: Sequence[tuple[int, float]], step: int | None
+                 ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """sum_i c_i U_i over the whole U stream (None unless V is shared) and sum_i c_i w_i over the vector stream.
+
+        Summing the flat streams first costs one pass over r (m + n)-sized vectors per direction and then
+        one product (or one addition) per parameter, instead of one small operation per (direction,
+        parameter). Call ``prefetch`` for the same pairs first. The sums run in the pairs' order.
+        """
+        u_sum: torch.Tensor | None = None
+        w_sum = torch.zeros(self.w_total, dtype=torch.float32, device=self.device)
+        if self.interval > 1:
+            u_sum = torch.zeros(self.u_total, dtype=torch.float32, device=self.device)
+        for seed, c in pairs:
+            u, _, w = self.streams(seed, step)
+            w_sum.add_(w, alpha=c)
+            if u_sum is not None:
+                u_sum.add_(u, alpha=c)
+        return u_sum, w_sum
+
+    def window_v(self, index: int, step: int | None, device: torch.device) -> torch.Tensor:
+        """Lazy V of matrix ``index`` for the window of ``step`` (n x r)."""
+        window = self.window(step)
+        assert window is not None, "only lazy V has a window"
+        with self._lock:
+            v_flat = self._windows.get(window)
+        if v_flat is None:
+            raise RuntimeError("the window's V was not drawn; call prefetch first")
+        _, _, v_off, n = self.layout[index]
+        return v_flat[v_off:v_off + n * self.rank].view(n, self.rank).to(device)
+
+    def slice_u(self, flat: torch.Tensor, index: int, device: torch.device) -> torch.Tensor:
+        """Matrix ``index``'s (m x r) part of a flat U-stream-shaped tensor."""
+        u_off, m, _, _ = self.layout[index]
+        return flat[u_off:u_off + m * self.rank].view(m, self.rank).to(device)
+
+    def slice_w(self, flat: torch.Tensor, index: int, device: torch.device) -> torch.Tensor:
+        """Small parameter ``index``'s part of a flat vector-stream-shaped tensor."""
+        offset, numel = self.vector_layout[index]
+        return flat[offset:offset + numel].to(device)
