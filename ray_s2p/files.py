@@ -33,6 +33,19 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: str | Path) -> None:
+    """Flush a file's data to disk (before a rename makes it visible under its final name)."""
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_tree(root: str | Path) -> None:
+    """``fsync_file`` every file under ``root`` (a directory about to be renamed into place)."""
+    for path in sorted(Path(root).rglob("*")):
+        if path.is_file():
+            fsync_file(path)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.

@@ -85,7 +85,7 @@ def _eval(args: argparse.Namespace) -> int:
         if ckpt is None:
             raise ValueError(f"{str(run_dir)!r} has no checkpoint to evaluate")
         engine = ReplicaEngine(config.replace({"cluster.use_ray": False}))
-        engine.load_trainable(ckpt.tensors, ckpt.step)
+        engine.load_checkpoint(str(ckpt.path))
         step = ckpt.step
     else:
         replayed = replay_run(run_dir, args.step)

@@ -5,6 +5,11 @@ A checkpoint is a directory ``checkpoints/step_NNNNNNNN/`` holding
 that step, config fingerprint, parameter digest, sha256 of the tensor file).
 It is written to a temporary directory and renamed into place, so a crash
 leaves either the old or the new checkpoint, never half of one.
+
+Replica 0 writes checkpoints and every replica reads them (engine.py): the
+tensors never pass through the driver, which reads only ``state.json``
+(``read_checkpoint``, ``checkpoint_candidates``) and keeps a ``Checkpoint``
+without tensors.
 """
 
 from __future__ import annotations
@@ -15,12 +20,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..files import replace_dir, write_json
+from ..files import fsync_file, replace_dir, write_json
 
 CHECKPOINT_VERSION = 1
 
@@ -31,12 +36,23 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A loaded checkpoint."""
+    """What the driver keeps of a checkpoint: its state.json and where it is, never its tensors."""
 
     step: int
-    tensors: dict[str, torch.Tensor]
     rule_state: dict[str, Any]
     meta: dict[str, Any]
+    path: Path
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """What replica 0 answers after writing a checkpoint (a few hundred bytes, whatever the model)."""
+
+    step: int
+    path: str
+    digest: str
+    params_sha256: str
+    params_bytes: int
 
 
 def config_fingerprint(config_dict: dict[str, Any]) -> str:
@@ -66,13 +82,26 @@ def _file_sha256(path: Path) -> str:
 
 def save_checkpoint(root: Path, step: int, tensors: dict[str, torch.Tensor], rule_state: dict[str, Any],
                     meta: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``root/step_NNNNNNNN`` atomically and keep only the newest ``keep`` checkpoints."""
+    """Write ``root/step_NNNNNNNN`` atomically and keep only the newest ``keep`` checkpoints.
+
+    Args:
+        root: the run's ``checkpoints/`` directory.
+        step: the step whose parameters ``tensors`` hold.
+        tensors: name -> tensor (CPU or not; written in its own dtype).
+        rule_state: the step rule's JSON state, ``{"rule": STATE}``.
+        meta: further state.json keys (config fingerprint, ledger digest, parameter digest).
+        keep: how many checkpoints to keep.
+
+    Returns:
+        The checkpoint directory.
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".ckpt.", dir=root))
     try:
         tensor_file = tmp / "params.safetensors"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tensor_file))
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tensor_file))
+        fsync_file(tensor_file)  # the rename below must not land before the data
         state = dict(meta, version=CHECKPOINT_VERSION, step=step, rule_state=rule_state,
                      params_sha256=_file_sha256(tensor_file))
         write_json(tmp / "state.json", state)
@@ -94,8 +123,17 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
 
 
-def load_checkpoint(path: Path, fingerprint: str | None = None) -> Checkpoint:
-    """Load and verify one checkpoint.
+def read_checkpoint(path: Path, fingerprint: str | None = None, *, verify_tensors: bool = True) -> Checkpoint:
+    """Read and verify one checkpoint's state.json (and, by default, the checksum of its tensor file).
+
+    Args:
+        path: the checkpoint directory.
+        fingerprint: the config fingerprint it must carry (None: not checked).
+        verify_tensors: hash params.safetensors against ``params_sha256``. The driver passes False: it
+            never reads tensor files; the replicas verify them when they load (``load_tensors``).
+
+    Returns:
+        The checkpoint without tensors.
 
     Raises:
         CheckpointError: missing files, checksum mismatch (truncated/corrupted) or another config.
@@ -108,18 +146,37 @@ def load_checkpoint(path: Path, fingerprint: str | None = None) -> Checkpoint:
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"checkpoint {path.name!r}: state.json is corrupted ({exc})") from exc
-    if _file_sha256(tensor_file) != state.get("params_sha256"):
+    if verify_tensors and _file_sha256(tensor_file) != state.get("params_sha256"):
         raise CheckpointError(f"checkpoint {path.name!r}: params.safetensors fails its checksum "
                               f"(truncated or corrupted). Fix: delete it to fall back to an older checkpoint")
     if fingerprint is not None and state.get("config_fingerprint") != fingerprint:
         raise CheckpointError(f"checkpoint {path.name!r} belongs to another config (seed, task, optimizer, "
                               f"perturbation or precision differ). Fix: resume with the run's own config.yaml")
-    tensors = load_file(str(tensor_file))
-    return Checkpoint(int(state["step"]), tensors, state.get("rule_state") or {}, state)
+    return Checkpoint(int(state["step"]), state.get("rule_state") or {}, state, path)
 
 
-def latest_checkpoint(root: Path, fingerprint: str | None = None) -> Checkpoint | None:
-    """The newest checkpoint that loads and verifies; None if there is none.
+def load_checkpoint(path: Path, fingerprint: str | None = None) -> tuple[Checkpoint, dict[str, torch.Tensor]]:
+    """Load and verify one checkpoint, tensors included (what a replica or ``ray-s2p eval`` does).
+
+    Returns:
+        (the checkpoint, name -> tensor).
+
+    Raises:
+        CheckpointError: missing files, checksum mismatch (truncated/corrupted) or another config.
+    """
+    ckpt = read_checkpoint(path, fingerprint)
+    return ckpt, load_file(str(Path(path) / "params.safetensors"))
+
+
+def latest_checkpoint(root: Path, fingerprint: str | None = None,
+                      verify: Callable[[Path], str | None] | None = None) -> Checkpoint | None:
+    """The newest checkpoint that reads and verifies (checksum included); None if there is none.
+
+    Args:
+        root: the run's ``checkpoints/`` directory.
+        fingerprint: the config fingerprint the checkpoint must carry (None: not checked).
+        verify: checks the tensor file instead of hashing it here: path -> error message or None. The
+            driver passes a call to replica 0, so that only state.json is read in the driver's process.
 
     Raises:
         CheckpointError: checkpoints exist but none verifies (the newest error is raised).
@@ -127,7 +184,11 @@ def latest_checkpoint(root: Path, fingerprint: str | None = None) -> Checkpoint 
     error: CheckpointError | None = None
     for path in reversed(list_checkpoints(root)):
         try:
-            return load_checkpoint(path, fingerprint)
+            ckpt = read_checkpoint(path, fingerprint, verify_tensors=verify is None)
+            problem = verify(path) if verify is not None else None
+            if problem is None:
+                return ckpt
+            raise CheckpointError(problem)
         except CheckpointError as exc:
             error = error or exc
     if error is not None:

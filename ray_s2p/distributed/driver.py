@@ -11,8 +11,14 @@ One step, in the order ``Driver.run`` calls the phases (each a method below):
    step's request, earlier when a later phase needs the current parameters;
 4. verify (``_verify``): every ``cluster.digest_every`` steps the replicas' digests must agree;
 5. evaluate (``_evaluate``): held-out metrics every ``eval_every`` steps;
-6. checkpoint (``_checkpoint``): parameters, rule state and ledger digest
-   (checkpoint.py), then the ledger and metrics are flushed (run_dir.py).
+6. checkpoint (``_checkpoint``): the ledger is flushed, then replica 0 writes its parameters
+   into the run directory itself (engine.py ``save_checkpoint``) with the rule state and ledger
+   digest the driver hands it (checkpoint.py); the metrics are flushed (run_dir.py).
+
+Tensors never pass through the driver: replica 0 writes checkpoints and ``final/``,
+replicas load checkpoints from the run directory themselves, and the driver keeps
+only step numbers, digests, the rule state and paths. Before step 1 every replica
+must see the run directory (storage.py).
 
 Per step k the driver sends every replica (step, seeds, shard, the pending
 update of step k-1) and waits once for the loss scalars. It averages each
@@ -29,13 +35,14 @@ from typing import Any, Callable
 
 from ..config import FIRST_ORDER, FIRST_ORDER_PASSES, RunConfig
 from ..zo.rules import build_rule
-from .checkpoint import Checkpoint, config_fingerprint, latest_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, config_fingerprint, latest_checkpoint
 from .layout import Layout
 from .ledger import Ledger, ledger_rows, updates_by_step
 from .messages import ProbeReply, ProbeRequest, Update
 from .replica import LocalPool, RayPool, ReplicaFailure
 from .run_dir import RunDirectory, aggregate_eval
 from .run_state import RunState, StepOutcome, TrainResult
+from .storage import check_storage
 
 
 class TrainingError(RuntimeError):
@@ -75,15 +82,20 @@ class Driver:
     # -------------------------------------------------------------- the run
     def run(self) -> TrainResult:
         """Train from the start, or from the newest checkpoint of a resumed run, to ``config.steps``."""
-        state = self._open()
         try:
             pool = self._start_pool()
         except BaseException:
             self.rd.discard()  # bad model path, data or resources: leave nothing half-written
             raise
         self.pool = pool  # exposed for monitoring and fault-injection tests
-        state.started = time.perf_counter()  # wall time counts from the replicas being up, as before a resume
         try:
+            try:
+                check_storage(pool, self.rd.path, timeout=self.config.cluster.startup_timeout_s)
+            except BaseException:
+                self.rd.discard()  # replicas cannot reach the run directory: nothing was trained
+                raise
+            state = self._open(pool)
+            state.started = time.perf_counter()  # wall time counts from the replicas being up, as before a resume
             self._start(pool, state)
             progress = self.rd.progress(state.start_step)
             for step in range(state.start_step + 1, self.config.steps + 1):
@@ -96,9 +108,12 @@ class Driver:
         finally:
             pool.shutdown()
 
-    def _open(self) -> RunState:
+    def _open(self, pool: LocalPool | RayPool) -> RunState:
         """The state to start from: step 0, or a resumed run's newest checkpoint and its ledger."""
-        ckpt = latest_checkpoint(self.rd.checkpoints, self.fingerprint) if self.rd.resumed else None
+        # Replica 0 checks the tensor file's sha256 where it reads it; the driver reads only state.json.
+        ckpt = latest_checkpoint(self.rd.checkpoints, self.fingerprint, lambda path: pool.call(
+            "verify_checkpoint", [(str(path.resolve()), self.fingerprint)], replicas=[0],
+            timeout=max(600.0, self.config.cluster.startup_timeout_s))[0]) if self.rd.resumed else None
         start_step = ckpt.step if ckpt is not None else 0
         rule_state = ckpt.rule_state.get("rule") if ckpt is not None else None
         if rule_state is None and self.rule is not None:
@@ -168,15 +183,16 @@ class Driver:
         state.ledger.flush()
         self.rd.flush_metrics()
         steps_run = max(1, cfg.steps - state.start_step)
+        # Replica 0 writes final/ into the run directory itself and answers with file names and sizes.
+        pool.call("write_final", [(str(self.rd.path.resolve()),)], replicas=[0],
+                  timeout=max(600.0, cfg.cluster.step_timeout_s))
         summary = self.rd.write_summary(
             final_digest=digests[0], steps_completed=cfg.steps, wall_seconds=elapsed,
             bytes_sent_per_step=state.bytes_sent / steps_run, bytes_received_per_step=state.bytes_received / steps_run,
             replicas=pool.size, initial_metrics=state.initial_eval, final_metrics=final_eval,
             forward_passes=state.forward_passes, replica_failures=self.failures, recovery_seconds=self.recoveries,
-            skipped_directions=self.skipped_total, resumed_from=state.start_step if self.rd.resumed else None)
-        # Replica 0 may live on another node: it sends the saved files' bytes (once, at the end).
-        files = pool.call("export_final", [()], replicas=[0], timeout=max(600.0, cfg.cluster.step_timeout_s))[0]
-        self.rd.write_final(files)
+            skipped_directions=self.skipped_total, resumed_from=state.start_step if self.rd.resumed else None,
+            traffic=pool.traffic.summary())
         if self.report is not None:
             self.report(self.rd.report_row(cfg.steps), ckpt_dir(self.rd.checkpoints, cfg.steps))
         return TrainResult(self.rd.path, digests[0], cfg.steps, summary)
@@ -287,15 +303,12 @@ class Driver:
 
     def _restore(self, pool: LocalPool | RayPool, replicas: list[int], ckpt: Checkpoint | None,
                  ledger: Ledger, upto: int) -> None:
-        """Bring replicas to step ``upto``: checkpoint tensors, then ledger replay (no forwards)."""
+        """Bring replicas to step ``upto``: each loads the checkpoint from the run directory itself (the driver
+        sends only its path), then ledger replay (no forwards)."""
         if ckpt is not None and ckpt.step > 0:
-            if isinstance(pool, RayPool):
-                import ray
-                ref = ray.put(ckpt.tensors)
-                pool.call("load_trainable", [(ref, ckpt.step)] * len(replicas), replicas=replicas,
-                          timeout=self.config.cluster.startup_timeout_s)
-            else:
-                pool.call("load_trainable", [(ckpt.tensors, ckpt.step)] * len(replicas), replicas=replicas)
+            # Absolute paths: a replica's working directory need not be the driver's.
+            pool.call("load_checkpoint", [(str(ckpt.path.resolve()), self.fingerprint)] * len(replicas),
+                      replicas=replicas, timeout=max(600.0, self.config.cluster.startup_timeout_s))
         start = ckpt.step if ckpt is not None else 0
         updates = [u for u in updates_by_step(ledger.rows) if start < u[0] <= upto]
         if updates:
@@ -339,16 +352,24 @@ class Driver:
         return aggregate_eval(totals)
 
     def _checkpoint(self, pool: LocalPool | RayPool, state: RunState, step: int) -> None:
-        """Save replica 0's trainable tensors, the rule state and the ledger digest of ``step``."""
+        """Replica 0 writes its trainable tensors with the rule state and the ledger digest of ``step``;
+        the driver sends and receives only those scalars, digests and the path."""
         self._apply(pool, state)
-        tensors = pool.call("trainable_state", [()], replicas=[0])[0]
-        digest = pool.call("digest", [()], replicas=[0])[0]
         meta = {"config_fingerprint": self.fingerprint, "ledger_digest": state.ledger.digest(step),
-                "digest": digest, "data_position": {"step": step}}
+                "data_position": {"step": step}}
+        rule = {"rule": state.rule_state}
         # Ledger first: a crash between the two writes then leaves an older checkpoint that still matches.
         state.ledger.flush()
-        save_checkpoint(self.rd.checkpoints, step, tensors, {"rule": state.rule_state}, meta)
-        state.ckpt = Checkpoint(step, tensors, {"rule": state.rule_state}, meta)
+        while True:
+            try:
+                record = pool.call("save_checkpoint", [(step, str(self.rd.checkpoints.resolve()), rule, meta)],
+                                   replicas=[0],
+                                   timeout=max(600.0, self.config.cluster.step_timeout_s))[0]
+                break
+            except ReplicaFailure as failure:  # replica 0 died while writing: replace it at `step`, write again
+                self._recover(pool, failure.failed, state, step + 1, failure.reason)
+        state.ckpt = Checkpoint(step, rule, dict(meta, digest=record.digest, params_sha256=record.params_sha256),
+                                Path(record.path))
 
 
 def ckpt_dir(root: Path, step: int) -> Path | None:

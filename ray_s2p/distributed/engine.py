@@ -7,6 +7,8 @@ model from the config, so nothing but messages crosses the process boundary.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -14,11 +16,14 @@ from typing import Any
 import torch
 
 from ..config import FIRST_ORDER, RunConfig
+from ..files import fsync_tree, replace_dir
 from ..tasks.base import EvalTotals, Task
 from ..zo.directions import DirectionSpace, NoiseTable, apply_update, select_parameters
 from ..zo.probes import Prober
+from .checkpoint import CheckpointError, CheckpointRecord, load_checkpoint, read_checkpoint, save_checkpoint
 from .digest import model_digest
 from .messages import ProbeReply, ProbeRequest, Update
+from .storage import probe_storage
 
 # Checkpoint keys of a first-order optimizer's per-parameter state (AdamW's moments and step count):
 # "optimizer_state/<parameter name>/<state key>", saved beside the parameters so a resumed run continues
@@ -145,16 +150,73 @@ class ReplicaEngine:
                 totals = totals.merge(self.task.eval_totals(self.model, to_device(batch, self.device)))
         return totals
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint stores, as detached CPU copies: the selected parameters and, for a
-        first-order run, its optimizer's per-parameter state (``OPTIMIZER_STATE_PREFIX`` keys)."""
-        out = {n: p.detach().to("cpu").clone() for n, p in zip(self.space.names, self.space.params)}
+    def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: the selected parameters and, for a first-order run, its optimizer's
+        per-parameter state (``OPTIMIZER_STATE_PREFIX`` keys). CPU parameters are written as they are
+        (no copy: a copy of a 13 B model would double the replica's memory while it is saved)."""
+        out = {n: p.detach().to("cpu") for n, p in zip(self.space.names, self.space.params)}
         if self._first_order is not None:
             for n, p in zip(self.space.names, self.space.params):
                 for key, value in self._first_order.state.get(p, {}).items():
                     tensor = value if torch.is_tensor(value) else torch.tensor(value)
-                    out[f"{OPTIMIZER_STATE_PREFIX}{n}/{key}"] = tensor.detach().to("cpu").clone()
+                    out[f"{OPTIMIZER_STATE_PREFIX}{n}/{key}"] = tensor.detach().to("cpu")
         return out
+
+    def save_checkpoint(self, step: int, directory: str, rule_state: dict[str, Any], meta: dict[str, Any],
+                        keep: int = 2) -> CheckpointRecord:
+        """Write this replica's checkpoint of ``step`` into ``directory`` (the run's checkpoints/), atomically.
+
+        Args:
+            step: the step; the replica must have applied exactly its update.
+            directory: the run's ``checkpoints/`` directory, as the driver names it.
+            rule_state: the driver's rule state (small JSON).
+            meta: the driver's state.json keys (config fingerprint, ledger digest, data position).
+            keep: how many checkpoints to keep.
+
+        Returns:
+            The step, path, parameter digest, and the tensor file's sha256 and size (never the tensors).
+
+        Raises:
+            RuntimeError: the replica is not at ``step``.
+        """
+        if self.applied_step != step:
+            raise RuntimeError(f"replica {self.replica} is at step {self.applied_step}, asked to save step {step}")
+        digest = self.digest()
+        path = save_checkpoint(Path(directory), step, self._checkpoint_tensors(), rule_state,
+                               dict(meta, digest=digest), keep=keep)
+        saved = read_checkpoint(path, verify_tensors=False)
+        return CheckpointRecord(step, str(path), digest, str(saved.meta["params_sha256"]),
+                                (path / "params.safetensors").stat().st_size)
+
+    def verify_checkpoint(self, path: str, fingerprint: str | None = None) -> str | None:
+        """Check one checkpoint (files, sha256 of the tensor file, config fingerprint) where this replica
+        reads it; returns the error message, or None when it verifies."""
+        try:
+            read_checkpoint(Path(path), fingerprint)
+        except CheckpointError as exc:
+            return str(exc)
+        return None
+
+    def load_checkpoint(self, path: str, fingerprint: str | None = None) -> int:
+        """Load a checkpoint from the run directory into this replica (restore, recovery, resync).
+
+        The tensor file's sha256 and the config fingerprint are verified before loading, and the
+        parameter digest after it.
+
+        Returns:
+            The checkpoint's step (now this replica's applied step).
+
+        Raises:
+            CheckpointError: the checkpoint fails a check.
+        """
+        ckpt, tensors = load_checkpoint(Path(path), fingerprint)
+        self.load_trainable(tensors, ckpt.step)
+        del tensors  # the loaded file's memory goes before the digest pass
+        expected = ckpt.meta.get("digest")
+        if expected is not None and self.digest() != expected:
+            raise CheckpointError(f"checkpoint {Path(path).name!r}: the loaded parameters' digest differs from the "
+                                  f"one saved with them (replica {self.replica}). Fix: resume from another checkpoint")
+        return ckpt.step
 
     def load_trainable(self, tensors: dict[str, torch.Tensor], applied_step: int) -> None:
         """Overwrite the selected parameters (checkpoint restore or resync), and a first-order
@@ -200,13 +262,32 @@ class ReplicaEngine:
     def save_final(self, directory: str | Path) -> None:
         self.task.save_final(self.model, Path(directory))
 
-    def export_final(self) -> dict[str, bytes]:
-        """The files ``save_final`` writes, as relative path -> bytes (sent to the driver once, at the end)."""
-        import tempfile
-        with tempfile.TemporaryDirectory() as tmp:
-            root = Path(tmp) / "final"
-            self.save_final(root)
-            return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    def write_final(self, run_dir: str) -> dict[str, int]:
+        """Write ``save_final``'s output to ``run_dir/final`` (staged beside it, renamed into place).
+
+        Returns:
+            Relative file name -> size in bytes (the files themselves stay where they are written).
+
+        Raises:
+            RuntimeError: the task wrote no files.
+        """
+        root = Path(run_dir)
+        staging = Path(tempfile.mkdtemp(prefix=".final.", dir=root))
+        try:
+            out = staging / "final"
+            self.save_final(out)
+            files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+            if not files:
+                raise RuntimeError("the task's save_final wrote no files")
+            fsync_tree(out)
+            replace_dir(out, root / "final")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return files
+
+    def check_storage(self, run_dir: str, token: str) -> dict[str, Any]:
+        """Whether this replica reads the driver's run directory and can write there (storage.py)."""
+        return probe_storage(run_dir, token, self.replica)
 
     def info(self) -> dict[str, Any]:
         return {"replica": self.replica, "trainable_parameters": self.space.dim,

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 from ..config import RunConfig
 from .engine import ReplicaEngine
+from .messages import Traffic
 
 
 class ReplicaFailure(RuntimeError):
@@ -50,6 +51,7 @@ class LocalPool:
     def __init__(self, config: RunConfig) -> None:
         self.config = config
         self.engines = [ReplicaEngine(config, r) for r in range(config.cluster.replicas)]
+        self.traffic = Traffic()
 
     @property
     def size(self) -> int:
@@ -58,7 +60,9 @@ class LocalPool:
     def call(self, method: str, args: Sequence[tuple], replicas: Sequence[int] | None = None,
              timeout: float | None = None) -> list[Any]:
         idx = list(range(self.size)) if replicas is None else list(replicas)
-        return [getattr(self.engines[r], method)(*a) for r, a in zip(idx, args)]
+        results = [getattr(self.engines[r], method)(*a) for r, a in zip(idx, args)]
+        self.traffic.record(method, list(args), results)  # what would cross a process boundary
+        return results
 
     def replace(self, replica: int) -> None:
         self.engines[replica] = ReplicaEngine(self.config, replica)
@@ -79,6 +83,7 @@ class RayPool:
 
         self.config = config
         self.log = log
+        self.traffic = Traffic()
         c = config.cluster
         bundle = {"CPU": c.cpus_per_replica}
         if c.gpus_per_replica:
@@ -168,6 +173,7 @@ class RayPool:
             except RayError as exc:
                 # An exception raised inside the replica's code is a bug or bad input, not a fault to heal.
                 raise RuntimeError(f"replica {idx[pos]} raised in {method!r}: {_root_cause(exc)}") from exc
+        self.traffic.record(method, list(args), [r for r in results if r is not None])
         if failed:
             raise ReplicaFailure(failed, results, "; ".join(reasons))
         return results

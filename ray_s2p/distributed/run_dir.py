@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from ..config import ConfigError, RunConfig
-from ..files import atomic_path, replace_dir, write_json, write_yaml
+from ..files import atomic_path, write_json, write_yaml
 from ..tasks.base import EvalTotals
 
 METRIC_COLUMNS = ["step", "kind", "loss", "eval_loss", "eval_accuracy", "eval_macro_f1", "forward_passes",
@@ -163,20 +163,6 @@ class RunDirectory:
         self.resyncs += 1
 
     # -------------------------------------------------------------- outputs
-    def write_final(self, files: dict[str, bytes]) -> None:
-        """Write final/ (relative path -> bytes) into a temporary directory, then rename it into place."""
-        if not files:
-            raise RuntimeError("the replica exported no final model files")
-        tmp = self.path / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        for rel, data in files.items():
-            target = (tmp / rel).resolve()
-            if tmp.resolve() not in target.parents:
-                raise RuntimeError(f"refusing to write final file outside final/: {rel!r}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-        replace_dir(tmp, self.path / "final")
-
     def write_summary(self, **fields: Any) -> dict[str, Any]:
         fields["replica_resyncs"] = self.resyncs
         fields["run_dir"] = str(self.path)

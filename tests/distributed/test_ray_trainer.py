@@ -36,11 +36,19 @@ def assert_every_step_once(run_dir: Path, steps: int, directions: int) -> None:
     assert sorted({r["step"] for r in rows}) == list(range(1, steps + 1))
 
 
+def assert_no_tensor_traffic(traffic: dict) -> None:
+    """Replica 0 writes checkpoints and final/ itself: the driver's largest message is a few hundred bytes."""
+    assert {"save_checkpoint", "write_final", "check_storage"} <= set(traffic["per_method"])
+    assert not {"trainable_state", "load_trainable", "export_final"} & set(traffic["per_method"])
+    assert traffic["largest_message"]["bytes"] < 4096, traffic["largest_message"]
+
+
 def test_ray_replicas_equal_in_process_run(tmp_path, ray_session):
     cfg = fault_config(tmp_path, "none", **{"cluster.digest_every": 1})
     result = train(cfg, tmp_path / "ray", log=lambda m: None)
     assert result.final_digest == undisturbed_digest(tmp_path, cfg)
     assert result.summary["replica_resyncs"] == 0
+    assert_no_tensor_traffic(result.summary["traffic"])
 
 
 @pytest.mark.parametrize("distribution", ["gaussian", "lowrank"])
@@ -51,6 +59,8 @@ def test_sigkill_of_a_replica_process_mid_step_is_healed(tmp_path, ray_session, 
     assert result.summary["replica_failures"] == 1, messages
     assert (tmp_path / "markers" / "fired-die").exists()
     assert result.final_digest == undisturbed_digest(tmp_path, cfg)
+    assert result.summary["traffic"]["per_method"]["load_checkpoint"]["calls"] == 1  # the new replica read step 10
+    assert_no_tensor_traffic(result.summary["traffic"])
     assert_every_step_once(tmp_path / "run", cfg.steps, 2)
 
 

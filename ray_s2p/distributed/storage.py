@@ -1,0 +1,109 @@
+"""Is the run directory the same directory for the driver and every replica?
+
+Replica 0 writes checkpoints and ``final/`` into the run directory itself, and
+every replica reads checkpoints from it, so the driver, which writes the ledger
+and reads ``state.json`` there, must see the same directory at the same path as
+every replica. On one node that always holds; on several nodes it holds only on
+a shared filesystem (NFS or similar) mounted at the same path everywhere.
+
+The check, before step 1: the driver writes a random token into
+``RUN_DIR/.storage-check/driver.token``; each replica reads it back (``probe_storage``,
+run by engine.py), writes ``replica-R.probe`` beside it and reads that back; the
+driver then reads every replica's probe. Any miss stops the run with
+``StorageError`` before a step is taken.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+from ..files import write_text
+
+CHECK_DIR = ".storage-check"  # a dot name: temporary, removed after the check (docs/ledger.md)
+
+
+class StorageError(RuntimeError):
+    """The run directory is not reachable, or not the same directory, from every replica."""
+
+
+class _Pool(Protocol):
+    size: int
+
+    def call(self, method: str, args: Sequence[tuple], replicas: Sequence[int] | None = None,
+             timeout: float | None = None) -> list[Any]: ...
+
+
+def probe_storage(directory: str | Path, token: str, replica: int) -> dict[str, Any]:
+    """Replica side: read the driver's token, write and read back this replica's probe file.
+
+    Args:
+        directory: the run directory as the driver names it.
+        token: the token the driver wrote.
+        replica: this replica's index (names the probe file).
+
+    Returns:
+        ``{"replica", "host", "error"}``; ``error`` is None when the directory is reachable and writable.
+    """
+    host = socket.gethostname()
+    out: dict[str, Any] = {"replica": replica, "host": host, "error": None}
+    check = Path(directory) / CHECK_DIR
+    try:
+        seen = (check / "driver.token").read_text()
+    except OSError as exc:
+        out["error"] = f"cannot read {check / 'driver.token'} ({exc.strerror or exc})"
+        return out
+    if seen != token:
+        out["error"] = f"{directory} on host {host} is another directory than the driver's (its token differs)"
+        return out
+    probe = check / f"replica-{replica}.probe"
+    try:
+        write_text(probe, f"{token} {host}")
+        if probe.read_text() != f"{token} {host}":
+            out["error"] = f"wrote {probe} but read back something else"
+    except OSError as exc:
+        out["error"] = f"cannot write {probe} ({exc.strerror or exc})"
+    return out
+
+
+def check_storage(pool: _Pool, directory: str | Path, timeout: float | None = None) -> list[dict[str, Any]]:
+    """Driver side: every replica must see the driver's run directory, and the driver every replica's writes.
+
+    Args:
+        pool: the replica pool (LocalPool or RayPool).
+        directory: the run directory.
+        timeout: seconds the replicas may take.
+
+    Returns:
+        Each replica's probe answer (replica, host, error None).
+
+    Raises:
+        StorageError: some replica cannot read or write the run directory, or writes where the driver does not
+            read; the message names the run directory (``--output``) and the fix.
+    """
+    root = Path(directory).resolve()
+    check = root / CHECK_DIR
+    token = os.urandom(16).hex()  # not the run's RNG: only tells this check's directory apart from any other
+    write_text(check / "driver.token", token)
+    try:
+        answers = pool.call("check_storage", [(str(root), token)] * pool.size, timeout=timeout)
+        problems = [f"replica {a['replica']} on host {a['host']}: {a['error']}" for a in answers if a["error"]]
+        for a in answers:
+            if a["error"] is None:
+                probe = check / f"replica-{a['replica']}.probe"
+                seen = probe.read_text() if probe.is_file() else None
+                if seen != f"{token} {a['host']}":
+                    problems.append(f"replica {a['replica']} on host {a['host']}: the driver cannot see the file it "
+                                    f"wrote ({probe})")
+    finally:
+        shutil.rmtree(check, ignore_errors=True)
+    if problems:
+        raise StorageError(
+            f"the run directory {str(root)!r} (--output, or --storage for jobs/train.py) is not reachable from "
+            f"every replica: {'; '.join(problems)}. Replicas write checkpoints and final/ there themselves, so a "
+            f"multi-node run needs it on a shared filesystem (NFS or similar) mounted at the same path on every "
+            f"node. Fix: point --output/--storage at such a path")
+    return answers
