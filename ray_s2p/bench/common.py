@@ -1,6 +1,6 @@
 """What every benchmark shares: the base config, the context, machine info, JSON lines and timing.
 
-The benchmarks themselves are step.py, cluster.py and memory.py; runner.py runs them.
+The benchmarks themselves are step.py, cluster.py, memory.py and driver.py; runner.py runs them.
 """
 
 from __future__ import annotations
@@ -46,12 +46,14 @@ class BenchContext:
         user_sets: the --set overrides, re-applied over every benchmark's own settings.
         steps: --steps (None: each benchmark's default).
         repeats: timed repetitions per measurement (after one warm-up).
+        cases: --cases, the models of the driver benchmark (empty: smoke and llama-1b).
     """
 
     config: RunConfig
     user_sets: dict[str, Any] = field(default_factory=dict)
     steps: int | None = None
     repeats: int = 5
+    cases: tuple[str, ...] = ()  # the driver benchmark's models (empty: its default)
     cache: dict[str, Any] = field(default_factory=dict)  # e.g. the scaling runs, reused by traffic
 
     def derive(self, overrides: dict[str, Any], fixed: dict[str, Any] | None = None) -> RunConfig:

@@ -19,6 +19,9 @@ are wall-clock medians unless named otherwise; bytes are bytes):
 - ``recovery`` (cluster.py): SIGKILL of a replica's worker mid-run; time
   until training goes on.
 - ``replay`` (cluster.py): ledger replay speed vs training speed.
+- ``driver`` (driver.py): the driver process's peak memory and its traffic with the
+  replicas, for the smoke model and a random 1 B-parameter Llama-style model (bf16),
+  each a 20-step run on 2 Ray replicas with a checkpoint every 5 (``--cases``).
 
 The base config (when no ``--config`` is given) is the default MiniLM
 text_classification job with every parameter trainable, no feature reuse, batch
@@ -39,6 +42,7 @@ from typing import Any, Callable, Sequence
 from ..config import RunConfig, load_config, parse_override
 from .cluster import bench_recovery, bench_replay, bench_scaling, bench_traffic
 from .common import BENCH_BASE, BenchContext, emit, log, machine_info
+from .driver import DEFAULT_CASES, bench_driver
 from .memory import bench_memory
 from .step import bench_step
 
@@ -46,6 +50,7 @@ from .step import bench_step
 BENCHES: dict[str, Callable[[BenchContext], dict[str, Any]]] = {
     "step": bench_step, "scaling": bench_scaling, "traffic": bench_traffic, "memory": bench_memory,
     "recovery": bench_recovery, "replay": bench_replay,
+    "driver": lambda ctx: bench_driver(ctx, ctx.cases or DEFAULT_CASES),
 }
 
 
@@ -71,7 +76,8 @@ def run_one(name: str, ctx: BenchContext) -> dict[str, Any]:
 
 
 def run_benches(names: Sequence[str], *, results: str | Path = "bench_results.jsonl", config_file: str | None = None,
-                sets: Sequence[str] = (), steps: int | None = None, repeats: int = 5) -> int:
+                sets: Sequence[str] = (), steps: int | None = None, repeats: int = 5,
+                cases: Sequence[str] = ()) -> int:
     """Run the named sub-benchmarks (all when empty) in order; one JSON line each.
 
     A failing benchmark is reported on stderr and the others still run.
@@ -91,7 +97,7 @@ def run_benches(names: Sequence[str], *, results: str | Path = "bench_results.js
     if repeats < 1:
         raise ValueError(f"--repeats {repeats}: use 1 or more")
     config, user_sets = bench_config(config_file, sets)
-    ctx = BenchContext(config, user_sets, steps, repeats)
+    ctx = BenchContext(config, user_sets, steps, repeats, tuple(cases))
     failed = []
     out = sys.stdout
     # stdout carries only the result lines: what else prints there while a benchmark runs (Ray

@@ -1,4 +1,4 @@
-"""``ray-s2p bench``: the benchmarks of bench/ (step cost, scaling, traffic, memory, recovery, replay)."""
+"""``ray-s2p bench``: the benchmarks of bench/ (step cost, scaling, traffic, memory, recovery, replay, driver)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ def _bench(args: argparse.Namespace) -> int:
     from ..bench.runner import run_benches
 
     return run_benches(args.names, results=args.results, config_file=args.config, sets=args.set,
-                       steps=args.steps, repeats=args.repeats)
+                       steps=args.steps, repeats=args.repeats,
+                       cases=[c for c in (args.cases or "").split(",") if c])
 
 
 def register(sub: "argparse._SubParsersAction") -> None:
     """Add ``bench`` to the ``ray-s2p`` sub-commands."""
     from ..bench.runner import BENCHES
 
-    p = sub.add_parser("bench", help="benchmarks: step cost, scaling, traffic, memory, recovery, replay",
+    p = sub.add_parser("bench", help="benchmarks: step cost, scaling, traffic, memory, recovery, replay, driver",
                        description="Each benchmark prints one JSON line and appends it to --results. "
                                    "Base config: MiniLM, all parameters, batch 16 x 64 tokens (see ray_s2p/bench.py).")
     # Names are checked by run_benches (argparse's choices reject the empty default of nargs='*').
@@ -29,4 +30,6 @@ def register(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--steps", type=int, help="training steps of the Driver runs (default: scaling/traffic 6, "
                                              "recovery 12, replay 10)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement after one warm-up")
+    p.add_argument("--cases", metavar="A,B", help="driver: models to run, of smoke, llama-tiny, llama-1b "
+                                                  "(default: smoke,llama-1b)")
     p.set_defaults(func=_bench)

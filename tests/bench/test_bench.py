@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from ray_s2p.bench.common import emit
 from ray_s2p.bench.runner import BENCHES, run_benches
@@ -153,9 +154,51 @@ def test_bad_arguments_and_strict_json(tmp_path, capsys):
         run_benches(["nope"], results=tmp_path / "r.jsonl")
     assert cli(["bench", "step", "--steps", "1", "--results", str(tmp_path / "r.jsonl")]) == 2
     assert "--steps 2 or more" in capsys.readouterr().err
-    assert set(BENCHES) == {"step", "scaling", "traffic", "memory", "recovery", "replay"}
+    assert set(BENCHES) == {"step", "scaling", "traffic", "memory", "recovery", "replay", "driver"}
     path = tmp_path / "e.jsonl"
     emit({"bench": "x", "value": float("nan"), "n": 1.234567891}, path)
     emit({"bench": "y"}, path)
     rows = [json.loads(line) for line in path.read_text().splitlines()]  # appended, strict JSON
     assert rows[0] == {"bench": "x", "value": None, "n": 1.23457} and rows[1] == {"bench": "y"}
+
+
+def test_driver_through_the_cli_on_the_smoke_model(tmp_path, capsys):
+    results = tmp_path / "r.jsonl"
+    assert cli(["bench", "driver", "--cases", "smoke", "--results", str(results)]) == 0
+    r = read_lines(results)["driver"]
+    check_common(r)
+    smoke = r["cases"]["smoke"]
+    assert smoke["steps"] == 20 and r["config"]["run"]["checkpoint_every"] == 5
+    positive(smoke["peak_rss"], smoke["rss_ray_up"], smoke["checkpoint_bytes"], smoke["parameters"])
+    assert smoke["parameters"] == 610  # the synthetic MLP: 16*32 + 32 + 32*2 + 2
+    traffic = smoke["traffic"]
+    assert {"probe", "save_checkpoint", "digest", "evaluate", "write_final", "check_storage"} <= set(
+        traffic["per_method"])
+    assert traffic["per_method"]["save_checkpoint"]["calls"] == 4  # steps 5, 10, 15, 20
+    largest = r["largest_message"]
+    assert largest["bytes"] == max(m["bytes"] for m in
+                                   (c["traffic"]["largest_message"] for c in r["cases"].values()))
+    assert 0 < largest["bytes"] < 1_000_000 and r["targets"]["largest_message_met"] is True
+    assert r["peak_rss_ratio"] == 1.0 and r["largest_case"] == "smoke"
+    assert "largest message" in r["verdict"]
+
+
+def test_random_llama_task_trains_on_replicas_and_its_final_model_loads(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from ray_s2p.bench.common import BenchContext
+    from ray_s2p.bench.driver import case_config
+    from ray_s2p.bench.random_llama import LLAMA_1B, LLAMA_TINY
+    from ray_s2p.config import RunConfig
+    from ray_s2p.distributed.driver import train
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "jobs"))
+    import gpu_check_plan
+    assert LLAMA_1B == gpu_check_plan.LLAMA_1B and LLAMA_TINY == gpu_check_plan.LLAMA_TINY  # one synthetic 1 B spec
+    cfg = case_config("llama-tiny", BenchContext(RunConfig()))
+    cfg = cfg.replace({"cluster.use_ray": False, "steps": 4, "checkpoint_every": 2, "eval_every": 2})
+    result = train(cfg, tmp_path / "run", log=lambda m: None)
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    assert final.dtype == torch.bfloat16 and final.config.num_hidden_layers == LLAMA_TINY["num_hidden_layers"]
+    from ray_s2p.distributed.digest import model_digest
+    assert model_digest(final) == result.final_digest  # what replica 0 wrote is the trained model
