@@ -164,18 +164,20 @@ def median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device | s
 
 def paired_median_seconds(reference: Callable[[], Any], fn: Callable[[], Any], repeats: int,
                           device: torch.device | str | None = None) -> tuple[float, float]:
-    """Medians of ``reference()`` and ``fn()`` timed in alternation (A B A B ...), after one warm-up each.
+    """Medians of ``reference()`` and ``fn()`` timed in alternating rounds (A A B B A A B B ...).
 
     On a shared machine whose speed drifts by tens of percent within a minute, two
-    medians taken at different times give a ratio that measures the drift; taken in
-    alternation, both see the same machine.
+    medians taken minutes apart give a ratio that measures the drift; taken in
+    alternating rounds, both see the same machine. Within a round each call is run
+    once untimed and then timed, so a timed call follows a call of its own kind, as
+    in a training loop (a step right after a bare forward runs measurably slower:
+    caches, allocator and thread pools were left by the other workload).
     """
-    reference()
-    fn()
-    synchronize(device)
     times: tuple[list[float], list[float]] = ([], [])
     for _ in range(max(1, repeats)):
         for slot, call in enumerate((reference, fn)):
+            call()
+            synchronize(device)
             start = time.perf_counter()
             call()
             synchronize(device)

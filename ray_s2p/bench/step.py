@@ -18,8 +18,8 @@ own first training batch. Output keys:
   ``swap_table``, ``hooks_rademacher``, ``hooks_lowrank`` (full engine steps: ProbeRequest with radii (rho, -rho) plus the
   previous step's update with one (seed, coef) pair) and ``naive_mezo`` (in-place
   +rho, -2 rho, +rho, update; z regenerated with randn each time): ``step_s`` and
-  ``two_forwards_s`` (two bare forwards of the same model, timed in alternation with the
-  step, A B A B, so both see the same machine),
+  ``two_forwards_s`` (two bare forwards of the same model, timed in rounds alternating
+  with the step's, so both see the same machine; ``common.paired_median_seconds``),
   ``ratio`` (step_s / that two_forwards_s), ``generations_per_step``, ``rng_share``
   (the probes' noise and the update, 2 x copies + update, over step_s; naive: 4 serial
   generations), ``speedup_vs_naive_mezo`` (the naive step's ratio over this one's).
