@@ -165,7 +165,7 @@ class DirectionSpace:
             parts: dict[tuple[int, int], float] = {}
             jobs: list[Job] = []
             for i, p in enumerate(self.params):
-                for k, (lo, hi) in enumerate(chunk_bounds(p.numel())):
+                for k, (lo, hi) in enumerate(chunk_bounds(p.numel(), p.device)):
                     def square_sum(i: int = i, k: int = k, n: int = hi - lo, device: torch.device = p.device) -> None:
                         z = fill_chunk(torch.empty(n, dtype=torch.float32, device=device), mix_seed(seed, i), k,
                                        "gaussian")
@@ -208,7 +208,7 @@ class DirectionSpace:
                 jobs.append((self.params[i].numel(), whole))
                 continue
             flat = p.detach().reshape(-1)
-            bounds = chunk_bounds(p.numel())
+            bounds = chunk_bounds(p.numel(), p.device)
             if len(bounds) == 1 and p.numel() <= INLINE_MAX_NUMEL:  # one small chunk (a bias, a norm): no job
                 fill_chunk(out_i, mix_seed(seed, i), 0, self._stream()).mul_(factor).add_(flat.to(torch.float32))
                 continue
@@ -331,7 +331,7 @@ def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], para
             jobs.append((p.numel(), whole))
             continue
         flat = p.detach().view(-1)
-        for k, (lo, hi) in enumerate(chunk_bounds(p.numel())):
+        for k, (lo, hi) in enumerate(chunk_bounds(p.numel(), p.device)):
             def part(i: int = i, k: int = k, segment: torch.Tensor = flat[lo:hi], half: bool = half) -> None:
                 target = segment.float() if half else segment  # half: a float32 copy, rounded once at the end
                 if param_scale != 1.0:

@@ -24,6 +24,7 @@ import torch
 
 MASK64 = (1 << 64) - 1
 CHUNK = 1 << 18  # elements per generator stream (1 MB of float32): the fastest size measured (docs/benchmarks.md)
+ACCELERATOR_CHUNK = 1 << 24  # on a GPU: one generator per 16 M elements
 _SIGNS: dict[str, torch.Tensor] = {}
 
 
@@ -49,9 +50,16 @@ def chunk_key(key: int, chunk: int) -> int:
     return key if chunk == 0 else mix_seed(key, chunk)
 
 
-def chunk_bounds(numel: int) -> list[tuple[int, int]]:
-    """[(start, stop)] of the chunks of a tensor with ``numel`` elements."""
-    return [(lo, min(lo + CHUNK, numel)) for lo in range(0, max(numel, 1), CHUNK)]
+def chunk_bounds(numel: int, device: torch.device | str = "cpu") -> list[tuple[int, int]]:
+    """[(start, stop)] of the chunks of a tensor with ``numel`` elements on ``device``.
+
+    On a CPU chunks have ``CHUNK`` elements; on an accelerator ``ACCELERATOR_CHUNK``: its
+    generator kernels are parallel already, and many small ones would cost launches.
+    (CPU and accelerator generators give different streams anyway: a ledger replays
+    bit for bit only on the device type it was trained on.)
+    """
+    size = CHUNK if torch.device(device).type == "cpu" else ACCELERATOR_CHUNK
+    return [(lo, min(lo + size, numel)) for lo in range(0, max(numel, 1), size)]
 
 
 def _signs(device: torch.device) -> torch.Tensor:
@@ -100,7 +108,7 @@ def fill_chunk(out: torch.Tensor, key: int, chunk: int, distribution: str) -> to
 def draw(shape: torch.Size, key: int, distribution: str, device: torch.device) -> torch.Tensor:
     """The whole noise tensor of stream ``key`` (float32), chunk by chunk on this thread."""
     out = torch.empty(math.prod(shape), dtype=torch.float32, device=device)
-    for k, (lo, hi) in enumerate(chunk_bounds(out.numel())):
+    for k, (lo, hi) in enumerate(chunk_bounds(out.numel(), device)):
         fill_chunk(out[lo:hi], key, k, distribution)
     return out.view(shape)
 
