@@ -206,9 +206,12 @@ def engine_costs(ctx: BenchContext, threads: int | None) -> dict[str, Any]:
             space = build_space(engine.model, engine.trainable,
                                 cfg.replace({"perturbation.distribution": "lowrank",
                                              "perturbation.lowrank_interval": interval}))
-            pairs = [(mix_seed(BENCH_SEED, 7, j), 1e-7 * (-1) ** j) for j in range(n)]
-            return median_seconds(lambda: apply_update(space, pairs, step=1), max(1, min(ctx.repeats, 3)),
-                                  engine.device)
+            calls = itertools.count()
+
+            def update() -> None:  # fresh seeds every call: drawing the factors is part of the cost
+                k = next(calls)
+                apply_update(space, [(mix_seed(BENCH_SEED, 7, k, j), 1e-7 * (-1) ** j) for j in range(n)], step=1)
+            return median_seconds(update, max(1, min(ctx.repeats, 3)), engine.device)
 
         interval = cfg.perturbation.lowrank_interval
         shared = interval if interval > 1 else SHARED_V_INTERVAL

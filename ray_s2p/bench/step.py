@@ -130,11 +130,13 @@ def copies_fn(space: DirectionSpace, rho: float) -> Callable[[], None]:
     of the vectors), as a probe makes them."""
     matrices = [i for i in range(len(space.params)) if space.is_lowrank(i)]
     rest = [i for i in range(len(space.params)) if not space.is_lowrank(i)]
+    counter = itertools.count(1)
 
-    def copies() -> None:
+    def copies() -> None:  # a fresh direction every call: drawing it is part of the cost
+        seed = mix_seed(BENCH_SEED, next(counter), 4)
         for i in matrices:
-            space.factors(BENCH_SEED, i, step=1)
-        space.perturbed_many(BENCH_SEED, rest, rho)
+            space.factors(seed, i, step=1)
+        space.perturbed_many(seed, rest, rho, step=1)
     return copies
 
 

@@ -12,8 +12,9 @@ A stream is cut into chunks with their own generators (noise.py), and the work o
 a probe or an update is a list of independent jobs, one per chunk (one per
 parameter for low-rank and table directions), run on ``DirectionSpace.threads``
 threads. Every job writes only its own slice, so results are equal bit for bit
-for any thread count, and no job holds more than one chunk of noise: the threads
-cost no memory beyond a few MB.
+for any thread count. A chunk job holds one chunk of noise (1 MB), so threads cost
+no memory there; whole-tensor jobs (low-rank, table and non-contiguous parameters, and
+bf16/fp16 copies of them) hold a float32 copy of their tensor.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ DISTRIBUTIONS = ("gaussian", "rademacher", "sphere", "table", "lowrank")
 Job = tuple[int, Callable[[], None]]  # (cost in elements, work); jobs touch disjoint memory
 _IN_WORKER = threading.local()
 INLINE_MAX_NUMEL = 1 << 16  # jobs with fewer elements in all run on the calling thread
+# Part of the low-rank direction's definition (changing it changes the noise): non-matrix parameters of at
+# most this many elements take their Gaussian noise from the direction's factor stream.
+STREAM_MAX_NUMEL = 1 << 16
 
 
 def _as_worker(fn: Callable[[], None]) -> None:
@@ -119,7 +123,7 @@ class DirectionSpace:
         # Low-rank directions draw small non-matrix parameters (biases, norms) from the direction's one
         # factor stream (factors.py): one generator per direction instead of one per parameter.
         return (self.distribution == "lowrank" and not self.is_lowrank(index)
-                and self.params[index].numel() <= INLINE_MAX_NUMEL)
+                and self.params[index].numel() <= STREAM_MAX_NUMEL)
 
     def _chunked(self, index: int) -> bool:
         # Gaussian, Rademacher and sphere noise of a contiguous parameter is made chunk by chunk.
@@ -197,7 +201,8 @@ class DirectionSpace:
             p = self.params[i]
             given = out[slot] if out is not None else None
             buffer = given.view(-1) if given is not None else None
-            if buffer is None or buffer.numel() != p.numel() or buffer.dtype != torch.float32:
+            if (buffer is None or buffer.numel() != p.numel() or buffer.dtype != torch.float32
+                    or buffer.device != p.device):
                 buffer = torch.empty(p.numel(), dtype=torch.float32, device=p.device)
             out_i = buffer
             outs.append(out_i)
@@ -315,9 +320,9 @@ def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], para
                 target = p.detach().float() if half else p  # half: a float32 copy, rounded once at the end
                 if param_scale != 1.0:
                     target.mul_(param_scale)
-                if space.is_lowrank(i) and u_sum is not None:
+                if space.is_lowrank(i) and u_sum is not None:  # V shared by every pair: take the first's
                     add_lowrank(target, [(1.0, streams.slice_u(u_sum, i, p.device),
-                                          streams.window_v(i, step, p.device))])
+                                          space.factors(active[0][0], i, step)[1])])
                 elif space.is_lowrank(i):
                     add_lowrank(target, [(c, *space.factors(s, i, step)) for s, c in active])
                 elif w_sum is not None and space._in_stream(i):
@@ -348,3 +353,4 @@ def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], para
                     segment.copy_(stochastic_round(target, segment.dtype, gen))
             jobs.append((hi - lo, part))
     space.run_jobs(jobs)
+    streams.trim()  # the update's prefetched streams are not needed any more

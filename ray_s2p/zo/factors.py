@@ -70,7 +70,7 @@ class FactorStreams:
 
     def window(self, step: int | None) -> int | None:
         """Lazy V's window of ``step`` (None without lazy V)."""
-        if self.interval == 1:
+        if self.interval == 1 or not self.layout:  # no matrices: nothing has a V
             return None
         if step is None:
             raise ValueError("lazy V (perturbation.lowrank_interval > 1) needs the step of the direction")
@@ -111,7 +111,8 @@ class FactorStreams:
     def prefetch(self, seeds: Iterable[int], step: int | None) -> None:
         """Draw the streams of every direction an update applies, keeping exactly those.
 
-        Memory: (number of directions) x (U and V stream sizes) floats, for the update's duration.
+        Memory: (number of directions) x (stream size) floats, until ``trim`` (apply_update trims
+        at its end).
         """
         window = self.window(step)
         wanted = [(seed, window) for seed in seeds]
@@ -152,17 +153,6 @@ class FactorStreams:
                 u_sum.add_(u, alpha=c)
         return u_sum, w_sum
 
-    def window_v(self, index: int, step: int | None, device: torch.device) -> torch.Tensor:
-        """Lazy V of matrix ``index`` for the window of ``step`` (n x r)."""
-        window = self.window(step)
-        assert window is not None, "only lazy V has a window"
-        with self._lock:
-            v_flat = self._windows.get(window)
-        if v_flat is None:
-            raise RuntimeError("the window's V was not drawn; call prefetch first")
-        _, _, v_off, n = self.layout[index]
-        return v_flat[v_off:v_off + n * self.rank].view(n, self.rank).to(device)
-
     def slice_u(self, flat: torch.Tensor, index: int, device: torch.device) -> torch.Tensor:
         """Matrix ``index``'s (m x r) part of a flat U-stream-shaped tensor."""
         u_off, m, _, _ = self.layout[index]
@@ -172,3 +162,9 @@ class FactorStreams:
         """Small parameter ``index``'s part of a flat vector-stream-shaped tensor."""
         offset, numel = self.vector_layout[index]
         return flat[offset:offset + numel].to(device)
+
+    def trim(self) -> None:
+        """Keep only the ``KEEP`` most recent directions' streams (after an update's prefetch)."""
+        with self._lock:
+            while len(self._streams) > KEEP:
+                self._streams.pop(next(iter(self._streams)))

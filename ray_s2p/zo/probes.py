@@ -53,9 +53,10 @@ class Prober:
         self._owners: list[tuple[torch.nn.Module, list[int], list[int]]] = []
         # Large float32 parameters of layers whose outputs never alias their weights get their perturbed
         # copies in buffers kept from one probe to the next (numel -> free buffers): a fresh allocation of
-        # tens of MB costs page faults every probe. Held between probes: the largest module's copies.
-        self._reusable: set[int] = set()
-        self._scratch: dict[int, list[torch.Tensor]] = {}
+        # tens of MB costs page faults every probe. Held between probes: one buffer per distinct large
+        # parameter size and device (for a transformer, a handful of layer shapes).
+        self._reusable: set[tuple[int, int]] = set()  # (id(module), parameter index)
+        self._scratch: dict[tuple[int, str], list[torch.Tensor]] = {}  # (numel, device) -> free buffers
         if mechanism == "hooks":
             by_id = {id(p): i for i, p in enumerate(space.params)}
             for module in model.modules():  # type: ignore[union-attr]
@@ -64,8 +65,8 @@ class Prober:
                 swapped = [i for i in owned if i not in added]
                 if owned:
                     self._owners.append((module, swapped, added))
-                if isinstance(module, COPYING_LAYERS):
-                    self._reusable.update(i for i in swapped if space.params[i].dtype == torch.float32
+                if type(module) in COPYING_LAYERS:  # exact types: a subclass may override forward
+                    self._reusable.update((id(module), i) for i in swapped if space.params[i].dtype == torch.float32
                                           and space.params[i].numel() >= REUSE_MIN_NUMEL)
 
     def evaluate(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float,
@@ -110,7 +111,7 @@ class Prober:
         def pre_hook(indices: list[int]) -> Callable:
             def hook(module: torch.nn.Module, args: object) -> None:
                 chosen = active(indices)
-                buffers = [self._take(i) for i in chosen]
+                buffers = [self._take(module, i) for i in chosen]
                 for i, values in zip(chosen, self.space.perturbed_many(seed, chosen, radius, step, buffers)):
                     p = self.space.params[i]
                     saved.setdefault(i, []).append(p.data)
@@ -124,8 +125,8 @@ class Prober:
                     stack = saved.get(i)
                     if stack:
                         p = self.space.params[i]
-                        if i in self._reusable:
-                            self._scratch.setdefault(p.numel(), []).append(p.data)
+                        if (id(module), i) in self._reusable:  # only the module that took it gives it back
+                            self._scratch.setdefault((p.numel(), str(p.device)), []).append(p.data)
                         p.data = stack.pop()
             return hook
 
@@ -164,11 +165,12 @@ class Prober:
                 return self._hooked(loss_fn, seed, radius, step)
         return loss
 
-    def _take(self, index: int) -> torch.Tensor | None:
-        """A kept buffer for parameter ``index``'s perturbed copy, or None (a new one is allocated)."""
-        if index not in self._reusable:
+    def _take(self, module: torch.nn.Module, index: int) -> torch.Tensor | None:
+        """A kept buffer for parameter ``index``'s perturbed copy in ``module``, or None (a new one is allocated)."""
+        if (id(module), index) not in self._reusable:
             return None
-        free = self._scratch.get(self.space.params[index].numel())
+        p = self.space.params[index]
+        free = self._scratch.get((p.numel(), str(p.device)))
         return free.pop() if free else None
 
     def _naive(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float, step: int | None) -> float:

@@ -170,3 +170,21 @@ def test_factor_streams_give_each_matrix_its_own_factors_whatever_was_drawn_befo
         u, v = fresh.factors(77, index)
         assert torch.equal(u, busy.factors(77, index)[0]) and torch.equal(v, busy.factors(77, index)[1])
     assert not torch.equal(fresh.factors(77, 1)[0][:4], fresh.factors(77, 3)[0][:4])
+
+
+def test_factor_streams_are_trimmed_after_an_update_and_lazy_v_survives_window_changes():
+    from ray_s2p.zo.factors import KEEP
+    model, reference = TinyLM(), TinyLM()
+    space, ref_space = lowrank_space(model, interval=2), lowrank_space(reference, interval=2)
+    pairs = [(mix_seed(8, j), 0.01 * (-1) ** j) for j in range(KEEP + 12)]
+    space.factors(pairs[0][0], 1, 1)  # a probe of step 1 (window 0) ...
+    space.factors(mix_seed(9, 9), 1, 5)  # ... then one of step 5 (window 2) drops window 0's V
+    apply_update(space, pairs[:1], step=1)  # the update of step 1 still finds its V (its stream was kept)
+    apply_update(space, pairs[1:], step=1)
+    assert len(space.factor_streams._streams) <= KEEP  # the update's streams are not kept
+    with torch.no_grad():
+        for i, p in enumerate(ref_space.params):
+            for seed, c in pairs:
+                p.add_(ref_space.noise(seed, i, 1), alpha=c)
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
