@@ -142,3 +142,25 @@ def test_final_export_writes_in_place_and_replaces_an_old_final(tmp_path):
     driver = Driver(cfg, tmp_path / "run", log=lambda m: None)
     driver.run()
     assert len(list_checkpoints(tmp_path / "run" / "checkpoints")) == 2
+
+
+def test_replica_0_dying_while_it_writes_a_checkpoint_is_replaced_and_writes_again(tmp_path, monkeypatch):
+    from ray_s2p.distributed.replica import ReplicaFailure
+
+    class DiesOnceWhileSaving(LocalPool):
+        fired: list[int] = []
+
+        def call(self, method, args, replicas=None, timeout=None):
+            if method == "save_checkpoint" and args[0][0] == 10 and not self.fired:
+                self.fired.append(10)
+                raise ReplicaFailure([0], [None], "replica 0 died (ActorDiedError)")
+            return super().call(method, args, replicas, timeout)
+
+    cfg = RunConfig.from_dict(smoke_dict())
+    reference = train(cfg, tmp_path / "reference", log=lambda m: None)
+    monkeypatch.setattr("ray_s2p.distributed.driver.LocalPool", DiesOnceWhileSaving)
+    result = train(cfg, tmp_path / "run", log=lambda m: None)
+    assert DiesOnceWhileSaving.fired == [10] and result.summary["replica_failures"] == 1
+    assert result.final_digest == reference.final_digest
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000030" / "state.json").read_text())
+    assert state["digest"] == reference.final_digest
