@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 TESTS = Path(__file__).resolve().parent
 for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -45,3 +46,21 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024 * 1024,
                  log_to_driver=False)
     yield ray
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding -> Linear -> tanh -> Linear -> LayerNorm: every layer kind the low-rank probe handles."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.emb = torch.nn.Embedding(50, 16)
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 4)
+        self.norm = torch.nn.LayerNorm(4)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.fc2(torch.tanh(self.fc1(self.emb(ids)))).mean(1)).float()  # fp32 loss for half models

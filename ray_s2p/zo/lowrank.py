@@ -84,8 +84,7 @@ def add_output_delta(module: torch.nn.Module, inputs: tuple, output: torch.Tenso
 def add_lowrank(param: torch.Tensor, factors: Sequence[tuple[float, torch.Tensor, torch.Tensor]]) -> None:
     """param += sum_i c_i U_i V_i^T / sqrt(r), as one (m x Nr) @ (Nr x n) product, in place.
 
-    When every direction shares V (lazy V within its window) the sum is (sum_i c_i U_i) V^T:
-    one (m x r) @ (r x n) product, whatever the number of directions.
+    With lazy V, ``apply_update`` sums the U's over the flat stream first and passes one factor.
 
     The product is formed in float32 and added once; for a float32 parameter ``addmm_``
     adds it without a temporary of the parameter's size.
@@ -93,16 +92,8 @@ def add_lowrank(param: torch.Tensor, factors: Sequence[tuple[float, torch.Tensor
     if not factors:
         return
     rank = factors[0][1].shape[1]
-    v0 = factors[0][2]
-    if all(v.data_ptr() == v0.data_ptr() or torch.equal(v, v0) for _, _, v in factors[1:]):
-        # Lazy V shared by every direction: sum_i c_i U_i V^T = (sum_i c_i U_i) V^T, one rank-r product.
-        us = factors[0][1] * factors[0][0]
-        for c, u, _ in factors[1:]:
-            us.add_(u, alpha=c)
-        vs = v0
-    else:
-        us = torch.cat([u * c for c, u, _ in factors], dim=1)
-        vs = torch.cat([v for _, _, v in factors], dim=1)
+    us = torch.cat([u * c for c, u, _ in factors], dim=1)
+    vs = torch.cat([v for _, _, v in factors], dim=1)
     alpha = 1.0 / math.sqrt(rank)
     if param.dtype == torch.float32:
         param.addmm_(us, vs.T, alpha=alpha)

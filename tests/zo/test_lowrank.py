@@ -7,28 +7,11 @@ import math
 import pytest
 import torch
 
+from conftest import TinyLM
 from ray_s2p.distributed.digest import model_digest
 from ray_s2p.zo.directions import DirectionSpace, apply_update, mix_seed, select_parameters
 from ray_s2p.zo.optimizer import ZerothOrderOptimizer, optimizer_config
 from ray_s2p.zo.probes import Prober
-
-
-class TinyLM(torch.nn.Module):
-    """Embedding -> Linear -> tanh -> Linear -> LayerNorm: every layer kind the low-rank probe handles."""
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.emb = torch.nn.Embedding(50, 16)
-        self.fc1 = torch.nn.Linear(16, 32)
-        self.fc2 = torch.nn.Linear(32, 4)
-        self.norm = torch.nn.LayerNorm(4)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.fc2(torch.tanh(self.fc1(self.emb(ids)))).mean(1))
 
 
 def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

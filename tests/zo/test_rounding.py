@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from conftest import TinyLM
 from ray_s2p.config import ConfigError, RunConfig
 from ray_s2p.distributed.digest import model_digest
 from ray_s2p.zo import noise
@@ -237,24 +238,6 @@ def test_half_update_without_the_step_is_refused():
 
 
 # ---------------------------------------------------------------- probes
-class TinyLM(torch.nn.Module):
-    """Embedding -> Linear -> tanh -> Linear -> LayerNorm (every layer kind the low-rank probe handles)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = gen(0)
-        self.emb = torch.nn.Embedding(50, 16)
-        self.fc1 = torch.nn.Linear(16, 32)
-        self.fc2 = torch.nn.Linear(32, 4)
-        self.norm = torch.nn.LayerNorm(4)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.fc2(torch.tanh(self.fc1(self.emb(ids)))).mean(1)).float()
-
-
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("mechanism", ["hooks", "swap"])
 @pytest.mark.parametrize("distribution", ["gaussian", "lowrank"])
@@ -310,6 +293,7 @@ def half_run(tmp_path, name: str, weights: str, **overrides):
 @pytest.mark.parametrize("weights", ["bf16", "fp16"])
 def test_half_precision_run_repeats_and_replays_bit_for_bit(tmp_path, weights, capsys):
     from safetensors.torch import load_file
+
     from ray_s2p.cli import main as cli_main
 
     _, a = half_run(tmp_path, "a", weights)
@@ -327,6 +311,7 @@ def test_half_precision_run_repeats_and_replays_bit_for_bit(tmp_path, weights, c
 
 def test_half_precision_resume_continues_to_the_same_digest(tmp_path):
     import yaml
+
     from ray_s2p.distributed.driver import train
 
     cfg, full = half_run(tmp_path, "full", "bf16")
