@@ -64,7 +64,6 @@ class Driver:
                  report: Callable[[dict[str, Any], Path | None], None] | None = None,
                  log: Callable[[str], None] = print) -> None:
         self.config = config
-        self.rd = RunDirectory(Path(run_dir), config, resume=resume, overwrite=overwrite)
         self.report = report
         self.log = log
         self.layout = Layout.from_config(config)
@@ -73,6 +72,8 @@ class Driver:
             raise ValueError("optimizer.name: the first-order references (sgd, adamw) run on one replica. "
                              "Fix: --set cluster.replicas=1")
         self.rule = None if self.first_order else build_rule(config.optimizer, config.steps)
+        # Last: every check above runs before the run directory is touched.
+        self.rd = RunDirectory(Path(run_dir), config, resume=resume, overwrite=overwrite)
         self.fingerprint = config_fingerprint(config.to_dict())
         self.failures = 0
         self.recoveries: list[float] = []
@@ -95,6 +96,8 @@ class Driver:
                 self.rd.discard()  # replicas cannot reach the run directory: nothing was trained
                 raise
             state = self._open(pool)
+            if self.rd.resumed:
+                self.rd.confirm_resume()  # checkpoint and ledger verified: only now may the resume write
             state.started = time.perf_counter()  # wall time counts from the replicas being up, as before a resume
             self._start(pool, state)
             progress = self.rd.progress(state.start_step)

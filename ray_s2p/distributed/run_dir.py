@@ -71,8 +71,10 @@ class RunDirectory:
             for name in ("checkpoints", "final"):
                 shutil.rmtree(self.path / name, ignore_errors=True)
         self.path.mkdir(parents=True, exist_ok=True)
-        # On resume too: the file then records overrides given with --resume (e.g. cluster.replicas).
-        write_yaml(self.path / "config.yaml", config.to_dict())
+        if not resume:
+            write_yaml(self.path / "config.yaml", config.to_dict())
+        # A resume writes nothing until the driver has verified the checkpoint and ledger (``confirm_resume``):
+        # a refused resume must leave the run directory byte-identical.
         self.checkpoints = self.path / "checkpoints"
         self.ledger_path = self.path / "ledger.parquet"
         self.metrics_path = self.path / "metrics.parquet"
@@ -84,12 +86,25 @@ class RunDirectory:
                 self.rows = []
         self.resyncs = 0
         self._writer = None
-        if config.tensorboard:
+        if not resume:
+            self._open_tensorboard()
+
+    def _open_tensorboard(self) -> None:
+        if self.config.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self._writer = SummaryWriter(str(self.path / "tensorboard"))
             except ImportError:
                 print("tensorboard is not installed; skipping event files (pip install tensorboard)", file=sys.stderr)
+
+    def confirm_resume(self) -> None:
+        """The resume has been verified: record its overrides (e.g. ``cluster.replicas``) in config.yaml, so a
+        later plain ``--resume`` continues with them, and open the TensorBoard writer."""
+        data = self.config.to_dict()
+        file = self.path / "config.yaml"
+        if yaml.safe_load(file.read_text()) != data:
+            write_yaml(file, data)
+        self._open_tensorboard()
 
     @staticmethod
     def load_config(path: Path) -> RunConfig:

@@ -173,3 +173,25 @@ def test_atomic_write_keeps_old_content_on_failure(tmp_path):
             raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``, by relative path."""
+    import hashlib
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_resume_leaves_the_run_directory_byte_identical(tmp_path):
+    assert cli_train(tmp_path, "steps=20").returncode == 0
+    run_dir = tmp_path / "run"
+    before = tree_hashes(run_dir)
+    refused = subprocess.run(CLI + ["train", "--resume", str(run_dir), "--set", "optimizer.eta=0.5"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "belongs to another config" in refused.stderr, refused.stderr
+    assert tree_hashes(run_dir) == before
+    # The refusal did not poison config.yaml: a plain resume still runs, here on to step 30.
+    done = subprocess.run(CLI + ["train", "--resume", str(run_dir), "--set", "steps=30"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["steps"] == 30  # an accepted override is kept
