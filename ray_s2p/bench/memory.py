@@ -11,7 +11,8 @@ baseline, does 5 steps, and prints one JSON line:
   two probes + update).
 - ``adamw``: 5 steps of backward + AdamW over the trainable parameters.
 
-Numbers (bytes): ``baseline_rss`` (resident set after imports + task + model
+Numbers (bytes): ``pre_model_rss`` (resident set after imports + task build, before the
+model exists), ``baseline_rss`` (resident set after imports + task + model
 build), ``baseline_peak_rss`` (ru_maxrss then), ``peak_rss`` (ru_maxrss at the
 end: the whole process's peak, as asked), ``work_peak_rss`` (the peak of the 5
 steps alone: Linux's VmHWM, reset at the baseline through /proc/self/clear_refs;
@@ -92,11 +93,13 @@ def measure(mode: str, config: RunConfig, steps: int = MEMORY_STEPS) -> dict[str
     """
     if mode not in MODES:
         raise ValueError(f"unknown memory mode {mode!r}; use {', '.join(MODES)}")
-    from ..distributed.engine import ReplicaEngine, to_device
+    from ..distributed.engine import WEIGHT_DTYPES, ReplicaEngine, to_device
     from ..tasks import build_task
     from .step import FixedBatchTask, engine_step_fn, fixed_batch
 
     task = build_task(config.task, config.seed)
+    gc.collect()
+    pre_model_rss = current_rss()  # libraries, tokenizer and data: everything but the model
     engine = None
     if mode == "zeroth_order":
         engine = ReplicaEngine(config.replace({"perturbation.mechanism": "hooks"}), 0, task=task)
@@ -105,6 +108,9 @@ def measure(mode: str, config: RunConfig, steps: int = MEMORY_STEPS) -> dict[str
         engine.task = FixedBatchTask(task, batch)
     else:
         model = task.build_model()
+        weights = WEIGHT_DTYPES[config.precision.weights]
+        if weights != torch.float32:
+            model.to(weights)  # as ReplicaEngine does, so that every mode holds the same weights
         names = task.trainable_names(model)
         use_gpu = config.cluster.gpus_per_replica > 0 and torch.cuda.is_available()
         device = torch.device("cuda" if use_gpu else "cpu")
@@ -115,6 +121,7 @@ def measure(mode: str, config: RunConfig, steps: int = MEMORY_STEPS) -> dict[str
     gc.collect()  # the build's garbage must not count as the baseline
     out: dict[str, Any] = {"mode": mode, "steps": steps, "device": str(device),
                            "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+                           "weights": config.precision.weights, "pre_model_rss": pre_model_rss,
                            "baseline_rss": current_rss(), "baseline_peak_rss": peak_rss()}
     hwm_reset = reset_peak_rss()
     if cuda:

@@ -22,6 +22,9 @@ are wall-clock medians unless named otherwise; bytes are bytes):
 - ``driver`` (driver.py): the driver process's peak memory and its traffic with the
   replicas, for the smoke model and a random 1 B-parameter Llama-style model (bf16),
   each a 20-step run on 2 Ray replicas with a checkpoint every 5 (``--cases``).
+- ``precision`` (precision.py): a replica's memory with bf16 weights against fp32 (what
+  the model and the method add to the process), for MiniLM and the random 1 B Llama
+  (``--cases minilm,llama-1b``).
 
 The base config (when no ``--config`` is given) is the default MiniLM
 text_classification job with every parameter trainable, no feature reuse, batch
@@ -42,15 +45,18 @@ from typing import Any, Callable, Sequence
 from ..config import RunConfig, load_config, parse_override
 from .cluster import bench_recovery, bench_replay, bench_scaling, bench_traffic
 from .common import BENCH_BASE, BenchContext, emit, log, machine_info
+from .driver import CASES as DRIVER_CASES
 from .driver import DEFAULT_CASES, bench_driver
 from .memory import bench_memory
+from .precision import bench_precision
 from .step import bench_step
 
 # Name -> benchmark, in the order ``ray-s2p bench`` runs them when no name is given.
 BENCHES: dict[str, Callable[[BenchContext], dict[str, Any]]] = {
     "step": bench_step, "scaling": bench_scaling, "traffic": bench_traffic, "memory": bench_memory,
     "recovery": bench_recovery, "replay": bench_replay,
-    "driver": lambda ctx: bench_driver(ctx, ctx.cases or DEFAULT_CASES),
+    "driver": lambda ctx: bench_driver(ctx, tuple(c for c in ctx.cases if c in DRIVER_CASES) or DEFAULT_CASES),
+    "precision": bench_precision,
 }
 
 

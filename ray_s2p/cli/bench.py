@@ -1,4 +1,4 @@
-"""``ray-s2p bench``: the benchmarks of bench/ (step cost, scaling, traffic, memory, recovery, replay, driver)."""
+"""``ray-s2p bench``: the benchmarks of bench/ (step cost, scaling, traffic, memory, recovery, replay, driver, precision)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
     """Add ``bench`` to the ``ray-s2p`` sub-commands."""
     from ..bench.runner import BENCHES
 
-    p = sub.add_parser("bench", help="benchmarks: step cost, scaling, traffic, memory, recovery, replay, driver",
+    p = sub.add_parser("bench", help="benchmarks: step cost, scaling, traffic, memory, recovery, replay, driver, precision",
                        description="Each benchmark prints one JSON line and appends it to --results. "
                                    "Base config: MiniLM, all parameters, batch 16 x 64 tokens (see ray_s2p/bench.py).")
     # Names are checked by run_benches (argparse's choices reject the empty default of nargs='*').
@@ -30,6 +30,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--steps", type=int, help="training steps of the Driver runs (default: scaling/traffic 6, "
                                              "recovery 12, replay 10)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement after one warm-up")
-    p.add_argument("--cases", metavar="A,B", help="driver: models to run, of smoke, llama-tiny, llama-1b "
-                                                  "(default: smoke,llama-1b)")
+    p.add_argument("--cases", metavar="A,B", help="models to run: driver of smoke, llama-tiny, llama-1b "
+                                                  "(default: smoke,llama-1b); precision of minilm, llama-tiny, "
+                                                  "llama-1b (default: minilm,llama-1b)")
     p.set_defaults(func=_bench)

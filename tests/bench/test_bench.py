@@ -154,7 +154,7 @@ def test_bad_arguments_and_strict_json(tmp_path, capsys):
         run_benches(["nope"], results=tmp_path / "r.jsonl")
     assert cli(["bench", "step", "--steps", "1", "--results", str(tmp_path / "r.jsonl")]) == 2
     assert "--steps 2 or more" in capsys.readouterr().err
-    assert set(BENCHES) == {"step", "scaling", "traffic", "memory", "recovery", "replay", "driver"}
+    assert set(BENCHES) == {"step", "scaling", "traffic", "memory", "recovery", "replay", "driver", "precision"}
     path = tmp_path / "e.jsonl"
     emit({"bench": "x", "value": float("nan"), "n": 1.234567891}, path)
     emit({"bench": "y"}, path)
