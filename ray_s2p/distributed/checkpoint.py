@@ -69,6 +69,19 @@ def config_fingerprint(config_dict: dict[str, Any]) -> str:
         perturbation.pop("rank", None)
         perturbation.pop("lowrank_interval", None)
         keep["perturbation"] = perturbation
+    optimizer = dict(keep.get("optimizer") or {})
+    if not optimizer.get("weight_decay"):
+        # Without weight decay the exemption changes nothing: runs from before it existed keep their fingerprint.
+        optimizer.pop("weight_decay_exempt", None)
+        keep["optimizer"] = optimizer
+    task = dict(keep.get("task") or {})
+    if (task.get("test_size", 0), task.get("eval_split", "validation"), task.get("split_seed")) == (
+            0, "validation", config_dict.get("seed")):
+        # The split keys reproduce the split of runs made before they existed (split seed = run seed, no
+        # test rows): those runs keep their fingerprint; any other split is another trajectory.
+        for key in ("test_size", "eval_split", "split_seed"):
+            task.pop(key, None)
+        keep["task"] = task
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -169,7 +182,8 @@ def load_checkpoint(path: Path, fingerprint: str | None = None) -> tuple[Checkpo
 
 
 def latest_checkpoint(root: Path, fingerprint: str | None = None,
-                      verify: Callable[[Path], str | None] | None = None) -> Checkpoint | None:
+                      verify: Callable[[Path], str | None] | None = None,
+                      log: Callable[[str], None] | None = None) -> Checkpoint | None:
     """The newest checkpoint that reads and verifies (checksum included); None if there is none.
 
     Args:
@@ -177,20 +191,25 @@ def latest_checkpoint(root: Path, fingerprint: str | None = None,
         fingerprint: the config fingerprint the checkpoint must carry (None: not checked).
         verify: checks the tensor file instead of hashing it here: path -> error message or None. The
             driver passes a call to replica 0, so that only state.json is read in the driver's process.
+        log: told, in one line, when a newer checkpoint was passed over for an older one.
 
     Raises:
         CheckpointError: checkpoints exist but none verifies (the newest error is raised).
     """
-    error: CheckpointError | None = None
+    errors: list[CheckpointError] = []
     for path in reversed(list_checkpoints(root)):
         try:
             ckpt = read_checkpoint(path, fingerprint, verify_tensors=verify is None)
             problem = verify(path) if verify is not None else None
-            if problem is None:
-                return ckpt
-            raise CheckpointError(problem)
+            if problem is not None:
+                raise CheckpointError(problem)
         except CheckpointError as exc:
-            error = error or exc
-    if error is not None:
-        raise error
+            errors.append(exc)
+            continue
+        if errors and log is not None:  # a fallback must never be silent: the steps after it are run again
+            log(f"checkpoint fallback: skipped {'; '.join(str(e) for e in errors)}; "
+                f"using {path.name} and running the steps after it again")
+        return ckpt
+    if errors:
+        raise errors[0]
     return None

@@ -116,7 +116,7 @@ class Driver:
         # Replica 0 checks the tensor file's sha256 where it reads it; the driver reads only state.json.
         ckpt = latest_checkpoint(self.rd.checkpoints, self.fingerprint, lambda path: pool.call(
             "verify_checkpoint", [(str(path.resolve()), self.fingerprint)], replicas=[0],
-            timeout=max(600.0, self.config.cluster.startup_timeout_s))[0]) if self.rd.resumed else None
+            timeout=max(600.0, self.config.cluster.startup_timeout_s))[0], log=self.log) if self.rd.resumed else None
         start_step = ckpt.step if ckpt is not None else 0
         rule_state = ckpt.rule_state.get("rule") if ckpt is not None else None
         if rule_state is None and self.rule is not None:
@@ -125,6 +125,9 @@ class Driver:
         if ckpt is not None and ledger.digest(start_step) != ckpt.meta.get("ledger_digest"):
             raise TrainingError("ledger.parquet does not match the checkpoint (rows were changed or belong to "
                                 "another run). Fix: restore the run's own ledger")
+        if self.rd.metrics_problem is not None:  # torn metrics.parquet: the ledger is the truth for steps and passes
+            self.log(self.rd.rebuild_train_rows(ledger.rows, self.layout.shards, start_step, ckpt.meta if ckpt else {},
+                                                FIRST_ORDER_PASSES if self.first_order else None))
         self.rd.truncate_metrics(start_step)
         # The checkpoint of step s stores parameters *with* update s applied, so nothing is pending.
         return RunState(start_step=start_step, rule_state=rule_state, ledger=ledger, ckpt=ckpt,
@@ -143,12 +146,15 @@ class Driver:
 
     def _start(self, pool: LocalPool | RayPool, state: RunState) -> None:
         """Restore a resumed run's replicas, and evaluate the starting point (once per run)."""
+        initial = self.rd.initial_eval()
+        if initial is None:
+            # A fresh run, or a resume whose metrics were lost: the new replicas still hold the step-0
+            # parameters, so this is the starting point's evaluation even before the checkpoint is restored.
+            initial = self._evaluate(pool, state)
+            self.rd.record_eval(0, initial, 0, 0.0)
         if state.ckpt is not None:
             self._restore(pool, list(range(pool.size)), state.ckpt, state.ledger, state.start_step)
-        state.initial_eval = self.rd.initial_eval() or self._evaluate(pool, state)
-        if not self.rd.resumed:
-            self.rd.record_eval(0, state.initial_eval, state.forward_passes, 0.0)
-        state.last_eval = state.initial_eval
+        state.initial_eval = state.last_eval = initial
 
     def _record(self, state: RunState, step: int, outcome: StepOutcome) -> None:
         state.bytes_sent += outcome.sent
@@ -249,7 +255,7 @@ class Driver:
             raise TrainingError(f"{self.bad_streak} steps in a row had only non-finite losses (last step {step}). "
                                 f"Fix: lower optimizer.lr/eta or rho, or check the data")
         state.pending = Update(step, tuple(zip(seeds, (float(c) for c in decision.coefficients))),
-                               decision.param_scale)
+                               decision.param_scale, decision.sign_step)
         finite = [v for row in losses for v in row[:2] if math.isfinite(v)]
         return (sum(finite) / len(finite) if finite else float("nan")), skipped_bad
 
@@ -359,7 +365,9 @@ class Driver:
         the driver sends and receives only those scalars, digests and the path."""
         self._apply(pool, state)
         meta = {"config_fingerprint": self.fingerprint, "ledger_digest": state.ledger.digest(step),
-                "data_position": {"step": step}}
+                "data_position": {"step": step},
+                # Not in the ledger: what a resume with a torn metrics.parquet continues the wall time from.
+                "wall_seconds": state.wall, "forward_passes": state.forward_passes}
         rule = {"rule": state.rule_state}
         # Ledger first: a crash between the two writes then leaves an older checkpoint that still matches.
         state.ledger.flush()

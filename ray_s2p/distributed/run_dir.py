@@ -10,7 +10,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,6 +19,9 @@ import yaml
 from ..config import ConfigError, RunConfig
 from ..files import atomic_path, write_json, write_yaml
 from ..tasks.base import EvalTotals
+
+if TYPE_CHECKING:
+    from .ledger import LedgerRow
 
 METRIC_COLUMNS = ["step", "kind", "loss", "eval_loss", "eval_accuracy", "eval_macro_f1", "forward_passes",
                   "wall_seconds", "bytes_sent", "bytes_received", "skipped_directions"]
@@ -79,11 +82,12 @@ class RunDirectory:
         self.ledger_path = self.path / "ledger.parquet"
         self.metrics_path = self.path / "metrics.parquet"
         self.rows: list[dict[str, Any]] = []
+        self.metrics_problem: str | None = None  # why metrics.parquet could not be read on resume
         if resume and self.metrics_path.exists():
             try:
                 self.rows = pq.read_table(self.metrics_path).to_pylist()
-            except Exception:  # metrics are a log; a torn file is rebuilt from here on
-                self.rows = []
+            except Exception as exc:  # pyarrow raises several types; the driver rebuilds from the ledger
+                self.metrics_problem = f"{type(exc).__name__}: {exc}".splitlines()[0]
         self.resyncs = 0
         self._writer = None
         if not resume:
@@ -115,6 +119,40 @@ class RunDirectory:
         return RunConfig.from_dict(yaml.safe_load(file.read_text()))
 
     # -------------------------------------------------------------- metrics
+    def rebuild_train_rows(self, ledger: "Sequence[LedgerRow]", shards: int, upto: int, ckpt_meta: dict[str, Any],
+                           passes_per_step: int | None = None) -> str:
+        """Train rows of steps 1..``upto`` from the ledger, for a resume whose metrics.parquet is torn.
+
+        The ledger is the truth for steps, losses and forward passes: a step's loss is the mean of its finite
+        two-point losses (as the driver computes it) and its forward passes are every loss value of every
+        direction times the data shards that each computed it. The wall time so far comes from the checkpoint
+        (``ckpt_meta``); byte counts and evaluations after step 0 are lost. First-order runs have no ledger
+        rows: ``passes_per_step`` gives their count.
+
+        Returns:
+            The one line to log about it.
+        """
+        by_step: dict[int, list[LedgerRow]] = {}
+        for row in ledger:
+            if row.step <= upto:
+                by_step.setdefault(row.step, []).append(row)
+        passes = 0
+        self.rows = []
+        for step in range(1, upto + 1):
+            values = [([r.loss_plus, r.loss_minus] if r.radius is not None else []) + list(r.extra_losses or ())
+                      for r in by_step.get(step, [])]
+            passes += sum(len(v) for v in values) * shards if values else (passes_per_step or 0)
+            finite = [x for v in values for x in v[:2] if x is not None and math.isfinite(x)]
+            skipped = sum(1 for v in values if not all(x is not None and math.isfinite(x) for x in v))
+            self.rows.append(self._row(step=step, kind="train", loss=sum(finite) / len(finite) if finite else None,
+                                       forward_passes=passes, skipped_directions=skipped))
+        wall = float(ckpt_meta.get("wall_seconds") or 0.0)
+        if self.rows:
+            self.rows[-1]["wall_seconds"] = wall  # where previous_wall_seconds() picks it up
+        return (f"metrics.parquet is unreadable ({self.metrics_problem}); rebuilt the train rows of steps 1-{upto} "
+                f"from the ledger ({passes} forward passes) and the wall time from the checkpoint ({wall:.1f} s); "
+                f"their byte counts and the evaluations between step 0 and {upto} are lost")
+
     def truncate_metrics(self, step: int) -> None:
         self.rows = [r for r in self.rows if r["step"] <= step]
 
@@ -142,7 +180,9 @@ class RunDirectory:
             self._writer.add_scalar("train/loss", loss, step)
 
     def record_eval(self, step: int, metrics: dict[str, float], passes: int, wall: float) -> None:
-        self.rows.append(self._row(step=step, kind="eval", forward_passes=passes, wall_seconds=wall, **metrics))
+        row = self._row(step=step, kind="eval", forward_passes=passes, wall_seconds=wall, **metrics)
+        # The step-0 evaluation of a resume with rebuilt metrics goes before the rebuilt train rows.
+        self.rows.insert(0, row) if step == 0 else self.rows.append(row)
         if self._writer is not None:
             for key, value in metrics.items():
                 self._writer.add_scalar(f"eval/{key.removeprefix('eval_')}", value, step)
