@@ -9,8 +9,10 @@ original storage is restored untouched. Mechanisms (``PerturbationConfig.mechani
 - ``hooks`` (default): a forward pre-hook on each module that owns selected
   parameters swaps in x + t z for that module only; its forward hook swaps the
   original back. Extra memory: one module's parameters plus its noise.
-  Parameters used outside their owner's forward (found on the first probe, where
-  the hook never fired) are swapped for the whole forward instead.
+  A parameter tied into several modules is perturbed in each of them. Parameters
+  read outside every owner's forward (``h @ emb.weight.T``), or whose owner never
+  runs, are found on the first probe (reads.py) and swapped for the whole forward
+  instead, so every read sees x + t z.
 - ``swap``: every selected parameter is swapped for the whole forward. Extra
   memory: one copy of the selected parameters. Works on bare parameter lists.
   Low-rank weights of linear, Conv1D and embedding layers (``distribution: lowrank``)
@@ -29,6 +31,7 @@ import torch
 
 from .directions import DirectionSpace
 from .lowrank import add_output_delta, supports_output_delta
+from .reads import ReadRecorder, check_no_aliasing, owners
 
 
 # Layers whose forward reads their parameters without returning a view of them, so a perturbed copy
@@ -45,9 +48,13 @@ class Prober:
             raise ValueError(f"unknown mechanism {mechanism!r}; use hooks, swap or naive")
         if mechanism == "hooks" and model is None:
             raise ValueError("mechanism 'hooks' needs the model; use 'swap' for bare parameters")
+        check_no_aliasing(space.params, space.names)  # no mechanism can probe two parameters sharing memory
         self.model = model
         self.space = space
         self.mechanism = mechanism
+        # Tied parameters (one nn.Parameter in several modules): name -> owning modules. Informational: each
+        # owner's hook perturbs the parameter during that owner's forward.
+        self.tied = owners(model, space.params, space.names) if model is not None else {}
         self._eager: set[int] | None = None  # params swapped for the whole forward under 'hooks'
         # (module, parameters swapped for its forward, low-rank weights added to its output)
         self._owners: list[tuple[torch.nn.Module, list[int], list[int]]] = []
@@ -100,10 +107,29 @@ class Prober:
             for p, data in originals:
                 p.data = data
 
+    @property
+    def whole_forward(self) -> list[str]:
+        """Names of the parameters ``hooks`` swaps for the whole forward (known after the first probe)."""
+        return [self.space.names[i] for i in sorted(self._eager or ())]
+
     def _hooked(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float, step: int | None) -> float:
         fired: set[int] = set()
         saved: dict[int, list[torch.Tensor]] = {}
         handles = []
+        # First probe only: record the parameters the model reads outside their owners' forwards.
+        recorder = ReadRecorder(self.space.params) if self._eager is None else None
+
+        def quiet(hook: Callable) -> Callable:
+            if recorder is None:
+                return hook
+
+            def wrapped(*args: object, **kwargs: object) -> object:
+                recorder.paused += 1  # the hook's own .data swaps and noise are not the model's reads
+                try:
+                    return hook(*args, **kwargs)
+                finally:
+                    recorder.paused -= 1
+            return wrapped
 
         def active(indices: list[int]) -> list[int]:
             return [i for i in indices if self._eager is None or i not in self._eager]
@@ -143,14 +169,22 @@ class Prober:
 
         try:
             for module, swapped, added in self._owners:
+                if recorder is not None:  # the owner's forward is where its parameters may be read
+                    owned = swapped + added
+                    handles.append(module.register_forward_pre_hook(lambda m, a, o=owned: recorder.enter(o)))
+                    handles.append(module.register_forward_hook(lambda m, a, out, o=owned: recorder.leave(o)))
                 if swapped:
-                    handles.append(module.register_forward_pre_hook(pre_hook(swapped)))
-                    handles.append(module.register_forward_hook(post_hook(swapped)))
+                    handles.append(module.register_forward_pre_hook(quiet(pre_hook(swapped))))
+                    handles.append(module.register_forward_hook(quiet(post_hook(swapped))))
                 if added:
-                    handles.append(module.register_forward_hook(delta_hook(added), with_kwargs=True))
+                    handles.append(module.register_forward_hook(quiet(delta_hook(added)), with_kwargs=True))
             eager = sorted(self._eager) if self._eager is not None else []
             with self._swapped(eager, seed, radius, step):
-                loss = float(loss_fn())
+                if recorder is None:
+                    loss = float(loss_fn())
+                else:
+                    with recorder:
+                        loss = float(loss_fn())
         finally:
             for h in handles:
                 h.remove()
@@ -158,9 +192,11 @@ class Prober:
                 if stack:
                     self.space.params[i].data = stack[0]
         if self._eager is None:
-            # First probe: parameters whose owner's forward never ran are either unused or read
-            # outside their module; swap those for the whole forward from now on, and redo this probe.
-            self._eager = set(range(len(self.space.params))) - fired
+            # First probe: parameters whose owner's forward never ran are either unused or read outside
+            # their module, and some were read outside it as well; swap those for the whole forward from
+            # now on, and redo this probe.
+            assert recorder is not None
+            self._eager = (set(range(len(self.space.params))) - fired) | recorder.outside
             if self._eager:
                 return self._hooked(loss_fn, seed, radius, step)
         return loss
