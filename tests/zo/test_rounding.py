@@ -217,6 +217,21 @@ def test_half_update_equals_one_stochastic_rounding_of_the_float32_sum_per_chunk
     torch.testing.assert_close(acc, start.float() * scale + sum(c * space.noise(s, 0) for s, c in pairs))
 
 
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("chunk", [64, 1 << 18])
+def test_half_probe_is_the_float32_sum_rounded_to_nearest_in_the_parameters_dtype(dtype, chunk, monkeypatch):
+    # x + rho z is formed in float32 one chunk at a time and rounded to nearest into a half-precision
+    # output: the same bits as rounding the whole float32 sum, with no float32 copy of the tensor.
+    monkeypatch.setattr(noise, "CHUNK", chunk)
+    weight = torch.nn.Parameter((torch.randn(30, 20, generator=gen(3)) * 0.5).to(dtype))  # 600: 10 chunks of 64
+    start = weight.detach().clone()
+    space = DirectionSpace(["w"], [weight], "gaussian", run_seed=5)
+    out = space.perturbed(17, 0, 1e-2)
+    expected = (start.float() + 1e-2 * space.noise(17, 0)).to(dtype)
+    assert out.dtype == dtype and torch.equal(out.view(torch.int16), expected.view(torch.int16))
+    assert not torch.equal(out, start) and torch.equal(weight.detach(), start)  # moved; the weight itself not
+
+
 def test_float32_update_keeps_its_in_place_arithmetic():
     # fp32 parameters take no detour through rounding: x *= s, then x += c z per direction, in place.
     model = wide(0, torch.float32)
