@@ -25,12 +25,29 @@ def _split(cfg: TaskConfig) -> tuple[TaskConfig, dict]:
 
 
 class FaultyBlobs(BlobsTask):
-    """Blobs task that, once, at ``at_step`` on Ray replica ``replica``, hangs, dies or corrupts its parameters."""
+    """Blobs task that, once, at ``at_step`` on Ray replica ``replica``, hangs, dies or corrupts its parameters.
+
+    ``corrupt`` changes the parameters before the step's probes (so the step's losses are wrong too);
+    ``corrupt_at_eval`` changes them while the replica evaluates after step ``at_step``, when no probe of that
+    step is left to see them: only the digest check can.
+    """
 
     def __init__(self, cfg: TaskConfig, seed: int) -> None:
         clean, self.fault = _split(cfg)
         super().__init__(clean, seed)
         self.model_ref: torch.nn.Module | None = None
+        self.last_step = 0  # the last step a training batch was asked for
+
+    def eval_totals(self, model, batch):
+        totals = super().eval_totals(model, batch)
+        if self.fault.get("kind") == "corrupt_at_eval" and self.last_step == int(self.fault["at_step"]) \
+                and os.environ.get("RAY_S2P_REPLICA") == str(self.fault.get("replica", 1)):
+            marker = Path(self.fault["marker_dir"]) / "fired-corrupt_at_eval"
+            if not marker.exists():
+                marker.write_text(str(os.getpid()))
+                with torch.no_grad():
+                    next(model.parameters()).add_(1e-3)
+        return totals
 
     def build_model(self) -> torch.nn.Module:
         self.model_ref = super().build_model()
@@ -41,6 +58,7 @@ class FaultyBlobs(BlobsTask):
         return value * float("nan") if batch.get("poison") else value
 
     def train_batch(self, step: int, shard: int, num_shards: int):
+        self.last_step = step
         kind = self.fault.get("kind")
         if kind in ("nan_once", "nan_forever"):  # non-finite losses at one step / from a step on
             at = int(self.fault["at_step"])
@@ -49,6 +67,8 @@ class FaultyBlobs(BlobsTask):
             return batch
         if self.fault.get("kind") == "slow":  # gives a test time to kill the driver mid-run
             time.sleep(float(self.fault.get("at_step", 0)) / 1000.0)
+            return super().train_batch(step, shard, num_shards)
+        if kind not in ("hang", "die", "corrupt"):
             return super().train_batch(step, shard, num_shards)
         marker = Path(self.fault["marker_dir"]) / f"fired-{self.fault['kind']}"
         if step == int(self.fault["at_step"]) and os.environ.get("RAY_S2P_REPLICA") == str(self.fault.get("replica", 1)) \

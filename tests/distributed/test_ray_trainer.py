@@ -89,11 +89,15 @@ def test_hung_replica_is_treated_as_dead(tmp_path, ray_session):
 
 
 def test_corrupted_replica_is_caught_and_resynced(tmp_path, ray_session):
-    cfg = fault_config(tmp_path, "corrupt", at_step=7, **{"cluster.digest_every": 1, "cluster.on_mismatch": "resync"})
+    # Replica 1's parameters change while it evaluates after the last step, when no probe is left to use
+    # them: the final digest check must find it, rebuild the replica, and the run end undisturbed.
+    cfg = fault_config(tmp_path, "corrupt_at_eval", at_step=30, **{"cluster.on_mismatch": "resync"})
     messages: list[str] = []
     result = train(cfg, tmp_path / "run", log=messages.append)
+    assert (tmp_path / "markers" / "fired-corrupt_at_eval").exists()
     assert result.summary["replica_resyncs"] == 1
     assert any("digests differ" in m for m in messages)
+    assert result.final_digest == undisturbed_digest(tmp_path, cfg)  # the resynced replica rejoined exactly
 
 
 def test_corrupted_replica_aborts_under_abort_policy(tmp_path, ray_session):
