@@ -27,6 +27,9 @@ def _require(condition: bool, path: str, problem: str, fix: str) -> None:
         raise ConfigError(f"config field '{path}': {problem}. Fix: {fix}")
 
 
+EVAL_SPLITS = ("validation", "test")
+
+
 @dataclass(frozen=True)
 class TaskConfig:
     """What is trained: model, data, loss and which parameters move."""
@@ -40,7 +43,10 @@ class TaskConfig:
     max_length: int = 64
     batch_size: int = 16
     train_size: int | None = None
-    eval_size: int = 512
+    eval_size: int = 512           # validation examples (what tuning reads)
+    test_size: int = 0             # test examples (what final tables report); 0: no test split
+    split_seed: int = 0            # fixes the train / validation / test split; never the run seed
+    eval_split: str = "validation"  # the split a run evaluates: validation or test
     k_shot: int | None = None
     reshuffle: bool = True
     template: str = "{text} It was"
@@ -63,6 +69,14 @@ class TaskConfig:
         _require(self.batch_size > 0, "task.batch_size", f"got {self.batch_size}", "use a positive batch size")
         _require(self.max_length > 1, "task.max_length", f"got {self.max_length}", "use at least 2 tokens")
         _require(self.eval_size >= 0, "task.eval_size", f"got {self.eval_size}", "use 0 or more")
+        _require(self.test_size >= 0, "task.test_size", f"got {self.test_size}", "use 0 (no test split) or more")
+        _require(0 <= self.split_seed < 2**63, "task.split_seed", f"got {self.split_seed}",
+                 "use an integer in [0, 2**63)")
+        _require(self.eval_split in EVAL_SPLITS, "task.eval_split", f"unknown split {self.eval_split!r}",
+                 "use validation (tuning) or test (final reports)")
+        _require(self.eval_split != "test" or self.test_size > 0, "task.eval_split",
+                 "test while task.test_size is 0 (there is no test split)",
+                 "set task.test_size to the number of test examples")
         _require(self.k_shot is None or self.k_shot > 0, "task.k_shot", f"got {self.k_shot}", "use a positive count or null")
         _require(self.trainable in {"all", "head", "bitfit", "lora", "top_k", "patterns"}, "task.trainable",
                  f"unknown value {self.trainable!r}", "use one of all, head, bitfit, lora, top_k, patterns")
@@ -77,11 +91,13 @@ class TaskConfig:
 
 # The first-order references (backprop SGD / AdamW): the one place their names are written.
 FIRST_ORDER = ("sgd", "adamw")
-ZEROTH_ORDER = ("vs2p", "s2p", "mezo", "zo_sign", "stp", "random_search")
+ZEROTH_ORDER = ("vs2p", "s2p", "mezo", "zo_sign", "zo_signsgd", "stp", "random_search")
 OPTIMIZERS = ZEROTH_ORDER + FIRST_ORDER
 # A first-order step is one forward and one backward (about two forwards): 3 forward-pass
 # equivalents, the unit in which metrics and equal-budget comparisons count its cost.
 FIRST_ORDER_PASSES = 3
+# Which parameters weight decay spares (zo/weight_decay.py): bias_norm as MeZO's trainer, or none.
+WEIGHT_DECAY_EXEMPT = ("bias_norm", "none")
 
 
 @dataclass(frozen=True)
@@ -89,11 +105,12 @@ class OptimizerConfig:
     """Update rule and its hyperparameters (see docs/method.md)."""
 
     name: str = "vs2p"
-    lr: float = 1e-3            # MeZO / ZO-SGD-Sign / first-order learning rate; S2P option-1 step size
+    lr: float = 1e-3            # MeZO / ZO-signSGD / first-order learning rate; S2P option-1 step size
     eta: float = 1.0            # VS2P / S2P option-2 scale
     rho: float = 1e-3           # probe radius
     directions: int = 1         # q directions per replica per step (averaged)
     weight_decay: float = 0.0
+    weight_decay_exempt: str = "bias_norm"  # bias_norm (as MeZO: biases and norm weights do not decay) or none
     sign_trick: bool = True     # S2P: reuse the +-rho probes to pick the direction
     step_size_option: int = 1   # S2P: 1..4 (paper's options)
     tau_a: float = 3.0
@@ -125,6 +142,9 @@ class OptimizerConfig:
         _require(self.step_size_option in (1, 2, 3, 4), "optimizer.step_size_option",
                  f"got {self.step_size_option}", "use 1, 2, 3 or 4")
         _require(self.weight_decay >= 0, "optimizer.weight_decay", f"got {self.weight_decay}", "use 0 or more")
+        _require(self.weight_decay_exempt in WEIGHT_DECAY_EXEMPT, "optimizer.weight_decay_exempt",
+                 f"got {self.weight_decay_exempt!r}",
+                 "use bias_norm (biases and norm weights do not decay, as MeZO) or none (every parameter decays)")
         _require(self.sigma_window >= 2, "optimizer.sigma_window", f"got {self.sigma_window}", "use 2 or more")
         _require(self.clip in ("soft", "fixed", "none"), "optimizer.clip", f"got {self.clip!r}",
                  "use soft, fixed or none")

@@ -1,4 +1,4 @@
-"""Deterministic splits and batches: pure functions of (seed, step, shard, num_shards).
+"""Deterministic splits and batches: the split a function of the task alone, batches of (seed, step, shard).
 
 Recovery and replay re-ask a replica for the batch of an old step, so a batch
 may depend on nothing else: no global RNG, no iterator state. The train order
@@ -8,12 +8,15 @@ the global positions ``[(k-1) G, k G)`` with ``G = batch_size * num_shards``;
 shard s takes the slice ``[(k-1) G + s B, (k-1) G + (s+1) B)``. Position p is
 example ``perm(epoch = p // n)[p % n]``, so a batch may straddle two epochs and
 every example is seen once per epoch whatever the shard count.
+
+The train / validation / test split (``split_rows``) is drawn from ``task.split_seed``
+alone, so every run seed sees the same examples; the run seed orders the batches.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -26,17 +29,25 @@ _SPLIT, _EVAL, _EPOCH = 0x5B1, 0xE7A1, 0xE90C
 
 @dataclass(frozen=True)
 class RowSplit:
-    """Row numbers of the train and eval examples.
+    """Row numbers of the train, validation and test examples.
 
     Attributes:
-        train: rows of the source used for training, in a seeded order.
-        eval: rows of the eval examples (of ``held_out`` when the source has one, else of the source).
-        eval_from_held_out: whether ``eval`` indexes the predefined held-out split.
+        train: rows of the source used for training, in the split seed's order.
+        eval: rows of the validation examples (of ``held_out`` when the source has one, else of the source).
+        test: rows of the test examples (same source as ``eval``, disjoint from it); empty without a test split.
+        eval_from_held_out: whether ``eval`` and ``test`` index the predefined held-out split.
     """
 
     train: torch.Tensor
     eval: torch.Tensor
+    test: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     eval_from_held_out: bool = False
+
+    def evaluated(self, split: str) -> torch.Tensor:
+        """The rows a run evaluates: ``eval`` for "validation", ``test`` for "test" (``task.eval_split``)."""
+        if split not in ("validation", "test"):
+            raise ValueError(f"unknown split {split!r}. Fix: use validation or test")
+        return self.test if split == "test" else self.eval
 
 
 def seeded_permutation(n: int, *seed_parts: int) -> torch.Tensor:
@@ -45,37 +56,45 @@ def seeded_permutation(n: int, *seed_parts: int) -> torch.Tensor:
     return torch.randperm(n, generator=gen)
 
 
-def split_rows(num_rows: int, *, seed: int, eval_size: int, labels: Sequence[int] | None = None,
-               k_shot: int | None = None, train_size: int | None = None,
+def split_rows(num_rows: int, *, split_seed: int, eval_size: int, test_size: int = 0,
+               labels: Sequence[int] | None = None, k_shot: int | None = None, train_size: int | None = None,
                held_out_rows: int | None = None) -> RowSplit:
-    """Split rows into train and eval, then apply k-shot sampling and the train-size cap.
+    """Split rows into train, validation and test, then apply k-shot sampling and the train-size cap.
 
-    Without a held-out split the eval rows are the first ``eval_size`` of a seeded
-    permutation and the rest form the train pool (disjoint by construction). With
-    ``k_shot`` the train set keeps the first k rows of each class in the pool's
-    seeded order (MeZO's k-shot setting: 16 or 512 per class); ``train_size`` then
-    keeps the first ``train_size`` of those.
+    The split is a function of ``split_seed`` (``task.split_seed``) and the sizes only, never of
+    the run seed: runs with different seeds train and evaluate on the same examples, and the seed
+    changes only initialisation, directions and batch order. Without a held-out split the validation
+    rows are the first ``eval_size`` of a seeded permutation, the test rows the next ``test_size``,
+    and the rest form the train pool (disjoint by construction). With a held-out split (hub data
+    sets that ship one) validation and test are taken the same way from a permutation of it. With
+    ``k_shot`` the train set keeps the first k rows of each class in the pool's seeded order
+    (MeZO's k-shot setting: 16 or 512 per class); ``train_size`` then keeps the first
+    ``train_size`` of those. With ``test_size = 0`` the train and validation rows are those the
+    split gave before test splits existed, for a run seed equal to ``split_seed``.
 
     Args:
         num_rows: rows in the source.
-        seed: the run seed.
-        eval_size: eval examples wanted (fewer if the data is smaller).
+        split_seed: the task's split seed.
+        eval_size: validation examples wanted (fewer if the data is smaller).
+        test_size: test examples wanted (fewer if the data is smaller).
         labels: label id per source row (needed for ``k_shot``).
         k_shot: examples per class, or None for all.
         train_size: cap on the number of train examples, or None.
-        held_out_rows: size of a predefined eval split, or None to carve eval out of the rows.
+        held_out_rows: size of a predefined held-out split, or None to carve validation and test out of the rows.
 
     Raises:
         DataError: no rows left for training.
     """
-    pool = seeded_permutation(num_rows, seed, _SPLIT)
+    pool = seeded_permutation(num_rows, split_seed, _SPLIT)
+    held = eval_size + test_size
     if held_out_rows is not None:
-        eval_rows = seeded_permutation(held_out_rows, seed, _EVAL)[:eval_size]
+        order = seeded_permutation(held_out_rows, split_seed, _EVAL)
+        eval_rows, test_rows = order[:eval_size], order[eval_size:held]
     else:
-        eval_rows, pool = pool[:eval_size], pool[eval_size:]
+        eval_rows, test_rows, pool = pool[:eval_size], pool[eval_size:held], pool[held:]
     if pool.numel() == 0:
-        raise DataError(f"task.eval_size={eval_size} leaves no training rows out of {num_rows}. "
-                        f"Fix: lower task.eval_size below {num_rows}")
+        raise DataError(f"task.eval_size={eval_size} and task.test_size={test_size} leave no training rows out "
+                        f"of {num_rows}. Fix: lower them below {num_rows} together")
     if k_shot is not None:
         if labels is None:
             raise DataError("task.k_shot needs class labels, and this task has none. Fix: set task.k_shot to null")
@@ -90,7 +109,7 @@ def split_rows(num_rows: int, *, seed: int, eval_size: int, labels: Sequence[int
         pool = pool[keep]
     if train_size is not None:
         pool = pool[:train_size]
-    return RowSplit(pool, eval_rows, held_out_rows is not None)
+    return RowSplit(pool, eval_rows, test_rows, held_out_rows is not None)
 
 
 def train_positions(num_examples: int, batch_size: int, *, seed: int, step: int, shard: int,

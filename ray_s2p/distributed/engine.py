@@ -20,6 +20,7 @@ from ..files import fsync_tree, replace_dir
 from ..tasks.base import EvalTotals, Task
 from ..zo.directions import DirectionSpace, NoiseTable, apply_update, select_parameters
 from ..zo.probes import Prober
+from ..zo.weight_decay import decay_exempt
 from .checkpoint import CheckpointError, CheckpointRecord, load_checkpoint, read_checkpoint, save_checkpoint
 from .digest import model_digest
 from .messages import ProbeReply, ProbeRequest, Update
@@ -49,7 +50,8 @@ def build_space(model: torch.nn.Module, names: list[str], config: RunConfig) -> 
         table = noise_table(config.perturbation.table_size, params[0].device)
     p = config.perturbation
     return DirectionSpace(names, params, p.distribution, table, noise_threads(config, params[0].device),
-                          rank=p.rank, lowrank_interval=p.lowrank_interval, run_seed=config.seed)
+                          rank=p.rank, lowrank_interval=p.lowrank_interval, run_seed=config.seed,
+                          decay_exempt=decay_exempt(model, names, config.optimizer.weight_decay_exempt))
 
 
 def noise_threads(config: RunConfig, device: torch.device) -> int:
@@ -94,7 +96,7 @@ class ReplicaEngine:
         self.applied_step = 0
         self._first_order: torch.optim.Optimizer | None = None
         if config.optimizer.name in FIRST_ORDER:
-            self._first_order = make_first_order(config, self.space.params)
+            self._first_order = make_first_order(config, self.space.params, self.space.decay_exempt)
 
     # ------------------------------------------------------------------ steps
     def apply(self, update: Update | None) -> None:
@@ -104,7 +106,7 @@ class ReplicaEngine:
         if update.step != self.applied_step + 1:
             raise RuntimeError(f"replica {self.replica} is at step {self.applied_step} but got the update "
                                f"of step {update.step}; an update was lost")
-        apply_update(self.space, update.pairs, update.param_scale, update.step)
+        apply_update(self.space, update.pairs, update.param_scale, update.step, update.sign_step)
         self.applied_step = update.step
 
     def probe(self, request: ProbeRequest) -> ProbeReply:
@@ -253,11 +255,14 @@ class ReplicaEngine:
                 self._first_order.state[p] = {k: v.clone() if k == "step" else v.to(p.device)
                                               for k, v in state[n].items()}
 
-    def replay(self, updates: list[tuple[int, list[tuple[int, float]], float]]) -> None:
-        """Apply ledger updates (step, pairs, param_scale) after ``applied_step``, no forward passes."""
-        for step, pairs, scale in updates:
+    def replay(self, updates: list[tuple[Any, ...]]) -> None:
+        """Apply ledger updates (step, pairs, param_scale[, sign_step]) after ``applied_step``, no forward passes.
+
+        ``ledger.updates_by_step`` gives the four-field form; a missing sign_step is a linear update.
+        """
+        for step, pairs, scale, *sign in updates:
             if step > self.applied_step:
-                self.apply(Update(step, tuple(pairs), scale))
+                self.apply(Update(step, tuple(pairs), scale, sign[0] if sign else None))
 
     def save_final(self, directory: str | Path) -> None:
         self.task.save_final(self.model, Path(directory))
@@ -319,9 +324,23 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def make_first_order(config: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """torch.optim SGD or AdamW over the selected parameters (the backprop reference)."""
+def make_first_order(config: RunConfig, params: list[torch.nn.Parameter],
+                     exempt: tuple[bool, ...] = ()) -> torch.optim.Optimizer:
+    """torch.optim SGD or AdamW over the selected parameters (the backprop reference).
+
+    Args:
+        config: the run config (optimizer name, lr, weight_decay).
+        params: the selected parameters.
+        exempt: one flag per parameter, True where weight decay must not apply
+            (``optimizer.weight_decay_exempt``, as for the zeroth-order rules); empty: all decay.
+    """
     opt = config.optimizer
+    flags = exempt or (False,) * len(params)
+    decayed = [p for p, e in zip(params, flags) if not e]
+    spared = [p for p, e in zip(params, flags) if e]
+    # Two parameter groups, the usual AdamW recipe: decay where it regularises, none on biases and norms.
+    groups = [g for g in ({"params": decayed, "weight_decay": opt.weight_decay},
+                          {"params": spared, "weight_decay": 0.0}) if g["params"]]
     if opt.name == "sgd":
-        return torch.optim.SGD(params, lr=opt.lr, weight_decay=opt.weight_decay)
-    return torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
+        return torch.optim.SGD(groups, lr=opt.lr)
+    return torch.optim.AdamW(groups, lr=opt.lr)

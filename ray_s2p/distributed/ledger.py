@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,7 +36,10 @@ SCHEMA = pa.schema([
     pa.field("coefficient", pa.float64(), nullable=False),
     pa.field("skipped", pa.bool_(), nullable=False),
     pa.field("param_scale", pa.float64(), nullable=False),
+    pa.field("sign_step", pa.float64(), nullable=True),
 ])
+# Columns a ledger written before they existed may lack; reading fills them with nulls (their meaning then).
+OPTIONAL_COLUMNS = ("sign_step",)
 
 
 class LedgerError(ValueError):
@@ -61,6 +64,7 @@ class LedgerRow:
     coefficient: float
     skipped: bool
     param_scale: float
+    sign_step: float | None = None  # ZO-signSGD: x <- param_scale x - sign_step sign(sum c z); None: linear
 
 
 def ledger_rows(step: int, seeds: Sequence[int], radii: Sequence[float], losses: Sequence[Sequence[float]],
@@ -79,7 +83,7 @@ def ledger_rows(step: int, seeds: Sequence[int], radii: Sequence[float], losses:
             radius=radius, loss_plus=plus, loss_minus=minus, extra_losses=tuple(extra) if extra else None,
             gamma=decision.gammas[i], sigma=decision.sigma, step_size=decision.step_sizes[i],
             coefficient=float(decision.coefficients[i]), skipped=bool(decision.skipped[i]),
-            param_scale=float(decision.param_scale)))
+            param_scale=float(decision.param_scale), sign_step=_clean(decision.sign_step)))
     return rows
 
 
@@ -116,7 +120,7 @@ class Ledger:
     def table(self) -> pa.Table:
         cols = {name: [getattr(r, name) for r in self.rows] for name in SCHEMA.names}
         cols["extra_losses"] = [list(v) if v is not None else None for v in cols["extra_losses"]]
-        for name in ("radius", "loss_plus", "loss_minus", "gamma", "sigma", "step_size"):
+        for name in ("radius", "loss_plus", "loss_minus", "gamma", "sigma", "step_size", "sign_step"):
             cols[name] = [_clean(v) for v in cols[name]]
         return pa.table(cols, schema=SCHEMA)
 
@@ -131,10 +135,15 @@ class Ledger:
 
 
 def rows_digest(rows: Sequence[LedgerRow]) -> str:
-    """A stable hash of the (step, direction, seed, coefficient, param_scale) of each row."""
+    """A stable hash of the (step, direction, seed, coefficient, param_scale[, sign_step]) of each row.
+
+    ``sign_step`` enters only where it is set, so the digests of linear ledgers (checkpoints'
+    ``ledger_digest``) are what they were before sign updates existed.
+    """
     h = hashlib.sha256()
     for r in rows:
-        h.update(f"{r.step}:{r.direction}:{r.seed}:{r.coefficient!r}:{r.param_scale!r};".encode())
+        sign = f":{r.sign_step!r}" if r.sign_step is not None else ""
+        h.update(f"{r.step}:{r.direction}:{r.seed}:{r.coefficient!r}:{r.param_scale!r}{sign};".encode())
     return h.hexdigest()
 
 
@@ -152,6 +161,9 @@ def read_table(path: str | Path) -> pa.Table:
     except Exception as exc:  # pyarrow raises several types for torn or corrupted files
         raise LedgerError(f"ledger {p.name!r} is truncated or corrupted ({exc}). "
                           f"Fix: restore it, or resume from a checkpoint with --resume") from exc
+    for name in OPTIONAL_COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type))
     missing = [n for n in SCHEMA.names if n not in table.column_names]
     if missing:
         raise LedgerError(f"ledger {p.name!r} lacks column {missing[0]!r}; it is not a ray_s2p ledger")
@@ -169,11 +181,15 @@ def table_rows(table: pa.Table) -> list[LedgerRow]:
     return out
 
 
-def updates_by_step(rows: Sequence[LedgerRow]) -> list[tuple[int, list[tuple[int, float]], float]]:
-    """Group rows into (step, [(seed, coefficient) in direction order], param_scale), steps ascending.
+# (step, [(seed, coefficient)], param_scale, sign_step): what one step applies (docs/ledger.md).
+StepUpdate = tuple[int, list[tuple[int, float]], float, Optional[float]]
+
+
+def updates_by_step(rows: Sequence[LedgerRow]) -> list[StepUpdate]:
+    """Group rows into (step, [(seed, coefficient) in direction order], param_scale, sign_step), steps ascending.
 
     Raises:
-        LedgerError: a step appears with gaps, twice, or with inconsistent param_scale.
+        LedgerError: a step appears with gaps, twice, or with inconsistent param_scale or sign_step.
     """
     grouped: dict[int, list[LedgerRow]] = {}
     for r in rows:
@@ -190,5 +206,8 @@ def updates_by_step(rows: Sequence[LedgerRow]) -> list[tuple[int, list[tuple[int
         scales = {r.param_scale for r in group}
         if len(scales) != 1:
             raise LedgerError(f"ledger step {step} has inconsistent param_scale values")
-        out.append((step, [(r.seed, r.coefficient) for r in group], scales.pop()))
+        signs = {r.sign_step for r in group}
+        if len(signs) != 1:
+            raise LedgerError(f"ledger step {step} has inconsistent sign_step values")
+        out.append((step, [(r.seed, r.coefficient) for r in group], scales.pop(), signs.pop()))
     return out

@@ -20,11 +20,15 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Update:
-    """The update of one step: x <- param_scale * x + sum c_i z(seed_i)."""
+    """The update of one step: x <- param_scale * x + sum c_i z(seed_i).
+
+    With ``sign_step = a`` (ZO-signSGD) it is x <- param_scale * x - a sign(sum c_i z(seed_i)).
+    """
 
     step: int
     pairs: tuple[tuple[int, float], ...]
     param_scale: float = 1.0
+    sign_step: float | None = None
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,10 @@ class ProbeRequest:
     per_seed_radii: tuple[tuple[float, ...], ...] | None = None  # follow-up round: radii differ per seed
 
     def wire_bytes(self) -> int:
-        return len(json.dumps(asdict(self), separators=(",", ":")))
+        data = asdict(self)
+        if data["update"] is not None and data["update"]["sign_step"] is None:
+            del data["update"]["sign_step"]  # only sign updates carry it: a linear update encodes as it always did
+        return len(json.dumps(data, separators=(",", ":")))
 
 
 @dataclass(frozen=True)

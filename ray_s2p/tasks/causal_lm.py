@@ -75,7 +75,7 @@ class CausalLMTask(HFTextTask):
         check_options(cfg.options, TEXT_OPTIONS, "causal_lm")
         self.cfg = cfg
         self.seed = seed
-        self.data = load_text_splits(cfg, seed, mode="lm", labelled=False)
+        self.data = load_text_splits(cfg, mode="lm", labelled=False)
         self._init_shared()
 
     def build_model(self) -> torch.nn.Module:

@@ -81,7 +81,7 @@ class PromptClassificationTask(LogitsClassifier, HFTextTask):
                             f"{len(cfg.label_words)} label words. Fix: leave num_labels null or match them")
         self.cfg = cfg
         self.seed = seed
-        self.data = load_text_splits(cfg, seed, mode="prompt", labelled=True, num_labels=len(cfg.label_words),
+        self.data = load_text_splits(cfg, mode="prompt", labelled=True, num_labels=len(cfg.label_words),
                                      extra_words=cfg.label_words)
         self.label_ids = torch.tensor(label_token_ids(self.data.tokenizer, cfg.label_words))
         self._init_shared()

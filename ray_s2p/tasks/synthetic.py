@@ -3,7 +3,9 @@
 Needs no asset and no tokenizer; a step takes a millisecond or two, so tests
 of the trainer's machinery (recovery, resume, replay, modes) run fast.
 ``task.options`` may set ``features`` (default 16), ``hidden`` (32),
-``train_examples`` (2048) and ``noise`` (1.0).
+``train_examples`` (2048) and ``noise`` (1.0). The blobs are drawn from
+``task.split_seed``: training, validation (``eval_size``) and test (``test_size``)
+examples in that order.
 """
 
 from __future__ import annotations
@@ -35,13 +37,17 @@ class BlobsTask:
         self.features = int(opts.get("features", 16))
         self.hidden = int(opts.get("hidden", 32))
         n_train = int(cfg.train_size or opts.get("train_examples", 2048))
-        gen = torch.Generator().manual_seed(mix_seed(seed, 0xB10B))
+        # The data and its train / validation / test split come from task.split_seed, never the run seed:
+        # every seed sees the same examples (the seed draws the weights and the batch order).
+        gen = torch.Generator().manual_seed(mix_seed(cfg.split_seed, 0xB10B))
         centers = torch.randn(self.classes, self.features, generator=gen) * 1.5
-        total = n_train + cfg.eval_size
+        total = n_train + cfg.eval_size + cfg.test_size
         labels = torch.randint(0, self.classes, (total,), generator=gen)
         x = centers[labels] + float(opts.get("noise", 1.0)) * torch.randn(total, self.features, generator=gen)
         self.train_x, self.train_y = x[:n_train], labels[:n_train]
-        self.eval_x, self.eval_y = x[n_train:], labels[n_train:]
+        held = slice(n_train, n_train + cfg.eval_size) if cfg.eval_split == "validation" else slice(
+            n_train + cfg.eval_size, total)
+        self.eval_x, self.eval_y = x[held], labels[held]
 
     def build_model(self) -> torch.nn.Module:
         gen = torch.Generator().manual_seed(mix_seed(self.seed, 0x30DE1))

@@ -41,7 +41,7 @@ class TextClassificationTask(LogitsClassifier, HFTextTask):
         check_options(cfg.options, TEXT_OPTIONS, "text_classification")
         self.cfg = cfg
         self.seed = seed
-        self.data = load_text_splits(cfg, seed, mode="classify", labelled=True)
+        self.data = load_text_splits(cfg, mode="classify", labelled=True)
         self.num_labels = int(self.data.num_labels or 2)
         self._init_shared()
 

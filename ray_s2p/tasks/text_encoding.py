@@ -1,4 +1,4 @@
-"""Text data to encoded examples: tokenizers, tokenisation (``datasets.map``), train/eval splits.
+"""Text data to encoded examples: tokenizers, tokenisation (``datasets.map``), train/validation/test splits.
 
 ``task.options.tokenizer`` picks the tokenizer: ``auto`` (default: the model's own;
 for tiny random models the bundled MiniLM WordPiece vocabulary when the package is
@@ -165,10 +165,11 @@ def encode_texts(rows: datasets.Dataset, tokenizer: Any, *, column: str, max_len
 
 @dataclass(frozen=True)
 class TextSplits:
-    """Encoded train and eval examples of a text task.
+    """Encoded train and evaluation examples of a text task.
 
     Attributes:
-        train, eval: ``input_ids``, ``attention_mask`` and (labelled tasks) ``labels`` tensors.
+        train, eval: ``input_ids``, ``attention_mask`` and (labelled tasks) ``labels`` tensors; ``eval`` holds the
+            split ``task.eval_split`` names (validation or test).
         tokenizer: the tokenizer used (saved with the model).
         num_labels: classes (labelled tasks), else None.
         label_names: class names when known.
@@ -181,13 +182,14 @@ class TextSplits:
     label_names: tuple[str, ...] | None
 
 
-def load_text_splits(cfg: TaskConfig, seed: int, *, mode: str, labelled: bool, num_labels: int | None = None,
+def load_text_splits(cfg: TaskConfig, *, mode: str, labelled: bool, num_labels: int | None = None,
                      extra_words: Sequence[str] = ()) -> TextSplits:
-    """Load ``task.dataset``, check it, split it from the seed and tokenise the chosen rows.
+    """Load ``task.dataset``, check it, split it with ``task.split_seed`` and tokenise the chosen rows.
+
+    The split (and k-shot sampling) never depends on the run seed (``batching.split_rows``).
 
     Args:
-        cfg: the task config (dataset, columns, sizes, k_shot, model, template, options).
-        seed: the run seed (splits and k-shot sampling).
+        cfg: the task config (dataset, columns, sizes, split seed, eval split, k_shot, model, template, options).
         mode: ``classify``, ``prompt`` or ``lm`` (see ``encode_texts``).
         labelled: whether the task needs the label column.
         num_labels: a fixed class count (prompt tasks: the number of label words); else
@@ -213,8 +215,8 @@ def load_text_splits(cfg: TaskConfig, seed: int, *, mode: str, labelled: bool, n
         inferred = len(label_names) if label_names else max(labels + held_labels) + 1
         num_labels = num_labels or cfg.num_labels or inferred
         check_label_range(labels + held_labels, num_labels, cfg.label_column)
-    split = split_rows(len(data.rows), seed=seed, eval_size=cfg.eval_size, labels=labels, k_shot=cfg.k_shot,
-                       train_size=cfg.train_size,
+    split = split_rows(len(data.rows), split_seed=cfg.split_seed, eval_size=cfg.eval_size, test_size=cfg.test_size,
+                       labels=labels, k_shot=cfg.k_shot, train_size=cfg.train_size,
                        held_out_rows=len(data.held_out) if data.held_out is not None else None)
     texts = data.rows[cfg.text_column]
     tokenizer = resolve_tokenizer(str(opts.get("tokenizer", "auto")), cfg.model, texts, extra_words,
@@ -232,5 +234,5 @@ def load_text_splits(cfg: TaskConfig, seed: int, *, mode: str, labelled: bool, n
         return Examples(tensors, rows + offset, seq_keys=("input_ids", "attention_mask"))
 
     return TextSplits(examples(data.rows, split.train, labels, 0),
-                      examples(eval_source, split.eval, eval_labels, id_offset),
+                      examples(eval_source, split.evaluated(cfg.eval_split), eval_labels, id_offset),
                       tokenizer, num_labels if labelled else None, label_names)

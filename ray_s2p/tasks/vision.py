@@ -5,7 +5,7 @@ Data (``task.dataset``): ``mnist5k`` (1x28x28), ``digits`` (1x8x8), ``synthetic_
 or one numeric column per pixel (square single-channel images unless
 ``task.options.image_shape`` = [C, H, W]). Pixels are standardised with the
 mean and standard deviation of the training split (one scalar each, so the
-normalisation is a pure function of the seed).
+normalisation is a function of the split, ``task.split_seed``, not of the run seed).
 
 Models (``task.model``): ``cnn``, ``resnet18`` (base width ``task.tiny_width``; 64
 is the standard ResNet-18), or a folder written by ``save_final``. GroupNorm
@@ -69,19 +69,21 @@ class ImageClassificationTask(LogitsClassifier):
         labels = labels_to_ids(data.rows[cfg.label_column], cfg.label_column, given)
         self.num_labels = cfg.num_labels or (len(self.label_names) if self.label_names else max(labels) + 1)
         check_label_range(labels, self.num_labels, cfg.label_column)
-        split = split_rows(len(labels), seed=seed, eval_size=cfg.eval_size, labels=labels, k_shot=cfg.k_shot,
-                           train_size=cfg.train_size)
+        # The split comes from task.split_seed, never the run seed: every seed sees the same examples.
+        split = split_rows(len(labels), split_seed=cfg.split_seed, eval_size=cfg.eval_size, test_size=cfg.test_size,
+                           labels=labels, k_shot=cfg.k_shot, train_size=cfg.train_size)
+        evaluated = split.evaluated(cfg.eval_split)
         images = torch.from_numpy(pixels).reshape(-1, *shape)
         train_images = images[split.train]
-        # One scalar mean/std from the training split: deterministic given the seed, no eval leakage.
+        # One scalar mean/std from the training split: fixed by the split, no validation or test leakage.
         self.mean = float(train_images.mean())
         self.std = float(train_images.std()) or 1.0
         label_tensor = torch.as_tensor(labels, dtype=torch.long)
         self.image_shape = tuple(int(s) for s in shape)
         self.train = Examples({"pixels": (train_images - self.mean) / self.std,
                                "labels": label_tensor[split.train]}, split.train)
-        self.eval = Examples({"pixels": (images[split.eval] - self.mean) / self.std,
-                              "labels": label_tensor[split.eval]}, split.eval)
+        self.eval = Examples({"pixels": (images[evaluated] - self.mean) / self.std,
+                              "labels": label_tensor[evaluated]}, evaluated)
         self.cache = FeatureCache(int(cfg.options.get("feature_cache_mb", 256)) << 20)
         self._anatomies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

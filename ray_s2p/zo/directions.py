@@ -1,4 +1,4 @@
-"""Seeded directions: how z is made from a seed, and how x <- x + sum_i c_i z_i is applied.
+"""Seeded directions: how z is made from a seed, and how x <- x + sum_i c_i z_i (or its sign) is applied.
 
 A direction z is never stored: it is regenerated from a 64-bit seed. Each
 selected parameter gets its own noise stream, keyed ``mix_seed(seed, index)``, where
@@ -64,6 +64,8 @@ class DirectionSpace:
         lowrank_interval: lazy V: V is redrawn every this many steps (1: with every direction).
         run_seed: the run seed, which lazy V's generator seeds and the stochastic rounding of
             bf16/fp16 parameters (``apply_update``) mix in.
+        decay_exempt: one flag per parameter, True where weight decay (``param_scale``) must not
+            apply (biases and norm weights, ``weight_decay.decay_exempt``); empty: every parameter decays.
     """
 
     names: list[str]
@@ -74,6 +76,7 @@ class DirectionSpace:
     rank: int = 2
     lowrank_interval: int = 1
     run_seed: int = 0
+    decay_exempt: tuple[bool, ...] = ()
 
     def __post_init__(self) -> None:
         if self.distribution not in DISTRIBUTIONS:
@@ -84,6 +87,8 @@ class DirectionSpace:
             raise ValueError("distribution 'table' needs a NoiseTable")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.decay_exempt and len(self.decay_exempt) != len(self.params):
+            raise ValueError(f"decay_exempt has {len(self.decay_exempt)} flags for {len(self.params)} parameters")
         self._sphere_scale: dict[int, float] = {}
         self._pool: ThreadPoolExecutor | None = None
         matrices = [(i, (int(p.shape[0]), int(p.shape[1]))) for i, p in enumerate(self.params) if self.is_lowrank(i)]
@@ -124,6 +129,10 @@ class DirectionSpace:
         # factor stream (factors.py): one generator per direction instead of one per parameter.
         return (self.distribution == "lowrank" and not self.is_lowrank(index)
                 and self.params[index].numel() <= STREAM_MAX_NUMEL)
+
+    def scale_of(self, index: int, param_scale: float) -> float:
+        """The weight-decay multiplier of parameter ``index``: ``param_scale``, or 1.0 where it is exempt."""
+        return 1.0 if self.decay_exempt and self.decay_exempt[index] else param_scale
 
     def _chunked(self, index: int) -> bool:
         # Gaussian, Rademacher and sphere noise of a contiguous parameter is made chunk by chunk.
@@ -283,16 +292,22 @@ def rounding_generator(space: DirectionSpace, step: int, index: int, chunk: int,
 
 
 def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], param_scale: float = 1.0,
-                 step: int | None = None) -> None:
-    """x <- param_scale * x + sum_i c_i z_i, in place, in a fixed order.
+                 step: int | None = None, sign_step: float | None = None) -> None:
+    """x <- param_scale * x + sum_i c_i z_i (or, with ``sign_step``, x <- param_scale * x - a sign(sum_i c_i z_i)).
 
-    Every element gets ``param_scale`` first, then the pairs in the given order;
-    replay uses the same function, so training and replay produce the same bits.
+    In place, in a fixed order. Every element gets its parameter's ``param_scale`` first (1.0 for
+    parameters ``space.decay_exempt`` spares), then the pairs in the given order; replay uses the
+    same function, so training and replay produce the same bits.
     Chunked noise is added chunk by chunk (one chunk of noise per thread at a time).
     A low-rank parameter takes all directions in one product (``lowrank.add_lowrank``),
     which costs N r (m + n) noise numbers and one GEMM; with lazy V, whose V every direction
     shares, the U's are summed first (one rank-r product). The small parameters of low-rank
     directions take the sum of their directions' noise in one addition.
+
+    Sign updates (ZO-signSGD): with ``sign_step = a`` the arithmetic above runs on a float32 zero
+    tensor ``g`` (per chunk, or per whole parameter), and the parameter then gets ``-a * sign(g)``
+    once (``sign(0) = 0``); ``g`` depends only on the pairs and their order, so every replica and
+    replay take the same signs.
 
     Rounding: a float32 (or float64) parameter is updated in its own dtype, each addition
     rounded to nearest. A bf16 or fp16 parameter is updated in a float32 copy of each chunk
@@ -306,6 +321,7 @@ def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], para
         pairs: (seed, coefficient) per direction; zero coefficients are skipped.
         param_scale: multiplier on x first (weight decay), 1.0 for none.
         step: the step the pairs belong to (needed for lazy V and for bf16/fp16 parameters).
+        sign_step: None for the linear update; ``a >= 0`` for the sign update above.
 
     Raises:
         ValueError: ``step`` is None while bf16/fp16 parameters are to be updated (or lazy V needs it).
@@ -316,6 +332,7 @@ def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], para
     if step is None and any(p.dtype in HALF_DTYPES for p in space.params):
         raise ValueError("bf16/fp16 parameters are updated with seeded stochastic rounding, which needs the "
                          "step of the update. Fix: pass step= to apply_update")
+    signed = sign_step is not None and bool(active)  # no direction: sign(0) = 0, only the decay remains
     # Sphere scales need every parameter's noise: computed here, before the jobs that use them.
     scales = {s: space._sphere(s) for s, _ in active} if space.distribution == "sphere" else {}
     streams = space.factor_streams
@@ -325,24 +342,33 @@ def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], para
         # Summed over directions on the flat streams: a shared (lazy) V makes every matrix's update
         # (sum_i c_i U_i) V^T, and the small parameters take one addition each.
         u_sum, w_sum = streams.combined(active, step)
+
+    def finish(target: torch.Tensor, g: torch.Tensor | None) -> None:
+        if g is not None:  # the sign update: -a sign(g), one addition after the decay
+            target.add_(torch.sign(g).to(target.dtype), alpha=-float(sign_step))  # type: ignore[arg-type]
+
     jobs: list[Job] = []
     for i, p in enumerate(space.params):
         half = p.dtype in HALF_DTYPES
+        scale_i = space.scale_of(i, param_scale)
         if not space._chunked(i):
-            def whole(i: int = i, p: torch.Tensor = p, half: bool = half) -> None:
+            def whole(i: int = i, p: torch.Tensor = p, half: bool = half, scale_i: float = scale_i) -> None:
                 target = p.detach().float() if half else p  # half: a float32 copy, rounded once at the end
-                if param_scale != 1.0:
-                    target.mul_(param_scale)
+                if scale_i != 1.0:
+                    target.mul_(scale_i)
+                g = torch.zeros(p.shape, dtype=torch.float32, device=p.device) if signed else None
+                sink = g if g is not None else target  # the sign update sums the directions apart first
                 if space.is_lowrank(i) and u_sum is not None:  # V shared by every pair: take the first's
-                    add_lowrank(target, [(1.0, streams.slice_u(u_sum, i, p.device),
-                                          space.factors(active[0][0], i, step)[1])])
+                    add_lowrank(sink, [(1.0, streams.slice_u(u_sum, i, p.device),
+                                        space.factors(active[0][0], i, step)[1])])
                 elif space.is_lowrank(i):
-                    add_lowrank(target, [(c, *space.factors(s, i, step)) for s, c in active])
+                    add_lowrank(sink, [(c, *space.factors(s, i, step)) for s, c in active])
                 elif w_sum is not None and space._in_stream(i):
-                    target.add_(streams.slice_w(w_sum, i, p.device).view(p.shape).to(target.dtype))
+                    sink.add_(streams.slice_w(w_sum, i, p.device).view(p.shape).to(sink.dtype))
                 else:
                     for s, c in active:
-                        target.add_(space.noise(s, i, step).to(target.dtype), alpha=c)
+                        sink.add_(space.noise(s, i, step).to(sink.dtype), alpha=c)
+                finish(target, g)
                 if half:
                     assert step is not None
                     p.copy_(stochastic_round(target, p.dtype, rounding_generator(space, step, i, 0, p.device)))
@@ -350,16 +376,20 @@ def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], para
             continue
         flat = p.detach().view(-1)
         for k, (lo, hi) in enumerate(chunk_bounds(p.numel(), p.device)):
-            def part(i: int = i, k: int = k, segment: torch.Tensor = flat[lo:hi], half: bool = half) -> None:
+            def part(i: int = i, k: int = k, segment: torch.Tensor = flat[lo:hi], half: bool = half,
+                     scale_i: float = scale_i) -> None:
                 target = segment.float() if half else segment  # half: a float32 copy, rounded once at the end
-                if param_scale != 1.0:
-                    target.mul_(param_scale)
+                if scale_i != 1.0:
+                    target.mul_(scale_i)
                 buffer = torch.empty(segment.numel(), dtype=torch.float32, device=segment.device)
+                g = torch.zeros(segment.numel(), dtype=torch.float32, device=segment.device) if signed else None
+                sink = g if g is not None else target
                 for s, c in active:
                     z = fill_chunk(buffer, mix_seed(s, i), k, space._stream())
                     if scales:
                         z.mul_(scales[s])
-                    target.add_(z.to(target.dtype), alpha=c)
+                    sink.add_(z.to(sink.dtype), alpha=c)
+                finish(target, g)
                 if half:
                     assert step is not None
                     gen = rounding_generator(space, step, i, k, segment.device)

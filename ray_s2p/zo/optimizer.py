@@ -20,6 +20,7 @@ from ..config import FIRST_ORDER, OptimizerConfig
 from .directions import DirectionSpace, NoiseTable, apply_update, mix_seed, select_parameters
 from .probes import Prober
 from .rules import StepDecision, build_rule
+from .weight_decay import decay_exempt
 
 if TYPE_CHECKING:
     from ..distributed.ledger import Ledger
@@ -73,7 +74,8 @@ class ZerothOrderOptimizer:
         sel_names, params = select_parameters(model, names)
         table = NoiseTable(table_size, device=params[0].device) if distribution == "table" else None
         self.space = DirectionSpace(sel_names, params, distribution, table, rank=rank,
-                                    lowrank_interval=lowrank_interval, run_seed=seed)
+                                    lowrank_interval=lowrank_interval, run_seed=seed,
+                                    decay_exempt=decay_exempt(model, sel_names, config.weight_decay_exempt))
         self.prober = Prober(model, self.space, mechanism)
         self.rule = build_rule(config, total_steps)
         self.state = self.rule.init()
@@ -104,7 +106,7 @@ class ZerothOrderOptimizer:
             losses = [row + [self.prober.evaluate(closure, s, r, k) for r in extra]
                       for row, s, extra in zip(losses, seeds, follow)]
         decision, self.state = self.rule.update(losses, self.state, k)
-        apply_update(self.space, list(zip(seeds, decision.coefficients)), decision.param_scale, k)
+        apply_update(self.space, list(zip(seeds, decision.coefficients)), decision.param_scale, k, decision.sign_step)
         if self.ledger is not None:
             from ..distributed.ledger import ledger_rows
             self.ledger.extend(ledger_rows(k, seeds, radii, losses, decision))

@@ -119,14 +119,15 @@ def test_task_batches_deterministic_distinct_and_leave_global_rng_alone() -> Non
 
 def test_split_is_disjoint_and_k_shot_and_train_size_apply() -> None:
     labels = [i % 3 for i in range(90)]
-    split = split_rows(90, seed=1, eval_size=30, labels=labels, k_shot=5)
-    assert not set(split.train.tolist()) & set(split.eval.tolist())
+    split = split_rows(90, split_seed=1, eval_size=30, test_size=20, labels=labels, k_shot=5)
+    train, val, test = (set(t.tolist()) for t in (split.train, split.eval, split.test))
+    assert not train & val and not train & test and not val & test and (len(val), len(test)) == (30, 20)
     assert sorted(labels[i] for i in split.train.tolist()) == [0] * 5 + [1] * 5 + [2] * 5
-    assert split_rows(90, seed=1, eval_size=30, train_size=7).train.numel() == 7
+    assert split_rows(90, split_seed=1, eval_size=30, train_size=7).train.numel() == 7
     task = make_task("text_classification", k_shot=4)
     assert sorted(task.data.train.tensors["labels"].tolist()) == [0] * 4 + [1] * 4
-    with pytest.raises(DataError, match="eval_size"):
-        split_rows(10, seed=0, eval_size=10)
+    with pytest.raises(DataError, match="eval_size=6 and task.test_size=4 leave no training rows"):
+        split_rows(10, split_seed=0, eval_size=6, test_size=4)
 
 
 def test_eval_shards_cover_the_eval_set_once() -> None:

@@ -126,7 +126,35 @@ def test_zo_sign():
     rule = rule_for(name="zo_sign", lr=0.1, rho=0.5)
     d, _ = step(rule, [pair(1.0, 0.5), pair(-2.0, 0.5)])  # -lr sign(gamma) / 2
     assert d.coefficients == pytest.approx((-0.05, 0.05))
-    assert d.step_sizes == pytest.approx((0.1, 0.1))
+    assert d.step_sizes == pytest.approx((0.1, 0.1)) and d.sign_step is None
+
+
+def test_zo_sign_is_s2p_option_1_with_the_sign_trick():
+    # ZO-Bench's -lr sign(gamma) z is S2P option 1 with the sign trick: on any loss table, with decay and
+    # weight decay, the two names give the same decisions, so comparisons list the rule once.
+    fields = dict(lr=0.1, rho=0.5, decay="cosine", weight_decay=0.3)
+    alias, s2p1 = rule_for(20, name="zo_sign", **fields), rule_for(20, name="s2p", step_size_option=1, **fields)
+    rng = random.Random(7)
+    for k in range(1, 21):
+        losses = [[rng.uniform(0, 2), rng.uniform(0, 2)] for _ in range(3)] + [[NAN, 1.0], [1.0, 1.0]]
+        assert step(alias, losses, k=k) == step(s2p1, losses, k=k)
+    assert alias.name == "zo_sign" and s2p1.name == "s2p"
+
+
+def test_zo_signsgd_carries_the_estimate_and_the_sign_step():
+    rule = rule_for(10, name="zo_signsgd", lr=0.1, rho=0.5, decay="linear", weight_decay=2.0)
+    assert rule.radii(rule.init(), 1) == (0.5, -0.5) and rule.followup([pair(1.0, 0.5)], rule.init(), 1) is None
+    # gammas 1 and -2; g_hat = mean_j gamma_j z_j: c = (1 / 2, -2 / 2); lr_5 = 0.1 * (1 - 5 / 10) = 0.05
+    d, state = step(rule, [pair(1.0, 0.5), pair(-2.0, 0.5)], k=5)
+    assert d.coefficients == pytest.approx((0.5, -1.0)) and d.gammas == (1.0, -2.0)
+    assert d.sign_step == pytest.approx(0.05) and d.step_sizes == pytest.approx((0.05, 0.05))
+    assert d.param_scale == pytest.approx(1 - 0.05 * 2.0) and state == {}
+    # a non-finite direction leaves the mean: g_hat = gamma_0 z_0 alone
+    d, _ = step(rule, [pair(1.0, 0.5), [NAN, 1.0]], k=5)
+    assert d.coefficients == pytest.approx((1.0, 0.0)) and d.skipped == (False, True)
+    # nothing finite: no estimate to take the sign of, nothing moves, no decay either
+    d, _ = step(rule, [[NAN, 1.0], [INF, 1.0]], k=5)
+    assert d.coefficients == (0.0, 0.0) and d.sign_step is None and d.param_scale == 1.0
 
 
 # ------------------------------------------------------------------------ S2P
@@ -323,6 +351,7 @@ def test_random_search_keeps_best_b():
 SAMPLES = {  # rule fields -> one direction's losses (first round + followup where the rule has one)
     "mezo": (dict(name="mezo", lr=0.1, rho=0.5, weight_decay=0.1), [1.5, 0.5]),
     "zo_sign": (dict(name="zo_sign", lr=0.1, rho=0.5), [1.5, 0.5]),
+    "zo_signsgd": (dict(name="zo_signsgd", lr=0.1, rho=0.5, weight_decay=0.1), [1.5, 0.5]),
     "s2p1": (dict(name="s2p", lr=0.1, rho=0.5), [1.5, 0.5]),
     "s2p1_argmin": (dict(name="s2p", lr=0.1, sign_trick=False), [1.5, 0.5]),
     "s2p2": (dict(name="s2p", step_size_option=2, eta=0.1, rho=0.5), [1.5, 0.5]),
@@ -378,7 +407,7 @@ def test_non_finite_followup_skips_but_keeps_a_finite_gamma():
 
 
 @pytest.mark.parametrize("fields", [
-    dict(name="mezo"), dict(name="zo_sign"), dict(name="s2p"), dict(name="s2p", step_size_option=2),
+    dict(name="mezo"), dict(name="zo_sign"), dict(name="zo_signsgd"), dict(name="s2p"), dict(name="s2p", step_size_option=2),
     dict(name="s2p", step_size_option=4), dict(VS2P), dict(VS2P, sigma_warmup="unit"), dict(VS2P, clip="none"),
 ])
 def test_zero_gamma_gives_zero_coefficient(fields):
@@ -421,8 +450,8 @@ def test_build_rule_refuses_first_order_and_bad_values():
         rule_for(name="random_search", top_b=0)
     with pytest.raises(ValueError, match="option 4"):
         rule_for(name="s2p", step_size_option=4, smooth_l0=0.0, smooth_l1=0.0)
-    assert {rule_for(name=n).name for n in ("mezo", "zo_sign", "s2p", "vs2p", "stp", "random_search")} == {
-        "mezo", "zo_sign", "s2p", "vs2p", "stp", "random_search"}
+    names = ("mezo", "zo_sign", "zo_signsgd", "s2p", "vs2p", "stp", "random_search")
+    assert {rule_for(name=n).name for n in names} == set(names)
 
 
 # ------------------------------------------------------- quadratic descent
@@ -454,7 +483,10 @@ def descend(rule, steps: int, q: int, seed: int) -> float:
         if extra is not None:
             losses = [row + [probe(z, t) for t in ts] for row, z, ts in zip(losses, zs, extra)]
         d, state = rule.update(losses, state, k)
-        x = [d.param_scale * x[j] + sum(c * z[j] for c, z in zip(d.coefficients, zs)) for j in range(DIM)]
+        moves = [sum(c * z[j] for c, z in zip(d.coefficients, zs)) for j in range(DIM)]
+        if d.sign_step is not None:  # ZO-signSGD: every coordinate moves by the step, against the estimate
+            moves = [-d.sign_step * ((m > 0) - (m < 0)) for m in moves]
+        x = [d.param_scale * x[j] + moves[j] for j in range(DIM)]
     return quadratic(x) / quadratic([1.0] * DIM)
 
 
@@ -463,6 +495,7 @@ DESCENT = {
     "mezo": (dict(name="mezo", lr=0.02, rho=1e-3), 1, 0.02),
     "mezo_wd": (dict(name="mezo", lr=0.02, rho=1e-3, weight_decay=0.1), 1, 0.02),
     "zo_sign": (dict(name="zo_sign", lr=0.05, rho=1e-3, decay="cosine"), 1, 0.3),
+    "zo_signsgd": (dict(name="zo_signsgd", lr=0.05, rho=1e-3, decay="cosine"), 4, 2e-4),  # observed 2e-5 and below
     "s2p1": (dict(name="s2p", lr=0.05, rho=1e-3, decay="cosine"), 1, 0.3),
     "s2p1_argmin": (dict(name="s2p", lr=0.05, decay="cosine", sign_trick=False), 1, 0.3),
     "s2p2": (dict(name="s2p", step_size_option=2, eta=0.02, rho=1e-3), 1, 0.02),

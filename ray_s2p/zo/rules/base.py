@@ -1,11 +1,10 @@
 """The step-rule protocol: (probe losses, state) -> (update coefficients, new state).
 
-Zeroth-order update rules: (probe losses, state) -> (update coefficients, new state).
-
 Every rule follows one protocol (``StepRule``). Per step the driver asks
 ``radii`` for the signed offsets t_j to probe, gathers ``losses[i][j] = f(x + t_j z_i)``
 for each direction i (plus an optional ``followup`` round), and ``update`` returns a
-``StepDecision``: every replica then applies ``x <- param_scale * x + sum_i c_i z_i``.
+``StepDecision``: every replica then applies ``x <- param_scale * x + sum_i c_i z_i``
+(ZO-signSGD: ``x <- param_scale * x - a sign(sum_i c_i z_i)``, see ``StepDecision.sign_step``).
 Rules are pure (state is returned, never stashed or mutated) and use only the
 stdlib ``math``; this module never imports torch, numpy or ray.
 
@@ -19,7 +18,8 @@ Shared semantics (our design, see docs/method.md):
   * argmin between x + a z and x - a z picks +a on a tie (Algorithm 1 always
     moves; the first candidate wins, as Python's min does).
   * Decoupled weight decay: param_scale = 1 - lr_k * weight_decay for every rule,
-    with lr_k = cfg.lr * decay (also for eta-scaled rules; reconstructed).
+    with lr_k = cfg.lr * decay (also for eta-scaled rules; reconstructed). Replicas
+    apply it to every parameter that ``optimizer.weight_decay_exempt`` does not spare.
 """
 
 from __future__ import annotations
@@ -33,7 +33,11 @@ RuleState = dict  # JSON-serialisable (floats, ints, lists, None): checkpoints s
 
 @dataclass(frozen=True)
 class StepDecision:
-    """What every replica applies: ``x <- param_scale * x + sum_i coefficients[i] * z_i``."""
+    """What every replica applies: ``x <- param_scale * x + sum_i coefficients[i] * z_i``.
+
+    With ``sign_step = a`` (ZO-signSGD) the update is ``x <- param_scale * x - a * sign(sum_i c_i z_i)``
+    instead: the coefficients define the gradient estimate whose coordinate-wise sign is taken.
+    """
 
     coefficients: tuple[float, ...]
     gammas: tuple[Optional[float], ...]      # (f(x+rho z) - f(x-rho z)) / (2 rho); None where not defined
@@ -41,6 +45,7 @@ class StepDecision:
     step_sizes: tuple[Optional[float], ...]  # a_k per direction, before averaging
     skipped: tuple[bool, ...]
     param_scale: float = 1.0
+    sign_step: Optional[float] = None        # None: linear update; a >= 0: the sign update above
 
     def __post_init__(self) -> None:
         n = len(self.coefficients)

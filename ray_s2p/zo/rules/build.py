@@ -10,6 +10,7 @@ from .random_search import random_search
 from .s2p import s2p
 from .stp import stp
 from .vs2p import vs2p
+from .zo_signsgd import zo_signsgd
 
 
 def build_rule(cfg: OptimizerConfig, total_steps: int) -> StepRule:
@@ -33,8 +34,10 @@ def build_rule(cfg: OptimizerConfig, total_steps: int) -> StepRule:
     lr, eta, wd = Schedule(cfg.lr, *decay), Schedule(cfg.eta, *decay), cfg.weight_decay
     if cfg.name == "mezo":
         return mezo(lr, cfg.rho, wd)
-    if cfg.name == "zo_sign":
+    if cfg.name == "zo_sign":  # an alias: S2P option 1 with the sign trick under ZO-Bench's name
         return zo_sign(lr, cfg.rho, wd)
+    if cfg.name == "zo_signsgd":
+        return zo_signsgd(lr, cfg.rho, wd)
     if cfg.name == "s2p":
         smooth = (cfg.smooth_a, cfg.smooth_l0, cfg.smooth_b, cfg.smooth_l1)
         return s2p(cfg.step_size_option, lr, eta, cfg.rho, cfg.sign_trick, smooth, wd)

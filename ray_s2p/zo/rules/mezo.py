@@ -1,10 +1,13 @@
-"""The ZO-SGD family: MeZO (Malladi et al. 2023) and ZO-SGD-Sign."""
+"""The ZO-SGD family: MeZO (Malladi et al. 2023) and ZO-Bench's ZO-SGD-Sign (``zo_sign``)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..schedules import Schedule
-from ..transforms import chain, scale, scale_by_schedule, sign
+from ..transforms import chain, scale, scale_by_schedule
 from .families import GammaRule
+from .s2p import s2p
 
 
 def mezo(lr: Schedule, rho: float, weight_decay: float = 0.0) -> GammaRule:
@@ -13,5 +16,10 @@ def mezo(lr: Schedule, rho: float, weight_decay: float = 0.0) -> GammaRule:
 
 
 def zo_sign(lr: Schedule, rho: float, weight_decay: float = 0.0) -> GammaRule:
-    """ZO-SGD-Sign: c = -lr_k * sign(gamma)."""
-    return GammaRule("zo_sign", rho, chain(sign(), scale_by_schedule(lr), scale(-1.0)), False, lr, weight_decay)
+    """ZO-SGD-Sign as ZO-Bench writes it: c = -lr_k * sign(gamma), whole directions scaled by a sign.
+
+    This is *the same rule* as S2P option 1 with the sign trick (built here from it, only the
+    name differs), so comparisons list it once, as ``s2p_opt1``. The coordinate-wise
+    ZO-signSGD of Liu et al. (2019) is ``zo_signsgd``.
+    """
+    return dataclasses.replace(s2p(1, lr, lr, rho, True, weight_decay=weight_decay), name="zo_sign")
