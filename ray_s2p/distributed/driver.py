@@ -4,7 +4,7 @@ One step, in the order ``Driver.run`` calls the phases (each a method below):
 
 1. probe round (``_probe_round``): every replica gets a ``ProbeRequest`` (messages.py)
    and answers with a ``ProbeReply`` of loss scalars (engine.py ``ReplicaEngine.probe``,
-   run by replica.py's pools); a dead replica is replaced and re-asked (``_round``);
+   run by replica.py's pools);
 2. decide (``_decide``): the step rule (zo/rules/) turns the losses into (seed,
    coefficient) pairs; they become ledger rows (ledger.py) and the pending update;
 3. apply (``_apply``): replicas apply the pending update, at the latest with the next
@@ -14,6 +14,9 @@ One step, in the order ``Driver.run`` calls the phases (each a method below):
 6. checkpoint (``_checkpoint``): the ledger is flushed, then replica 0 writes its parameters
    into the run directory itself (engine.py ``save_checkpoint``) with the rule state and ledger
    digest the driver hands it (checkpoint.py); the metrics are flushed (run_dir.py).
+
+A replica that dies or hangs in any phase, 1 and 3-6 and the final export alike, is replaced,
+caught up from checkpoint + ledger and asked again for its part of that phase (healing.py).
 
 Tensors never pass through the driver: replica 0 writes checkpoints and ``final/``,
 replicas load checkpoints from the run directory themselves, and the driver keeps
@@ -36,17 +39,16 @@ from typing import Any, Callable
 from ..config import FIRST_ORDER, FIRST_ORDER_PASSES, RunConfig
 from ..zo.rules import build_rule
 from .checkpoint import Checkpoint, config_fingerprint, latest_checkpoint
+from .healing import Healer
 from .layout import Layout
-from .ledger import Ledger, ledger_rows, updates_by_step
+from .ledger import Ledger, ledger_rows
 from .messages import ProbeReply, ProbeRequest, Update
 from .replica import LocalPool, RayPool, ReplicaFailure
 from .run_dir import RunDirectory, aggregate_eval
-from .run_state import RunState, StepOutcome, TrainResult
+from .run_state import RunState, StepOutcome, TrainingError, TrainResult
 from .storage import check_storage
 
-
-class TrainingError(RuntimeError):
-    """The run cannot continue (too many failures, non-finite losses, replica mismatch)."""
+__all__ = ["Driver", "TrainingError", "train"]
 
 
 class Driver:
@@ -75,8 +77,7 @@ class Driver:
         # Last: every check above runs before the run directory is touched.
         self.rd = RunDirectory(Path(run_dir), config, resume=resume, overwrite=overwrite)
         self.fingerprint = config_fingerprint(config.to_dict())
-        self.failures = 0
-        self.recoveries: list[float] = []
+        self.healer = Healer(config, self.fingerprint, log)
         self.bad_streak = 0
         self.skipped_total = 0
 
@@ -153,7 +154,10 @@ class Driver:
             initial = self._evaluate(pool, state)
             self.rd.record_eval(0, initial, 0, 0.0)
         if state.ckpt is not None:
-            self._restore(pool, list(range(pool.size)), state.ckpt, state.ledger, state.start_step)
+            try:
+                self.healer.restore(pool, list(range(pool.size)), state.ckpt, state.ledger, state.start_step)
+            except ReplicaFailure as failure:
+                self.healer.recover(pool, failure.failed, state, f"restoring the checkpoint failed: {failure.reason}")
         state.initial_eval = state.last_eval = initial
 
     def _record(self, state: RunState, step: int, outcome: StepOutcome) -> None:
@@ -193,13 +197,14 @@ class Driver:
         self.rd.flush_metrics()
         steps_run = max(1, cfg.steps - state.start_step)
         # Replica 0 writes final/ into the run directory itself and answers with file names and sizes.
-        pool.call("write_final", [(str(self.rd.path.resolve()),)], replicas=[0],
-                  timeout=max(600.0, cfg.cluster.step_timeout_s))
+        self.healer.call(pool, state, "write_final", [(str(self.rd.path.resolve()),)], replicas=[0],
+                         timeout=max(600.0, cfg.cluster.step_timeout_s))
         summary = self.rd.write_summary(
             final_digest=digests[0], steps_completed=cfg.steps, wall_seconds=elapsed,
             bytes_sent_per_step=state.bytes_sent / steps_run, bytes_received_per_step=state.bytes_received / steps_run,
             replicas=pool.size, initial_metrics=state.initial_eval, final_metrics=final_eval,
-            forward_passes=state.forward_passes, replica_failures=self.failures, recovery_seconds=self.recoveries,
+            forward_passes=state.forward_passes, replica_failures=self.healer.failures,
+            recovery_seconds=self.healer.recoveries,
             skipped_directions=self.skipped_total, resumed_from=state.start_step if self.rd.resumed else None,
             traffic=pool.traffic.summary())
         if self.report is not None:
@@ -233,7 +238,8 @@ class Driver:
     def _probe_round(self, pool: LocalPool | RayPool, state: RunState, step: int, requests: list[ProbeRequest],
                      width: int) -> tuple[list[list[float]], int, int, int]:
         """One fan-out of probe requests: (losses per direction, bytes sent, bytes received, forward passes)."""
-        replies = self._round(pool, requests, state, step)
+        # A dead replica is replaced, caught up to step - 1 and sent its request again (healing.py).
+        replies = self.healer.call(pool, state, "probe", [(q,) for q in requests])
         losses = self._group_losses(replies, width)
         sent = sum(q.wire_bytes() for q in requests)
         received = sum(r.wire_bytes() for r in replies)
@@ -274,78 +280,27 @@ class Driver:
         loss = pool.call("first_order_step", [(step, 0, 1)])[0]
         return StepOutcome(loss, 0, 0, FIRST_ORDER_PASSES, 0)
 
-    # ------------------------------------------------------ recovery
-    def _round(self, pool: LocalPool | RayPool, requests: list[ProbeRequest], state: RunState,
-               step: int) -> list[ProbeReply]:
-        """One fan-out/wait; failed replicas are replaced, restored and re-asked (their work only)."""
-        todo = list(range(pool.size))
-        replies: list[Any] = [None] * pool.size
-        while todo:
-            try:
-                got = pool.call("probe", [(requests[r],) for r in todo], replicas=todo)
-                for r, reply in zip(todo, got):
-                    replies[r] = reply
-                todo = []
-            except ReplicaFailure as failure:
-                for r, reply in zip(todo, failure.results):
-                    if reply is not None:
-                        replies[r] = reply
-                todo = list(failure.failed)
-                self._recover(pool, todo, state, step, failure.reason)
-        return replies
-
-    def _recover(self, pool: LocalPool | RayPool, failed: list[int], state: RunState, step: int,
-                 reason: str) -> None:
-        self.failures += len(failed)
-        if self.failures > self.config.cluster.max_replica_failures:
-            raise TrainingError(f"{self.failures} replica failures exceed cluster.max_replica_failures="
-                                f"{self.config.cluster.max_replica_failures}: {reason}")
-        started = time.perf_counter()
-        self.log(f"step {step}: {reason}; replacing replicas {failed}")
-        for r in failed:
-            pool.replace(r)
-        # The ledger holds every step before this one: restore to step-1 (the re-sent request's pending
-        # update, if any, is then recognised as applied). This also covers follow-up rounds, which
-        # carry no update.
-        self._restore(pool, failed, state.ckpt, state.ledger, step - 1)
-        self.recoveries.append(time.perf_counter() - started)
-
-    def _restore(self, pool: LocalPool | RayPool, replicas: list[int], ckpt: Checkpoint | None,
-                 ledger: Ledger, upto: int) -> None:
-        """Bring replicas to step ``upto``: each loads the checkpoint from the run directory itself (the driver
-        sends only its path), then ledger replay (no forwards)."""
-        if ckpt is not None and ckpt.step > 0:
-            # Absolute paths: a replica's working directory need not be the driver's.
-            pool.call("load_checkpoint", [(str(ckpt.path.resolve()), self.fingerprint)] * len(replicas),
-                      replicas=replicas, timeout=max(600.0, self.config.cluster.startup_timeout_s))
-        start = ckpt.step if ckpt is not None else 0
-        updates = [u for u in updates_by_step(ledger.rows) if start < u[0] <= upto]
-        if updates:
-            pool.call("replay", [(updates,)] * len(replicas), replicas=replicas,
-                      timeout=self.config.cluster.startup_timeout_s)
-
     # ------------------------------------- phases 3-6: apply, verify, evaluate, checkpoint
     def _apply(self, pool: LocalPool | RayPool, state: RunState) -> None:
         """Apply the pending update now (replicas ignore an update they already applied)."""
         if state.pending is not None:
-            pool.call("apply", [(state.pending,)] * pool.size)
+            self.healer.call(pool, state, "apply", [(state.pending,)] * pool.size)
 
     def _verify(self, pool: LocalPool | RayPool, state: RunState) -> list[str]:
         """Every replica's digest must equal replica 0's; heal (resync) or abort as configured."""
         self._apply(pool, state)
-        digests = pool.call("digest", [()] * pool.size)
+        digests = self.healer.call(pool, state, "digest", [()] * pool.size)
         if len(set(digests)) > 1:
             bad = [r for r, d in enumerate(digests) if d != digests[0]]
             if self.config.cluster.on_mismatch == "abort":
                 raise TrainingError(f"replica digests differ (replicas {bad} disagree with replica 0). "
                                     f"Set cluster.on_mismatch=resync to heal instead")
             self.log(f"replica digests differ at replicas {bad}; resyncing them from checkpoint + ledger")
-            ckpt = state.ckpt
-            applied = state.pending.step if state.pending is not None else (ckpt.step if ckpt else 0)
-            for r in bad:
-                pool.replace(r)
-            self._restore(pool, bad, ckpt, state.ledger, applied)
-            digests = pool.call("digest", [()] * pool.size)
+            try:
+                self.healer.replace_and_catch_up(pool, bad, state)
+            except ReplicaFailure as failure:
+                self.healer.recover(pool, failure.failed, state, f"a resynced replica failed: {failure.reason}")
+            digests = self.healer.call(pool, state, "digest", [()] * pool.size)
             if len(set(digests)) > 1:
                 raise TrainingError("replica digests still differ after a resync")
             self.rd.count_resync()
@@ -356,8 +311,8 @@ class Driver:
         self._apply(pool, state)
         if self.config.task.eval_size == 0:
             return {}
-        totals = pool.call("evaluate", [(r, pool.size) for r in range(pool.size)],
-                           timeout=max(600.0, self.config.cluster.step_timeout_s))
+        totals = self.healer.call(pool, state, "evaluate", [(r, pool.size) for r in range(pool.size)],
+                                  timeout=max(600.0, self.config.cluster.step_timeout_s))
         return aggregate_eval(totals)
 
     def _checkpoint(self, pool: LocalPool | RayPool, state: RunState, step: int) -> None:
@@ -371,14 +326,11 @@ class Driver:
         rule = {"rule": state.rule_state}
         # Ledger first: a crash between the two writes then leaves an older checkpoint that still matches.
         state.ledger.flush()
-        while True:
-            try:
-                record = pool.call("save_checkpoint", [(step, str(self.rd.checkpoints.resolve()), rule, meta)],
-                                   replicas=[0],
-                                   timeout=max(600.0, self.config.cluster.step_timeout_s))[0]
-                break
-            except ReplicaFailure as failure:  # replica 0 died while writing: replace it at `step`, write again
-                self._recover(pool, failure.failed, state, step + 1, failure.reason)
+        # Replica 0 dying while it writes is replaced at `step` and writes again; a half-written .ckpt.*
+        # directory is never renamed into place.
+        record = self.healer.call(pool, state, "save_checkpoint",
+                                  [(step, str(self.rd.checkpoints.resolve()), rule, meta)], replicas=[0],
+                                  timeout=max(600.0, self.config.cluster.step_timeout_s))[0]
         state.ckpt = Checkpoint(step, rule, dict(meta, digest=record.digest, params_sha256=record.params_sha256),
                                 Path(record.path))
 

@@ -12,6 +12,10 @@ from .ledger import Ledger
 from .messages import Update
 
 
+class TrainingError(RuntimeError):
+    """The run cannot continue (too many failures, non-finite losses, replica mismatch)."""
+
+
 @dataclass
 class TrainResult:
     """What ``train`` returns (also written to summary.json)."""
@@ -44,6 +48,11 @@ class RunState:
     wall: float = 0.0  # wall seconds when the last step was recorded
     initial_eval: dict[str, float] = field(default_factory=dict)
     last_eval: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def decided(self) -> int:
+        """The last step whose update is in the ledger: what a replacement replica is caught up to."""
+        return self.pending.step if self.pending is not None else self.start_step
 
     def elapsed(self) -> float:
         """Wall seconds of the run so far, earlier runs of a resumed run included."""
