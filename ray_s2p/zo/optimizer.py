@@ -90,6 +90,9 @@ class ZerothOrderOptimizer:
     def step(self, closure: Callable[[], torch.Tensor]) -> StepRecord:
         """One optimizer step (forward passes only).
 
+        The model is in eval mode while the closure runs (no dropout, batch-norm running statistics
+        used, not updated) and every module gets its own mode back afterwards.
+
         Args:
             closure: returns the loss of the model on the current batch.
 
@@ -100,11 +103,19 @@ class ZerothOrderOptimizer:
         k = self.step_count
         seeds = tuple(mix_seed(self.seed, k, j) for j in range(self.config.directions))
         radii = self.rule.radii(self.state, k)
-        losses = [[self.prober.evaluate(closure, s, r, k) for r in radii] for s in seeds]
-        follow = self.rule.followup(losses, self.state, k)
-        if follow is not None:
-            losses = [row + [self.prober.evaluate(closure, s, r, k) for r in extra]
-                      for row, s, extra in zip(losses, seeds, follow)]
+        # Probes run in eval mode: with dropout (or batch-norm statistics) active, f(x + rho z) and
+        # f(x - rho z) would differ for a reason other than the direction, and the estimate would be noise.
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            losses = [[self.prober.evaluate(closure, s, r, k) for r in radii] for s in seeds]
+            follow = self.rule.followup(losses, self.state, k)
+            if follow is not None:
+                losses = [row + [self.prober.evaluate(closure, s, r, k) for r in extra]
+                          for row, s, extra in zip(losses, seeds, follow)]
+        finally:
+            for module, training in modes:  # each module back to its own mode (a frozen norm may be in eval)
+                module.training = training
         decision, self.state = self.rule.update(losses, self.state, k)
         apply_update(self.space, list(zip(seeds, decision.coefficients)), decision.param_scale, k, decision.sign_step)
         if self.ledger is not None:
