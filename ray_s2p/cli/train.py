@@ -51,10 +51,15 @@ def _parse_sets(items: Sequence[str]) -> list[tuple[str, object]]:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from ..distributed.replay import replay_run
+    from ..distributed.replay import compare_to_run, replay_run
 
-    result = replay_run(args.run_dir, args.step)
+    if args.check and args.atol is not None:
+        raise ValueError("--check compares digests bit for bit and --atol within a tolerance. Fix: use one of them")
+    result = replay_run(args.run_dir, args.step, bitwise=args.check)
     out = {"step": result.step, "digest": result.digest, "seconds": round(result.seconds, 4)}
+    if args.atol is not None:
+        compared = compare_to_run(args.run_dir, result.engine, result.step)
+        out.update(compared, atol=args.atol, within=compared["max_abs_diff"] <= args.atol)
     summary_file = Path(args.run_dir) / "summary.json"
     expected = json.loads(summary_file.read_text()).get("final_digest") if summary_file.exists() else None
     if args.check:
@@ -67,6 +72,10 @@ def _replay(args: argparse.Namespace) -> int:
     if args.check and not out["match"]:
         print("replay digest differs from the run's final digest" if expected else
               "the run has no summary.json final digest to check against", file=sys.stderr)
+        return 1
+    if args.atol is not None and not out["within"]:
+        print(f"replayed parameters differ from the run's ({out['reference']}) by up to {out['max_abs_diff']:.3g}, "
+              f"more than --atol {args.atol:g}", file=sys.stderr)
         return 1
     return 0
 
@@ -112,7 +121,10 @@ def register(sub: "argparse._SubParsersAction") -> None:
     r.add_argument("run_dir")
     r.add_argument("--step", type=int, help="replay up to this step (default: the last)")
     r.add_argument("--output", help="save the replayed model here")
-    r.add_argument("--check", action="store_true", help="exit 1 unless the digest equals the run's final digest")
+    r.add_argument("--check", action="store_true", help="exit 1 unless the digest equals the run's final digest "
+                                                        "(refused where the run recorded another device or torch)")
+    r.add_argument("--atol", type=float, metavar="TOL", help="compare the replayed parameters with the run's "
+                   "(its checkpoint of --step, or final/) and exit 1 if any differs by more than TOL")
     r.set_defaults(func=_replay)
 
     p = sub.add_parser("eval", help="evaluate a run's parameters at a step on the held-out set")

@@ -39,6 +39,7 @@ from typing import Any, Callable
 from ..config import FIRST_ORDER, FIRST_ORDER_PASSES, RunConfig
 from ..zo.rules import build_rule
 from .checkpoint import Checkpoint, config_fingerprint, latest_checkpoint
+from .environment import agreed, settle
 from .healing import Healer
 from .layout import Layout
 from .ledger import Ledger, ledger_rows
@@ -123,6 +124,11 @@ class Driver:
         if rule_state is None and self.rule is not None:
             rule_state = self.rule.init()
         ledger = Ledger.open(self.rd.ledger_path, upto_step=start_step)
+        # Replicas on different devices or torch builds could never stay bitwise identical: refused here.
+        replicas_env = agreed([info["environment"] for info in pool.call("info", [()] * pool.size)])
+        ledger.environment, note = settle(ledger.environment, replicas_env, start_step)
+        if note:
+            self.log(note)
         if ckpt is not None and ledger.digest(start_step) != ckpt.meta.get("ledger_digest"):
             raise TrainingError("ledger.parquet does not match the checkpoint (rows were changed or belong to "
                                 "another run). Fix: restore the run's own ledger")
@@ -203,7 +209,8 @@ class Driver:
             final_digest=digests[0], steps_completed=cfg.steps, wall_seconds=elapsed,
             bytes_sent_per_step=state.bytes_sent / steps_run, bytes_received_per_step=state.bytes_received / steps_run,
             replicas=pool.size, initial_metrics=state.initial_eval, final_metrics=final_eval,
-            forward_passes=state.forward_passes, replica_failures=self.healer.failures,
+            forward_passes=state.forward_passes, environment=state.ledger.environment,
+            replica_failures=self.healer.failures,
             recovery_seconds=self.healer.recoveries,
             skipped_directions=self.skipped_total, resumed_from=state.start_step if self.rd.resumed else None,
             traffic=pool.traffic.summary())

@@ -23,6 +23,7 @@ from ..zo.probes import Prober
 from ..zo.weight_decay import decay_exempt
 from .checkpoint import CheckpointError, CheckpointRecord, load_checkpoint, read_checkpoint, save_checkpoint
 from .digest import model_digest
+from .environment import numerics_environment
 from .messages import ProbeReply, ProbeRequest, Update
 from .storage import probe_storage
 
@@ -295,9 +296,14 @@ class ReplicaEngine:
         return probe_storage(run_dir, token, self.replica)
 
     def info(self) -> dict[str, Any]:
+        """What the driver learns once a replica is up: sizes, its applied step and its numerics environment."""
         return {"replica": self.replica, "trainable_parameters": self.space.dim,
                 "total_parameters": sum(p.numel() for p in self.model.parameters()),
-                "applied_step": self.applied_step}
+                "applied_step": self.applied_step, "environment": self.environment()}
+
+    def environment(self) -> dict[str, Any]:
+        """Device, kernels and torch build of this replica's arithmetic (distributed/environment.py)."""
+        return numerics_environment(self.device, self.config.perturbation.distribution, self.config.precision.weights)
 
 
 def _replica_device(config: RunConfig, model: torch.nn.Module) -> torch.device:

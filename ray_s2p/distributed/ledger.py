@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..files import atomic_path
+from .environment import from_metadata, to_metadata
 
 if TYPE_CHECKING:  # only for the annotation: the ledger needs no step rule to read or write rows
     from ..zo.rules import StepDecision
@@ -94,9 +95,12 @@ def _clean(value: float | None) -> float | None:
 class Ledger:
     """In-memory rows plus atomic flushes to ``path``."""
 
-    def __init__(self, path: str | Path, rows: Sequence[LedgerRow] = ()) -> None:
+    def __init__(self, path: str | Path, rows: Sequence[LedgerRow] = (),
+                 environment: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
         self.rows: list[LedgerRow] = list(rows)
+        # Where the run's arithmetic happened (distributed/environment.py); kept in the file's metadata.
+        self.environment = environment
 
     @classmethod
     def open(cls, path: str | Path, upto_step: int | None = None) -> "Ledger":
@@ -108,7 +112,7 @@ class Ledger:
         rows = table_rows(table)
         if upto_step is not None:
             rows = [r for r in rows if r.step <= upto_step]
-        return cls(p, rows)
+        return cls(p, rows, read_environment(p))
 
     def extend(self, rows: Iterable[LedgerRow]) -> None:
         self.rows.extend(rows)
@@ -126,8 +130,11 @@ class Ledger:
 
     def flush(self) -> None:
         """Rewrite the file atomically with every row so far."""
+        table = self.table()
+        if self.environment is not None:
+            table = table.replace_schema_metadata(to_metadata(self.environment))
         with atomic_path(self.path) as tmp:
-            pq.write_table(self.table(), tmp)
+            pq.write_table(table, tmp)
 
     def digest(self, upto_step: int) -> str:
         """sha256 of the rows up to ``upto_step`` (checkpoints record it to detect a swapped ledger)."""
@@ -168,6 +175,14 @@ def read_table(path: str | Path) -> pa.Table:
     if missing:
         raise LedgerError(f"ledger {p.name!r} lacks column {missing[0]!r}; it is not a ray_s2p ledger")
     return table.select(SCHEMA.names).cast(SCHEMA)
+
+
+def read_environment(path: str | Path) -> dict[str, Any] | None:
+    """The environment a ledger's run recorded (None when it recorded none, or the file is unreadable)."""
+    try:
+        return from_metadata(pq.read_schema(path).metadata)
+    except Exception:  # a torn file: read_table reports it with the fix
+        return None
 
 
 def table_rows(table: pa.Table) -> list[LedgerRow]:

@@ -10,10 +10,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from ..config import FIRST_ORDER
 from .engine import ReplicaEngine
-from .ledger import Ledger, LedgerError, read_table, table_rows, updates_by_step
+from .checkpoint import list_checkpoints, load_checkpoint
+from .environment import replay_problem
+from .ledger import Ledger, LedgerError, read_environment, read_table, table_rows, updates_by_step
 from .run_dir import RunDirectory
 
 
@@ -27,12 +32,21 @@ class ReplayResult:
     engine: ReplicaEngine
 
 
-def replay_run(run_dir: str | Path, step: int | None = None) -> ReplayResult:
+class EnvironmentMismatch(RuntimeError):
+    """A bitwise check was asked for where the run's bits cannot be reproduced (another device or torch)."""
+
+
+def replay_run(run_dir: str | Path, step: int | None = None, *, bitwise: bool = False) -> ReplayResult:
     """Rebuild the base model of a run and apply its ledger up to ``step`` (default: all).
+
+    Args:
+        bitwise: the caller will compare digests; refuse before replaying when the run recorded
+            another device type, kernel family or torch build than this replay's (environment.py).
 
     Raises:
         LedgerError: the ledger is unreadable, incomplete, or ``step`` is beyond it.
         ConfigError: config.yaml is missing or invalid.
+        EnvironmentMismatch: ``bitwise`` and the environments differ.
     """
     run_dir = Path(run_dir)
     config = RunDirectory.load_config(run_dir)
@@ -46,10 +60,51 @@ def replay_run(run_dir: str | Path, step: int | None = None) -> ReplayResult:
     if target > last or target < 0:
         raise LedgerError(f"--step {target} is outside the ledger (steps 0..{last})")
     engine = ReplicaEngine(config.replace({"cluster.use_ray": False}))
+    problem = replay_problem(read_environment(run_dir / "ledger.parquet"), engine.environment()) if bitwise else None
+    if problem:
+        raise EnvironmentMismatch(f"{problem}. Fix: compare the replayed parameters with the run's own within a "
+                                  f"tolerance: ray-s2p replay {run_dir} --atol 1e-5")
     started = time.perf_counter()
     engine.replay([u for u in updates if u[0] <= target])
     seconds = time.perf_counter() - started
     return ReplayResult(target, engine.digest(), seconds, engine)
 
 
-__all__ = ["ReplayResult", "replay_run", "Ledger"]
+def compare_to_run(run_dir: str | Path, engine: ReplicaEngine, step: int) -> dict[str, Any]:
+    """Largest absolute difference between the replayed trainable parameters and the run's own.
+
+    The reference is the run's checkpoint of ``step`` when it kept one (the trainable parameters
+    under their own names), else the final model's safetensors files (``final/``, names as in the
+    model's state_dict) when ``step`` is the run's last.
+
+    Returns:
+        ``reference`` (what was compared against), ``tensors`` (how many), ``max_abs_diff``.
+
+    Raises:
+        LedgerError: there is nothing to compare against, or no trainable parameter is in it.
+    """
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    reference: dict[str, torch.Tensor] = {}
+    source = ""
+    for path in list_checkpoints(run_dir / "checkpoints"):
+        if path.name == f"step_{step:08d}":  # checkpoint.py's directory name
+            _, reference = load_checkpoint(path)
+            source = f"checkpoints/{path.name}"
+    last = (updates_by_step(table_rows(read_table(run_dir / "ledger.parquet"))) or [(0,)])[-1][0]
+    if not reference and step == last and (run_dir / "final").is_dir():
+        for file in sorted((run_dir / "final").rglob("*.safetensors")):
+            reference.update(load_file(str(file)))
+        source = "final/"
+    names = [n for n in engine.space.names if n in reference]
+    if not names:
+        raise LedgerError(f"no parameters of step {step} to compare with in {str(run_dir)!r} (no checkpoint of "
+                          f"that step{', and final/ names none of the trainable parameters' if source else ''}). "
+                          f"Fix: replay to a step that has a checkpoint, or to the last step")
+    params = dict(zip(engine.space.names, engine.space.params))
+    worst = max(float((params[n].detach().float().cpu() - reference[n].float()).abs().max()) for n in names)
+    return {"reference": source, "tensors": len(names), "max_abs_diff": worst}
+
+
+__all__ = ["EnvironmentMismatch", "ReplayResult", "compare_to_run", "replay_run", "Ledger"]

@@ -114,7 +114,9 @@ def test_more_cpus_than_the_cluster_has_fails_fast(tmp_path, ray_session):
 
 @pytest.mark.slow
 def test_removed_node_is_healed(tmp_path):
-    """A replica's node leaves a ray.cluster_utils.Cluster mid-run; its bundle moves to a spare node."""
+    """A whole node leaves mid-run: a ray.cluster_utils.Cluster of a head and two worker nodes on this machine,
+    the replicas placed STRICT_SPREAD (never two on one node); the node of one replica is removed at step 12,
+    its bundle moves to the spare node, the replica is rebuilt there and the run ends at the undisturbed digest."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -125,20 +127,24 @@ def test_removed_node_is_healed(tmp_path):
     nodes = [cluster.add_node(num_cpus=1, object_store_memory=80 * 1024 * 1024) for _ in range(2)]
     try:
         ray.init(address=cluster.address, log_to_driver=False)
-        cfg = fault_config(tmp_path, "none", **{"steps": 40, "cluster.placement_strategy": "SPREAD",
+        cfg = fault_config(tmp_path, "none", **{"steps": 30, "cluster.placement_strategy": "STRICT_SPREAD",
                                                 "cluster.step_timeout_s": 60})
         removed: list[str] = []
+        placed: dict[int, list[str]] = {}
 
         def report(metrics, checkpoint):
-            if metrics["step"] == 15 and not removed:
-                used = set(driver.pool.node_ids())
-                victim = next(n for n in nodes if n.node_id in used)
+            if metrics["step"] in (10, 25):
+                placed[metrics["step"]] = driver.pool.node_ids()
+            if metrics["step"] == 10 and not removed:
+                victim = next(n for n in nodes if n.node_id in placed[10])  # a worker node holding a replica
                 removed.append(victim.node_id)
                 threading.Thread(target=cluster.remove_node, args=(victim,)).start()
 
         driver = Driver(cfg, tmp_path / "run", report=report, log=lambda m: None)
         result = driver.run()
         assert removed and result.summary["replica_failures"] >= 1
+        assert len(set(placed[10])) == 2 and len(set(placed[25])) == 2  # spread before and after
+        assert removed[0] in placed[10] and removed[0] not in placed[25]  # the lost replica lives elsewhere now
         assert result.final_digest == undisturbed_digest(tmp_path, cfg)
         assert_every_step_once(tmp_path / "run", cfg.steps, 2)
     finally:
