@@ -158,16 +158,29 @@ def test_files_named_in_docstrings_and_comments_exist(path):
 
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-DOC_PATH = re.compile(r"((?:ray_s2p|tests|jobs|docs)/[\w/.-]*\w)(?:::(\w+))?")
+# A path, optionally with ::test; or a bare `::test`, which names a test of the last file cited on its line
+# (how docs/reliability.md lists several tests of one file in a row).
+DOC_PATH = re.compile(r"(?P<path>(?:ray_s2p|tests|jobs|docs)/[\w/.-]*\w)(?:::(?P<test>\w+))?|(?<![\w/.])::(?P<bare>\w+)")
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_paths_and_tests_cited_in_the_docs_exist(doc):
     missing = []
-    for path, test in DOC_PATH.findall(doc.read_text()):
-        target = REPO / path
-        if not target.exists():
-            missing.append(path)
-        elif test and not re.search(rf"^def {test}\(", target.read_text(), re.M):
-            missing.append(f"{path}::{test}")
+    for line in doc.read_text().splitlines():
+        last_file = None
+        for ref in DOC_PATH.finditer(line):
+            path, test = ref["path"], ref["test"]
+            if path is None:  # a bare ::test
+                if last_file is None:
+                    missing.append(f"::{ref['bare']} (no file before it on its line)")
+                    continue
+                path, test = last_file, ref["bare"]
+            target = REPO / path
+            if not target.exists():
+                missing.append(path)
+                continue
+            if path.endswith(".py"):
+                last_file = path
+            if test and not re.search(rf"^def {test}\(", target.read_text(), re.M):
+                missing.append(f"{path}::{test}")
     assert missing == []
