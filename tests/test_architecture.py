@@ -160,7 +160,8 @@ def test_files_named_in_docstrings_and_comments_exist(path):
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 # A path, optionally with ::test; or a bare `::test`, which names a test of the last file cited on its line
 # (how docs/reliability.md lists several tests of one file in a row).
-DOC_PATH = re.compile(r"(?P<path>(?:ray_s2p|tests|jobs|docs)/[\w/.-]*\w)(?:::(?P<test>\w+))?|(?<![\w/.])::(?P<bare>\w+)")
+DOC_PATH = re.compile(r"(?P<path>(?:ray_s2p|tests|jobs|docs)/[\w/.-]*\w)(?:::(?P<test>\w+))?"
+                      r"|(?<![\w/.])::(?P<bare>\w+)")
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
