@@ -4,7 +4,10 @@ A checkpoint is a directory ``checkpoints/step_NNNNNNNN/`` holding
 ``params.safetensors`` and ``state.json`` (step, rule state, ledger digest up to
 that step, config fingerprint, parameter digest, sha256 of the tensor file).
 It is written to a temporary directory and renamed into place, so a crash
-leaves either the old or the new checkpoint, never half of one.
+leaves either the old or the new checkpoint, never half of one. On an object
+store (storage_fs.py), which cannot rename a directory, the tensor file is put
+first and state.json last: a checkpoint without state.json, or whose tensor
+file fails the checksum, is incomplete and skipped.
 
 Replica 0 writes checkpoints and every replica reads them (engine.py): the
 tensors never pass through the driver, which reads only ``state.json``
@@ -25,7 +28,9 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..files import fsync_file, replace_dir, write_json
+from ..files import fsync_file, replace_dir
+from ..storage_fs import (Location, StoragePath, local_copy, location, open_input, remove_tree, staged_dir,
+                          upload_file, write_json)
 
 CHECKPOINT_VERSION = 1
 
@@ -41,7 +46,7 @@ class Checkpoint:
     step: int
     rule_state: dict[str, Any]
     meta: dict[str, Any]
-    path: Path
+    path: Location
 
 
 @dataclass(frozen=True)
@@ -85,20 +90,25 @@ def config_fingerprint(config_dict: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
+def _file_sha256(path: Location) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_input(path) as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
-def save_checkpoint(root: Path, step: int, tensors: dict[str, torch.Tensor], rule_state: dict[str, Any],
-                    meta: dict[str, Any], keep: int = 2) -> Path:
+def checkpoint_path(root: Location, step: int) -> Location:
+    """Where the checkpoint of ``step`` lives under the run's ``checkpoints/`` directory."""
+    return location(root) / f"step_{step:08d}"
+
+
+def save_checkpoint(root: Location, step: int, tensors: dict[str, torch.Tensor], rule_state: dict[str, Any],
+                    meta: dict[str, Any], keep: int = 2) -> Location:
     """Write ``root/step_NNNNNNNN`` atomically and keep only the newest ``keep`` checkpoints.
 
     Args:
-        root: the run's ``checkpoints/`` directory.
+        root: the run's ``checkpoints/`` directory (a local path, or a location in storage_fs.py).
         step: the step whose parameters ``tensors`` hold.
         tensors: name -> tensor (CPU or not; written in its own dtype).
         rule_state: the step rule's JSON state, ``{"rule": STATE}``.
@@ -108,35 +118,54 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, torch.Tensor], rul
     Returns:
         The checkpoint directory.
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".ckpt.", dir=root))
-    try:
-        tensor_file = tmp / "params.safetensors"
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tensor_file))
-        fsync_file(tensor_file)  # the rename below must not land before the data
-        state = dict(meta, version=CHECKPOINT_VERSION, step=step, rule_state=rule_state,
-                     params_sha256=_file_sha256(tensor_file))
-        write_json(tmp / "state.json", state)
-        target = root / f"step_{step:08d}"
-        replace_dir(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    root = location(root)
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    if isinstance(root, StoragePath):
+        target = _save_to_storage(root, step, tensors, rule_state, meta)
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".ckpt.", dir=root))
+        try:
+            tensor_file = tmp / "params.safetensors"
+            save_file(tensors, str(tensor_file))
+            fsync_file(tensor_file)  # the rename below must not land before the data
+            state = dict(meta, version=CHECKPOINT_VERSION, step=step, rule_state=rule_state,
+                         params_sha256=_file_sha256(tensor_file))
+            write_json(tmp / "state.json", state)
+            target = checkpoint_path(root, step)
+            replace_dir(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
     return target
 
 
-def list_checkpoints(root: Path) -> list[Path]:
+def _save_to_storage(root: StoragePath, step: int, tensors: dict[str, torch.Tensor], rule_state: dict[str, Any],
+                     meta: dict[str, Any]) -> StoragePath:
+    """``save_checkpoint`` on a URI or FileSystem: the tensor file is written to a local temporary file and
+    streamed to the store, state.json last (what completes the checkpoint on an object store)."""
+    target = checkpoint_path(root, step)
+    with tempfile.TemporaryDirectory(prefix="ray-s2p-ckpt-") as scratch, staged_dir(target, ".ckpt.") as stage:
+        local = Path(scratch) / "params.safetensors"
+        save_file(tensors, str(local))
+        sha = _file_sha256(local)
+        upload_file(local, stage / "params.safetensors")
+        write_json(stage / "state.json", dict(meta, version=CHECKPOINT_VERSION, step=step, rule_state=rule_state,
+                                              params_sha256=sha))
+    return target
+
+
+def list_checkpoints(root: Location) -> list[Location]:
     """Checkpoint directories, oldest first."""
-    root = Path(root)
+    root = location(root)
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
 
 
-def read_checkpoint(path: Path, fingerprint: str | None = None, *, verify_tensors: bool = True) -> Checkpoint:
+def read_checkpoint(path: Location, fingerprint: str | None = None, *, verify_tensors: bool = True) -> Checkpoint:
     """Read and verify one checkpoint's state.json (and, by default, the checksum of its tensor file).
 
     Args:
@@ -151,7 +180,7 @@ def read_checkpoint(path: Path, fingerprint: str | None = None, *, verify_tensor
     Raises:
         CheckpointError: missing files, checksum mismatch (truncated/corrupted) or another config.
     """
-    path = Path(path)
+    path = location(path)
     state_file, tensor_file = path / "state.json", path / "params.safetensors"
     if not state_file.is_file() or not tensor_file.is_file():
         raise CheckpointError(f"checkpoint {path.name!r} is incomplete (state.json or params.safetensors missing)")
@@ -168,8 +197,10 @@ def read_checkpoint(path: Path, fingerprint: str | None = None, *, verify_tensor
     return Checkpoint(int(state["step"]), state.get("rule_state") or {}, state, path)
 
 
-def load_checkpoint(path: Path, fingerprint: str | None = None) -> tuple[Checkpoint, dict[str, torch.Tensor]]:
+def load_checkpoint(path: Location, fingerprint: str | None = None) -> tuple[Checkpoint, dict[str, torch.Tensor]]:
     """Load and verify one checkpoint, tensors included (what a replica or ``ray-s2p eval`` does).
+
+    On a URI or FileSystem the tensor file is downloaded once, then hashed and loaded from the copy.
 
     Returns:
         (the checkpoint, name -> tensor).
@@ -177,12 +208,20 @@ def load_checkpoint(path: Path, fingerprint: str | None = None) -> tuple[Checkpo
     Raises:
         CheckpointError: missing files, checksum mismatch (truncated/corrupted) or another config.
     """
-    ckpt = read_checkpoint(path, fingerprint)
-    return ckpt, load_file(str(Path(path) / "params.safetensors"))
+    path = location(path)
+    if not isinstance(path, StoragePath):
+        ckpt = read_checkpoint(path, fingerprint)
+        return ckpt, load_file(str(path / "params.safetensors"))
+    ckpt = read_checkpoint(path, fingerprint, verify_tensors=False)
+    with local_copy(path / "params.safetensors") as local:
+        if _file_sha256(local) != ckpt.meta.get("params_sha256"):
+            raise CheckpointError(f"checkpoint {path.name!r}: params.safetensors fails its checksum "
+                                  f"(truncated or corrupted). Fix: delete it to fall back to an older checkpoint")
+        return ckpt, load_file(str(local))
 
 
-def latest_checkpoint(root: Path, fingerprint: str | None = None,
-                      verify: Callable[[Path], str | None] | None = None,
+def latest_checkpoint(root: Location, fingerprint: str | None = None,
+                      verify: Callable[[Location], str | None] | None = None,
                       log: Callable[[str], None] | None = None) -> Checkpoint | None:
     """The newest checkpoint that reads and verifies (checksum included); None if there is none.
 

@@ -17,6 +17,7 @@ import torch
 
 from ..config import FIRST_ORDER, RunConfig
 from ..files import fsync_tree, replace_dir
+from ..storage_fs import StoragePath, file_size, location, staged_dir, upload_tree
 from ..tasks.base import EvalTotals, Task
 from ..zo.directions import DirectionSpace, NoiseTable, apply_update, select_parameters
 from ..zo.probes import Prober
@@ -165,13 +166,14 @@ class ReplicaEngine:
                     out[f"{OPTIMIZER_STATE_PREFIX}{n}/{key}"] = tensor.detach().to("cpu")
         return out
 
-    def save_checkpoint(self, step: int, directory: str, rule_state: dict[str, Any], meta: dict[str, Any],
-                        keep: int = 2) -> CheckpointRecord:
+    def save_checkpoint(self, step: int, directory: str | StoragePath, rule_state: dict[str, Any],
+                        meta: dict[str, Any], keep: int = 2) -> CheckpointRecord:
         """Write this replica's checkpoint of ``step`` into ``directory`` (the run's checkpoints/), atomically.
 
         Args:
             step: the step; the replica must have applied exactly its update.
-            directory: the run's ``checkpoints/`` directory, as the driver names it.
+            directory: the run's ``checkpoints/`` directory, as the driver names it (a path or URI, or a
+                ``StoragePath`` when the run's storage is a given pyarrow FileSystem).
             rule_state: the driver's rule state (small JSON).
             meta: the driver's state.json keys (config fingerprint, ledger digest, data position).
             keep: how many checkpoints to keep.
@@ -185,22 +187,22 @@ class ReplicaEngine:
         if self.applied_step != step:
             raise RuntimeError(f"replica {self.replica} is at step {self.applied_step}, asked to save step {step}")
         digest = self.digest()
-        path = save_checkpoint(Path(directory), step, self._checkpoint_tensors(), rule_state,
+        path = save_checkpoint(location(directory), step, self._checkpoint_tensors(), rule_state,
                                dict(meta, digest=digest), keep=keep)
         saved = read_checkpoint(path, verify_tensors=False)
         return CheckpointRecord(step, str(path), digest, str(saved.meta["params_sha256"]),
-                                (path / "params.safetensors").stat().st_size)
+                                file_size(path / "params.safetensors"))
 
-    def verify_checkpoint(self, path: str, fingerprint: str | None = None) -> str | None:
+    def verify_checkpoint(self, path: str | StoragePath, fingerprint: str | None = None) -> str | None:
         """Check one checkpoint (files, sha256 of the tensor file, config fingerprint) where this replica
         reads it; returns the error message, or None when it verifies."""
         try:
-            read_checkpoint(Path(path), fingerprint)
+            read_checkpoint(location(path), fingerprint)
         except CheckpointError as exc:
             return str(exc)
         return None
 
-    def load_checkpoint(self, path: str, fingerprint: str | None = None) -> int:
+    def load_checkpoint(self, path: str | StoragePath, fingerprint: str | None = None) -> int:
         """Load a checkpoint from the run directory into this replica (restore, recovery, resync).
 
         The tensor file's sha256 and the config fingerprint are verified before loading, and the
@@ -212,13 +214,14 @@ class ReplicaEngine:
         Raises:
             CheckpointError: the checkpoint fails a check.
         """
-        ckpt, tensors = load_checkpoint(Path(path), fingerprint)
+        ckpt, tensors = load_checkpoint(location(path), fingerprint)
         self.load_trainable(tensors, ckpt.step)
         del tensors  # the loaded file's memory goes before the digest pass
         expected = ckpt.meta.get("digest")
         if expected is not None and self.digest() != expected:
-            raise CheckpointError(f"checkpoint {Path(path).name!r}: the loaded parameters' digest differs from the "
-                                  f"one saved with them (replica {self.replica}). Fix: resume from another checkpoint")
+            raise CheckpointError(f"checkpoint {location(path).name!r}: the loaded parameters' digest differs from "
+                                  f"the one saved with them (replica {self.replica}). Fix: resume from another "
+                                  f"checkpoint")
         return ckpt.step
 
     def load_trainable(self, tensors: dict[str, torch.Tensor], applied_step: int) -> None:
@@ -268,8 +271,9 @@ class ReplicaEngine:
     def save_final(self, directory: str | Path) -> None:
         self.task.save_final(self.model, Path(directory))
 
-    def write_final(self, run_dir: str) -> dict[str, int]:
-        """Write ``save_final``'s output to ``run_dir/final`` (staged beside it, renamed into place).
+    def write_final(self, run_dir: str | StoragePath) -> dict[str, int]:
+        """Write ``save_final``'s output to ``run_dir/final`` (staged beside it, renamed into place; on a URI
+        or FileSystem written to a local temporary directory first and copied, storage_fs.py).
 
         Returns:
             Relative file name -> size in bytes (the files themselves stay where they are written).
@@ -277,7 +281,9 @@ class ReplicaEngine:
         Raises:
             RuntimeError: the task wrote no files.
         """
-        root = Path(run_dir)
+        root = location(run_dir)
+        if isinstance(root, StoragePath):
+            return self._write_final_to_storage(root)
         staging = Path(tempfile.mkdtemp(prefix=".final.", dir=root))
         try:
             out = staging / "final"
@@ -291,7 +297,18 @@ class ReplicaEngine:
             shutil.rmtree(staging, ignore_errors=True)
         return files
 
-    def check_storage(self, run_dir: str, token: str) -> dict[str, Any]:
+    def _write_final_to_storage(self, root: StoragePath) -> dict[str, int]:
+        with tempfile.TemporaryDirectory(prefix="ray-s2p-final-") as scratch:
+            out = Path(scratch) / "final"
+            self.save_final(out)
+            files = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+            if not files:
+                raise RuntimeError("the task's save_final wrote no files")
+            with staged_dir(root / "final", ".final.") as stage:
+                upload_tree(out, stage)
+        return files
+
+    def check_storage(self, run_dir: str | StoragePath, token: str) -> dict[str, Any]:
         """Whether this replica reads the driver's run directory and can write there (storage.py)."""
         return probe_storage(run_dir, token, self.replica)
 

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from ..files import atomic_path
+from ..storage_fs import Location, StoragePath, location, read_parquet, read_parquet_schema, write_parquet
 from .environment import from_metadata, to_metadata
 
 if TYPE_CHECKING:  # only for the annotation: the ledger needs no step rule to read or write rows
@@ -95,17 +94,17 @@ def _clean(value: float | None) -> float | None:
 class Ledger:
     """In-memory rows plus atomic flushes to ``path``."""
 
-    def __init__(self, path: str | Path, rows: Sequence[LedgerRow] = (),
+    def __init__(self, path: str | Path | StoragePath, rows: Sequence[LedgerRow] = (),
                  environment: dict[str, Any] | None = None) -> None:
-        self.path = Path(path)
+        self.path: Location = location(path)
         self.rows: list[LedgerRow] = list(rows)
         # Where the run's arithmetic happened (distributed/environment.py); kept in the file's metadata.
         self.environment = environment
 
     @classmethod
-    def open(cls, path: str | Path, upto_step: int | None = None) -> "Ledger":
+    def open(cls, path: str | Path | StoragePath, upto_step: int | None = None) -> "Ledger":
         """Load an existing ledger (or start an empty one), keeping rows with step <= upto_step."""
-        p = Path(path)
+        p = location(path)
         if not p.exists():
             return cls(p)
         table = read_table(p)
@@ -133,8 +132,7 @@ class Ledger:
         table = self.table()
         if self.environment is not None:
             table = table.replace_schema_metadata(to_metadata(self.environment))
-        with atomic_path(self.path) as tmp:
-            pq.write_table(table, tmp)
+        write_parquet(self.path, table)
 
     def digest(self, upto_step: int) -> str:
         """sha256 of the rows up to ``upto_step`` (checkpoints record it to detect a swapped ledger)."""
@@ -154,17 +152,17 @@ def rows_digest(rows: Sequence[LedgerRow]) -> str:
     return h.hexdigest()
 
 
-def read_table(path: str | Path) -> pa.Table:
-    """Read and schema-check a ledger file.
+def read_table(path: str | Path | StoragePath) -> pa.Table:
+    """Read and schema-check a ledger file (a local path, a URI or a location of storage_fs.py).
 
     Raises:
         LedgerError: missing, unreadable (truncated/corrupted) or wrong columns.
     """
-    p = Path(path)
+    p = location(path)
     if not p.is_file():
         raise LedgerError(f"ledger {p.name!r} not found in {p.parent.name!r}. Fix: point at a run directory")
     try:
-        table = pq.read_table(p)
+        table = read_parquet(p)
     except Exception as exc:  # pyarrow raises several types for torn or corrupted files
         raise LedgerError(f"ledger {p.name!r} is truncated or corrupted ({exc}). "
                           f"Fix: restore it, or resume from a checkpoint with --resume") from exc
@@ -177,10 +175,10 @@ def read_table(path: str | Path) -> pa.Table:
     return table.select(SCHEMA.names).cast(SCHEMA)
 
 
-def read_environment(path: str | Path) -> dict[str, Any] | None:
+def read_environment(path: str | Path | StoragePath) -> dict[str, Any] | None:
     """The environment a ledger's run recorded (None when it recorded none, or the file is unreadable)."""
     try:
-        return from_metadata(pq.read_schema(path).metadata)
+        return from_metadata(read_parquet_schema(location(path)).metadata)
     except Exception:  # a torn file: read_table reports it with the fix
         return None
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..config import FIRST_ORDER
+from ..storage_fs import StoragePath, local_copy, location, walk_files
 from .engine import ReplicaEngine
 from .checkpoint import list_checkpoints, load_checkpoint
 from .environment import replay_problem
@@ -36,10 +37,11 @@ class EnvironmentMismatch(RuntimeError):
     """A bitwise check was asked for where the run's bits cannot be reproduced (another device or torch)."""
 
 
-def replay_run(run_dir: str | Path, step: int | None = None, *, bitwise: bool = False) -> ReplayResult:
+def replay_run(run_dir: str | Path | StoragePath, step: int | None = None, *, bitwise: bool = False) -> ReplayResult:
     """Rebuild the base model of a run and apply its ledger up to ``step`` (default: all).
 
     Args:
+        run_dir: the run directory: a local path, a URI (file://, s3://, gs://) or a ``StoragePath``.
         bitwise: the caller will compare digests; refuse before replaying when the run recorded
             another device type, kernel family or torch build than this replay's (environment.py).
 
@@ -48,7 +50,7 @@ def replay_run(run_dir: str | Path, step: int | None = None, *, bitwise: bool = 
         ConfigError: config.yaml is missing or invalid.
         EnvironmentMismatch: ``bitwise`` and the environments differ.
     """
-    run_dir = Path(run_dir)
+    run_dir = location(run_dir)
     config = RunDirectory.load_config(run_dir)
     if config.optimizer.name in FIRST_ORDER:
         raise LedgerError("first-order runs (sgd, adamw) have no directions to replay; their checkpoints "
@@ -70,7 +72,7 @@ def replay_run(run_dir: str | Path, step: int | None = None, *, bitwise: bool = 
     return ReplayResult(target, engine.digest(), seconds, engine)
 
 
-def compare_to_run(run_dir: str | Path, engine: ReplicaEngine, step: int) -> dict[str, Any]:
+def compare_to_run(run_dir: str | Path | StoragePath, engine: ReplicaEngine, step: int) -> dict[str, Any]:
     """Largest absolute difference between the replayed trainable parameters and the run's own.
 
     The reference is the run's checkpoint of ``step`` when it kept one (the trainable parameters
@@ -85,7 +87,7 @@ def compare_to_run(run_dir: str | Path, engine: ReplicaEngine, step: int) -> dic
     """
     from safetensors.torch import load_file
 
-    run_dir = Path(run_dir)
+    run_dir = location(run_dir)
     reference: dict[str, torch.Tensor] = {}
     source = ""
     for path in list_checkpoints(run_dir / "checkpoints"):
@@ -94,8 +96,10 @@ def compare_to_run(run_dir: str | Path, engine: ReplicaEngine, step: int) -> dic
             source = f"checkpoints/{path.name}"
     last = (updates_by_step(table_rows(read_table(run_dir / "ledger.parquet"))) or [(0,)])[-1][0]
     if not reference and step == last and (run_dir / "final").is_dir():
-        for file in sorted((run_dir / "final").rglob("*.safetensors")):
-            reference.update(load_file(str(file)))
+        for file in walk_files(run_dir / "final"):
+            if file.name.endswith(".safetensors"):
+                with local_copy(file) as local:
+                    reference.update(load_file(str(local)))
         source = "final/"
     names = [n for n in engine.space.names if n in reference]
     if not names:

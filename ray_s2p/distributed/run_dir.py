@@ -1,23 +1,23 @@
 """The run directory: config.yaml, ledger.parquet, metrics.parquet, summary.json, checkpoints/, final/.
 
-Every file is written atomically. See docs/ledger.md for the layout.
+Every file is written atomically, on a local path, a URI or a given pyarrow FileSystem (storage_fs.py).
+See docs/ledger.md for the layout.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
 from ..config import ConfigError, RunConfig
-from ..files import atomic_path, write_json, write_yaml
+from ..storage_fs import (Location, StoragePath, location, read_parquet, remove_tree, write_json, write_parquet,
+                          write_yaml)
 from ..tasks.base import EvalTotals
 
 if TYPE_CHECKING:
@@ -55,12 +55,16 @@ def aggregate_eval(parts: list[EvalTotals]) -> dict[str, float]:
 class RunDirectory:
     """Owns the files of one run."""
 
-    def __init__(self, path: Path, config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path | StoragePath, config: RunConfig, *, resume: bool = False,
+                 overwrite: bool = False) -> None:
+        self.path: Location = location(path)
         self.config = config
         self.resumed = resume
         self.created = not self.path.exists()  # a failed start removes only a directory it created
         existing = (self.path / "config.yaml").exists()
+        if config.tensorboard and isinstance(self.path, StoragePath):
+            raise ConfigError(f"tensorboard: event files are written on a local path only, and the run directory is "
+                              f"{str(self.path)!r}. Fix: --set tensorboard=false, or a local --output")
         if resume and not existing:
             raise RunDirectoryError(f"--resume: {str(self.path)!r} holds no run (no config.yaml). "
                                     f"Fix: point --resume at an existing run directory")
@@ -72,7 +76,7 @@ class RunDirectory:
             for name in ("config.yaml", "ledger.parquet", "metrics.parquet", "summary.json"):
                 (self.path / name).unlink(missing_ok=True)
             for name in ("checkpoints", "final"):
-                shutil.rmtree(self.path / name, ignore_errors=True)
+                remove_tree(self.path / name)
         self.path.mkdir(parents=True, exist_ok=True)
         if not resume:
             write_yaml(self.path / "config.yaml", config.to_dict())
@@ -85,7 +89,7 @@ class RunDirectory:
         self.metrics_problem: str | None = None  # why metrics.parquet could not be read on resume
         if resume and self.metrics_path.exists():
             try:
-                self.rows = pq.read_table(self.metrics_path).to_pylist()
+                self.rows = read_parquet(self.metrics_path).to_pylist()
             except Exception as exc:  # pyarrow raises several types; the driver rebuilds from the ledger
                 self.metrics_problem = f"{type(exc).__name__}: {exc}".splitlines()[0]
         self.resyncs = 0
@@ -111,9 +115,9 @@ class RunDirectory:
         self._open_tensorboard()
 
     @staticmethod
-    def load_config(path: Path) -> RunConfig:
-        """The resolved config saved in a run directory."""
-        file = Path(path) / "config.yaml"
+    def load_config(path: str | Path | StoragePath) -> RunConfig:
+        """The resolved config saved in a run directory (a local path, a URI or a location of storage_fs.py)."""
+        file = location(path) / "config.yaml"
         if not file.is_file():
             raise ConfigError(f"{str(path)!r} holds no run (config.yaml missing). Fix: point at a run directory")
         return RunConfig.from_dict(yaml.safe_load(file.read_text()))
@@ -204,15 +208,14 @@ class RunDirectory:
             ("eval_accuracy", pa.float64()), ("eval_macro_f1", pa.float64()), ("forward_passes", pa.int64()),
             ("wall_seconds", pa.float64()), ("bytes_sent", pa.int64()), ("bytes_received", pa.int64()),
             ("skipped_directions", pa.int64())]))
-        with atomic_path(self.metrics_path) as tmp:
-            pq.write_table(table, tmp)
+        write_parquet(self.metrics_path, table)
         if self._writer is not None:
             self._writer.flush()
 
     def discard(self) -> None:
         """Remove the run directory if this run created it and never trained a step (failed start)."""
         if self.created and self.path.exists():
-            shutil.rmtree(self.path, ignore_errors=True)
+            remove_tree(self.path)
 
     def count_resync(self) -> None:
         self.resyncs += 1

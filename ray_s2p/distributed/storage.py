@@ -4,7 +4,8 @@ Replica 0 writes checkpoints and ``final/`` into the run directory itself, and
 every replica reads checkpoints from it, so the driver, which writes the ledger
 and reads ``state.json`` there, must see the same directory at the same path as
 every replica. On one node that always holds; on several nodes it holds only on
-a shared filesystem (NFS or similar) mounted at the same path everywhere.
+a shared filesystem (NFS or similar) mounted at the same path everywhere, or at a
+URI (s3://, gs://; storage_fs.py) that every node can reach with its credentials.
 
 The check, before step 1: the driver writes a random token into
 ``RUN_DIR/.storage-check/driver.token``; each replica reads it back (``probe_storage``,
@@ -16,12 +17,11 @@ driver then reads every replica's probe. Any miss stops the run with
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-from ..files import write_text
+from ..storage_fs import Location, StoragePath, location, remove_tree, wire, write_text
 
 CHECK_DIR = ".storage-check"  # a dot name: temporary, removed after the check (docs/ledger.md)
 
@@ -37,11 +37,11 @@ class _Pool(Protocol):
              timeout: float | None = None) -> list[Any]: ...
 
 
-def probe_storage(directory: str | Path, token: str, replica: int) -> dict[str, Any]:
+def probe_storage(directory: str | Path | StoragePath, token: str, replica: int) -> dict[str, Any]:
     """Replica side: read the driver's token, write and read back this replica's probe file.
 
     Args:
-        directory: the run directory as the driver names it.
+        directory: the run directory as the driver names it (a path, a URI, or a ``StoragePath``).
         token: the token the driver wrote.
         replica: this replica's index (names the probe file).
 
@@ -50,11 +50,11 @@ def probe_storage(directory: str | Path, token: str, replica: int) -> dict[str, 
     """
     host = socket.gethostname()
     out: dict[str, Any] = {"replica": replica, "host": host, "error": None}
-    check = Path(directory) / CHECK_DIR
     try:
+        check = location(directory) / CHECK_DIR
         seen = (check / "driver.token").read_text()
-    except OSError as exc:
-        out["error"] = f"cannot read {check / 'driver.token'} ({exc.strerror or exc})"
+    except (OSError, ValueError) as exc:  # ValueError: the URI does not open on this node (storage_fs.py)
+        out["error"] = f"cannot read {directory}/{CHECK_DIR}/driver.token ({exc.strerror or exc})"
         return out
     if seen != token:
         out["error"] = f"{directory} on host {host} is another directory than the driver's (its token differs)"
@@ -64,17 +64,17 @@ def probe_storage(directory: str | Path, token: str, replica: int) -> dict[str, 
         write_text(probe, f"{token} {host}")
         if probe.read_text() != f"{token} {host}":
             out["error"] = f"wrote {probe} but read back something else"
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         out["error"] = f"cannot write {probe} ({exc.strerror or exc})"
     return out
 
 
-def check_storage(pool: _Pool, directory: str | Path, timeout: float | None = None) -> list[dict[str, Any]]:
+def check_storage(pool: _Pool, directory: str | Location, timeout: float | None = None) -> list[dict[str, Any]]:
     """Driver side: every replica must see the driver's run directory, and the driver every replica's writes.
 
     Args:
         pool: the replica pool (LocalPool or RayPool).
-        directory: the run directory.
+        directory: the run directory (a local path or a location of storage_fs.py).
         timeout: seconds the replicas may take.
 
     Returns:
@@ -84,12 +84,12 @@ def check_storage(pool: _Pool, directory: str | Path, timeout: float | None = No
         StorageError: some replica cannot read or write the run directory, or writes where the driver does not
             read; the message names the run directory (``--output``) and the fix.
     """
-    root = Path(directory).resolve()
+    root = location(directory).resolve()
     check = root / CHECK_DIR
     token = os.urandom(16).hex()  # not the run's RNG: only tells this check's directory apart from any other
     write_text(check / "driver.token", token)
     try:
-        answers = pool.call("check_storage", [(str(root), token)] * pool.size, timeout=timeout)
+        answers = pool.call("check_storage", [(wire(root), token)] * pool.size, timeout=timeout)
         problems = [f"replica {a['replica']} on host {a['host']}: {a['error']}" for a in answers if a["error"]]
         for a in answers:
             if a["error"] is None:
@@ -99,11 +99,12 @@ def check_storage(pool: _Pool, directory: str | Path, timeout: float | None = No
                     problems.append(f"replica {a['replica']} on host {a['host']}: the driver cannot see the file it "
                                     f"wrote ({probe})")
     finally:
-        shutil.rmtree(check, ignore_errors=True)
+        remove_tree(check)
     if problems:
         raise StorageError(
             f"the run directory {str(root)!r} (--output, or --storage for jobs/train.py) is not reachable from "
             f"every replica: {'; '.join(problems)}. Replicas write checkpoints and final/ there themselves, so a "
             f"multi-node run needs it on a shared filesystem (NFS or similar) mounted at the same path on every "
-            f"node. Fix: point --output/--storage at such a path")
+            f"node, or at a URI (s3://, gs://) that every node can reach. Fix: point --output/--storage at such a "
+            f"path or URI")
     return answers
