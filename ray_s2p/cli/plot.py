@@ -12,7 +12,7 @@ def _plot(args: argparse.Namespace) -> int:
     from ..plots.curves import plot_runs
 
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
-    path = plot_runs([Path(d) for d in args.run_dirs], Path(args.output), labels=labels, window=args.smooth)
+    path = plot_runs(args.run_dirs, Path(args.output), labels=labels, window=args.smooth)
     print(path)
     return 0
 
@@ -28,7 +28,7 @@ def register(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     """
     p = sub.add_parser("plot", help="plot learning curves of one or more runs into a PNG",
                        description="Train loss and eval metric vs step and vs forward passes, several runs per figure.")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directory holding metrics.parquet")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directory (path or URI) holding metrics.parquet")
     p.add_argument("-o", "--output", required=True, metavar="FILE.png", help="PNG to write (replaced atomically)")
     p.add_argument("--labels", help="comma-separated legend labels, one per RUN_DIR "
                                     "(default: '<optimizer.name> (<dir name>)')")

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import pyarrow.parquet as pq
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..files import atomic_path
+from ..storage_fs import Location, StoragePath, location, read_parquet
 
 # Trailing moving average over this many logged train points (not steps: rows are
 # written every log_every steps). Per-step zeroth-order losses are one noisy
@@ -78,7 +78,7 @@ def _finite(value: Any) -> bool:
     return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def default_label(run_dir: Path) -> str:
+def default_label(run_dir: Location) -> str:
     """``"<optimizer.name> (<dir name>)"`` from config.yaml or summary.json, else the dir name."""
     name = None
     try:
@@ -96,7 +96,7 @@ def default_label(run_dir: Path) -> str:
     return f"{name} ({run_dir.name})" if name else run_dir.name
 
 
-def load_curves(run_dir: Path, label: str | None = None) -> RunCurves:
+def load_curves(run_dir: str | Path | StoragePath, label: str | None = None) -> RunCurves:
     """Read a run's metrics.parquet into plottable series.
 
     Non-finite train losses (a diverged step) are dropped from the train series.
@@ -104,13 +104,13 @@ def load_curves(run_dir: Path, label: str | None = None) -> RunCurves:
     Raises:
         ValueError: metrics.parquet is missing, unreadable, or lacks step/kind.
     """
-    run_dir = Path(run_dir)
+    run_dir = location(run_dir)  # a local path, or a URI read through pyarrow.fs (storage_fs.py)
     path = run_dir / "metrics.parquet"
     if not path.is_file():
         raise ValueError(f"run directory {str(run_dir)!r} has no metrics.parquet. "
                          f"Fix: pass a run directory written by `ray-s2p train` (metrics are flushed at each log step)")
     try:
-        rows = pq.read_table(path).to_pylist()
+        rows = read_parquet(path).to_pylist()
     except Exception as exc:  # pyarrow raises several types for torn or foreign files
         raise ValueError(f"run directory {str(run_dir)!r}: metrics.parquet is unreadable ({exc}). "
                          f"Fix: rerun or resume the run to rewrite it") from exc
@@ -190,7 +190,7 @@ def _render(runs: Sequence[RunCurves], window: int) -> Figure:
     return fig
 
 
-def plot_runs(run_dirs: list[Path], output: Path, labels: list[str] | None = None,
+def plot_runs(run_dirs: Sequence[str | Path | StoragePath], output: Path, labels: list[str] | None = None,
               window: int = SMOOTHING_WINDOW) -> Path:
     """Draw the learning curves of several runs on one 2x2 figure and save it as PNG.
 
@@ -199,7 +199,7 @@ def plot_runs(run_dirs: list[Path], output: Path, labels: list[str] | None = Non
     loss when some run has no accuracy) vs step and vs forward passes.
 
     Args:
-        run_dirs: run directories, each holding metrics.parquet.
+        run_dirs: run directories (local paths or URIs), each holding metrics.parquet.
         output: the PNG to write; replaced atomically (temporary file in the same
             directory, then os.replace), parent directories are created.
         labels: legend entries, one per run; default "<optimizer.name> (<dir name>)".
@@ -220,7 +220,7 @@ def plot_runs(run_dirs: list[Path], output: Path, labels: list[str] | None = Non
                          f"Fix: give one label per run directory, in the same order")
     if window < 1:
         raise ValueError(f"smoothing window must be >= 1, got {window}. Fix: use 1 (no smoothing) or more")
-    runs = [load_curves(Path(d), labels[i] if labels is not None else None) for i, d in enumerate(run_dirs)]
+    runs = [load_curves(d, labels[i] if labels is not None else None) for i, d in enumerate(run_dirs)]
     fig = _render(runs, window)
     output = Path(output)
     # savefig would infer the format from the temporary name (".tmp"), so name it.

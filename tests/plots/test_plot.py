@@ -142,3 +142,13 @@ def test_plot_subcommand(two_runs: list[Path], tmp_path: Path) -> None:
     args = parser.parse_args(["plot", str(two_runs[0]), str(two_runs[1]), "-o", str(out), "--labels", "a,b"])
     assert args.func(args) == 0
     _assert_real_png(out)
+
+
+def test_plot_reads_run_directories_at_a_uri(two_runs: list[Path], tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser(prog="ray-s2p")
+    add_plot_command(parser.add_subparsers(dest="command", required=True))
+    out = tmp_path / "uri.png"
+    args = parser.parse_args(["plot", f"file://{two_runs[0]}", f"file://{two_runs[1]}", "-o", str(out)])
+    assert args.func(args) == 0
+    _assert_real_png(out)
+    assert load_curves(f"file://{two_runs[0]}").label == "vs2p (run-a)"
