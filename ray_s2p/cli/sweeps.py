@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -10,7 +11,7 @@ def _tune(args: argparse.Namespace) -> int:
     import ray
 
     from ..config import load_config
-    from ..sweeps.tune import run_sweep
+    from ..sweeps.tune import error_line, run_sweep
 
     config = load_config(args.config, args.set)
     if not ray.is_initialized():
@@ -22,8 +23,21 @@ def _tune(args: argparse.Namespace) -> int:
     pq_path, md_path = result.write_tables(Path(args.storage) / args.name)
     print(md_path.read_text())
     print(f"tables: {pq_path} and {md_path}")
-    failed = [r for r in result.rows if r.get("error")]
-    return 1 if failed and len(failed) == len(result.rows) else 0
+    failed = result.failed()
+    lines = [f"{r['optimizer']} " + ", ".join(f"{k.split('.', 1)[1]}={v:.3g}" for k, v in sorted(r.items())
+                                              if k.startswith("optimizer.") and isinstance(v, float))
+             + f": {error_line(r['error'])}" for r in failed]
+    return _failed("tune", f"{len(failed)} of {len(result.rows)} trials failed", lines)
+
+
+def _failed(command: str, counts: str, lines: list[str]) -> int:
+    """Exit status of a sweep: 0, or 1 with one summary line on stderr when anything failed (issue 16)."""
+    if not lines:
+        return 0
+    first = " ".join(lines[0].split())[:200]
+    more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+    print(f"ray-s2p {command}: {counts}; first: {first}{more}", file=sys.stderr)
+    return 1
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -36,11 +50,19 @@ def _compare(args: argparse.Namespace) -> int:
     if not ray.is_initialized():
         ray.init(address=args.address) if args.address else ray.init()
     variants = args.optimizers.split(",") if args.optimizers else ALL_OPTIMIZERS
-    compare(config, args.output, variants=variants, budget=args.budget, trials=args.trials,
-            seeds=[int(s) for s in args.seeds.split(",")], target=args.target, ablations=not args.no_ablations,
-            resume=args.resume)
-    print((Path(args.output) / "summary.md").read_text())
-    return 0
+    result = compare(config, args.output, variants=variants, budget=args.budget, trials=args.trials,
+                     seeds=[int(s) for s in args.seeds.split(",")], target=args.target,
+                     ablations=not args.no_ablations, resume=args.resume, eval_points=args.eval_points)
+    summary = Path(args.output) / "summary.md"
+    if summary.is_file():
+        print(summary.read_text())
+    trials = [t for tuned in result.tuned for t in tuned.trials]
+    counts = (f"{sum(1 for t in trials if t.get('error'))} of {len(trials)} tuning trials and "
+              f"{sum(1 for r in result.rows if r.get('error'))} of {len(result.rows)} runs failed")
+    skipped = [t.name for t in result.tuned if t.overrides is None]
+    if skipped:
+        counts += f" ({', '.join(skipped)} not rerun)"
+    return _failed("compare", counts, result.failures)
 
 
 def register(sub: "argparse._SubParsersAction") -> None:
@@ -61,15 +83,22 @@ def register(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else local)")
     p.set_defaults(func=_tune)
 
-    p = sub.add_parser("compare", help="equal-budget optimizer comparison: Tune each, rerun the best over seeds")
+    p = sub.add_parser("compare", help="equal-budget optimizer comparison: tune each on validation, rerun the "
+                                        "best over seeds on test (needs task.test_size)")
     p.add_argument("--config", required=True, help="base YAML config (the task)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--output", required=True, help="directory for results.parquet, summary.md, curves.png")
-    p.add_argument("--optimizers", help="comma-separated variants (default: all, see ray_s2p.sweeps.compare)")
+    p.add_argument("--output", required=True,
+                   help="directory for results.parquet, summary.md, tuning.md, tuning.parquet, curves.png")
+    p.add_argument("--optimizers", help="comma-separated variants (default: every rule once, "
+                   "ray_s2p.sweeps.compare.ALL_OPTIMIZERS; zo_sign = s2p_opt1 and s2p_opt2 = mezo are aliases)")
     p.add_argument("--budget", type=int, required=True, help="forward passes per run")
-    p.add_argument("--trials", type=int, default=4, help="tuning trials per optimizer")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds for the final runs")
-    p.add_argument("--target", type=float, default=0.8, help="accuracy whose forward-pass cost is reported")
+    p.add_argument("--trials", type=int, default=5,
+                   help="log-spaced step sizes per optimizer before any edge extension (the protocol asks >= 5)")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds for the final runs")
+    p.add_argument("--target", type=float, default=0.8,
+                   help="test accuracy whose forward-pass cost is reported (interpolated)")
+    p.add_argument("--eval-points", type=int, default=25,
+                   help="evaluations per curve at least; the interval is the same for every optimizer")
     p.add_argument("--no-ablations", action="store_true", help="skip the VS2P ablations")
     p.add_argument("--resume", action="store_true",
                    help="continue in --output: restore finished Tune sweeps, reuse finished runs of the same config")

@@ -1,4 +1,4 @@
-"""The comparison figure of ``ray-s2p compare``: held-out accuracy against forward passes.
+"""The comparison figure of ``ray-s2p compare``: test accuracy against forward passes.
 
 Two panels: the optimizers (left) and VS2P with its ablations (right). Each
 variant is drawn as the mean over its seeds at each evaluation (the seeds of a
@@ -39,7 +39,7 @@ def seed_band(run_dirs: Sequence[Path]) -> tuple[list[float], list[float], list[
 
 
 def plot_comparison(rows: Sequence[dict[str, Any]], output: str | Path, *, target: float | None = None,
-                    ablation_names: Sequence[str] = ()) -> Path:
+                    ablation_names: Sequence[str] = (), ylabel: str = "held-out accuracy") -> Path:
     """Write the comparison PNG from ``compare``'s result rows (variant, run_dir per seed).
 
     Args:
@@ -47,6 +47,7 @@ def plot_comparison(rows: Sequence[dict[str, Any]], output: str | Path, *, targe
         output: the PNG path (written atomically).
         target: accuracy drawn as a dotted horizontal line (the ``--target``), if given.
         ablation_names: variants drawn in the right panel together with ``vs2p``.
+        ylabel: what the runs' eval accuracy measured (``compare``'s reruns evaluate the test split).
     """
     by_variant: dict[str, list[Path]] = {}
     for r in rows:
@@ -74,7 +75,7 @@ def plot_comparison(rows: Sequence[dict[str, Any]], output: str | Path, *, targe
             ax.axhline(target, color="gray", linestyle=":", linewidth=1, label=f"target {target:g}")
         ax.set_title(f"{title}: mean over seeds, band = min..max", fontsize=10)
         ax.set_xlabel("forward passes (a first-order step counts 3)")
-        ax.set_ylabel("held-out accuracy")
+        ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, frameon=False, loc="best")
     fig.tight_layout()

@@ -1,32 +1,43 @@
-"""The optimizer comparison: equal-budget tuning with Ray Tune, then the best settings over several seeds.
+"""The optimizer comparison: equal-budget tuning on validation, then the best settings over seeds on test.
 
-    ray-s2p compare --config jobs/configs/mnist5k_cnn.yaml --budget 4000 --trials 4 --seeds 0,1,2 \
-        --target 0.8 --output runs/compare/mnist5k_cnn
+    ray-s2p compare --config jobs/configs/mnist5k_cnn.yaml --set task.test_size=1000 --budget 40000 \
+        --trials 5 --seeds 0,1,2,3,4 --target 0.8 --output runs/compare/mnist5k_cnn
 
-1. ``tune.run_sweep`` gives every optimizer the same forward-pass budget and the
-   same number of trials: a log-spaced grid over its step size with rho fixed
-   (``tune.step_size_grid``); ASHA off so every trial spends the whole budget.
-2. The best settings of each optimizer are rerun with every seed.
-3. ``results.parquet`` (one row per run), ``summary.md`` (mean +- std of the
-   final held-out accuracy and forward passes to reach ``--target``),
-   ``tuning.md`` (every tuning trial's step size and result: how sensitive each
-   optimizer is to its step size) and ``curves.png`` (held-out accuracy against
-   forward passes, mean and range over the seeds; ``compare_plot``) are written
-   to ``--output``.
+The protocol (every choice that could favour a rule is the same for all of them):
+
+1. Data: one fixed train / validation / test split of the task (``task.split_seed``,
+   never the run seed); ``task.test_size`` must be set. Tuning reads validation only,
+   the reruns evaluate test only.
+2. Tuning (``tune_variant``): every optimizer gets the same forward-pass budget and a
+   log-spaced grid of ``trials`` (>= 5) step sizes with rho fixed, one Ray Tune trial
+   each (ASHA off, so every trial spends the whole budget), seed ``tune_seed``. When
+   the best point is strictly best and on an edge of the grid, two more points are
+   run on that side, up to twice (``protocol``); tuning.md says so.
+3. Reruns (``run_seeds``): the best settings with every seed, evaluated on test every
+   ``eval_interval`` forward passes, the same pass counts for every optimizer (>= 25
+   points per curve); passes to ``target`` are interpolated between evaluations.
 4. Ablations of VS2P (no clipping, a fixed clip threshold, no sign trick, q
-   directions per step) are run with VS2P's best settings.
+   directions per step) with VS2P's tuned settings.
+5. ``results.parquet`` (one row per run), ``tuning.parquet`` and ``tuning.md`` (every
+   trial), ``summary.md`` (mean, standard deviation and paired comparisons of VS2P
+   against each other variant; ``report.py``) and ``curves.png``.
+
+``zo_sign`` is S2P option 1 with the sign trick and ``s2p_opt2`` is MeZO (same
+coefficients, same grid), so the default list names each rule once (``ALIASES``).
 
 ``resume=True`` (``--resume``) continues an interrupted comparison in the same
 output directory: finished Tune sweeps are restored instead of rerun, and a
 seed run is reused only when its directory holds a finished run (summary.json)
 of exactly the config it would run now; anything else is run again.
+
+Failures do not stop a comparison: a failed trial counts as the worst grid point, a
+variant whose every trial failed is not rerun, a failed rerun is a row with its
+error; ``Comparison.failures`` lists them all (the CLI exits non-zero on any).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +46,18 @@ import pyarrow.parquet as pq
 
 from ..config import RunConfig
 from ..files import atomic_path, write_text
+from .protocol import MAX_EXTENSIONS, MIN_EVAL_POINTS, best_index, edge_side, eval_interval, extension, log_grid
+from .protocol import passes_to_target as interpolated_passes
+from .report import summarise, tuning_summary
 
-ALL_OPTIMIZERS = ["vs2p", "s2p_opt1", "s2p_opt2", "s2p_opt4", "mezo", "zo_sign", "stp", "random_search", "sgd",
-                  "adamw"]
+ALL_OPTIMIZERS = ["vs2p", "s2p_opt1", "s2p_opt4", "mezo", "zo_signsgd", "stp", "random_search", "sgd", "adamw"]
+# Names of a rule the list already holds under another name: accepted by --optimizers, never listed by default.
+ALIASES = {"zo_sign": "s2p_opt1", "s2p_opt3": "s2p_opt1", "s2p_opt2": "mezo"}
 # Named variants: optimizer name plus fixed settings.
 VARIANTS: dict[str, dict[str, Any]] = {
     "s2p_opt1": {"optimizer.name": "s2p", "optimizer.step_size_option": 1, "optimizer.sign_trick": True},
     "s2p_opt2": {"optimizer.name": "s2p", "optimizer.step_size_option": 2, "optimizer.sign_trick": True},
+    "s2p_opt3": {"optimizer.name": "s2p", "optimizer.step_size_option": 3, "optimizer.sign_trick": True},
     "s2p_opt4": {"optimizer.name": "s2p", "optimizer.step_size_option": 4, "optimizer.sign_trick": True},
 }
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -57,57 +73,87 @@ def variant_overrides(name: str) -> dict[str, Any]:
     return dict(VARIANTS.get(name, {"optimizer.name": name}))
 
 
-def forward_passes_to(metrics_path: Path, target: float, metric: str = "eval_accuracy") -> int | None:
-    """Forward passes at the first evaluation reaching ``target`` (None if never)."""
-    rows = pq.read_table(metrics_path).to_pylist()
-    for r in rows:
-        if r["kind"] == "eval" and r.get(metric) is not None and r[metric] >= target:
-            return int(r["forward_passes"] or 0)
-    return None
+@dataclass
+class Tuned:
+    """One variant's tuning: the chosen overrides (None when every trial failed) and what the grid did."""
+
+    name: str
+    overrides: dict[str, Any] | None
+    trials: list[dict[str, Any]]
+    points: int                                           # grid points run, extensions included
+    extensions: list[str] = field(default_factory=list)  # the side of each extension, in order
+    on_edge: str | None = None                            # the best is still on this edge after the last one
+
+
+@dataclass
+class Comparison:
+    """What ``compare`` did: one row per rerun, every tuning trial, and every failure (one line each)."""
+
+    rows: list[dict[str, Any]]
+    tuned: list[Tuned]
+    failures: list[str]
 
 
 def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget: int, seed: int,
-                 resume: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Best step sizes of one variant from an equal-budget Tune sweep (restored when ``resume`` finds it).
+                 resume: bool = False) -> Tuned:
+    """Best step size of one variant on the validation split, from a log-spaced grid extended at its edge.
 
-    Returns:
-        The best trial's overrides (with its step count), and one row per trial: the
-        variant, its step-size settings, and the final held-out metric (None if it failed).
+    Args:
+        base: the task config (its ``task.eval_split`` must be validation).
+        name: the variant (an optimizer name or a ``VARIANTS`` key).
+        storage: where the Tune sweeps go (``tune-NAME``, then ``tune-NAME-ext1``, ...).
+        trials: grid points before any extension.
+        budget: forward passes per trial.
+        seed: the trials' run seed.
+        resume: restore sweeps that already exist in ``storage``.
     """
-    from .tune import run_sweep
+    from .tune import grid_points, run_sweep, step_size_key
 
     fixed = variant_overrides(name)
-    cfg = base.replace(fixed)
-    restore = resume and (storage / f"tune-{name}").is_dir()
-    result = run_sweep(cfg, storage, name=f"tune-{name}", optimizers=[fixed["optimizer.name"]],
-                       trials_per_optimizer=trials, budget=budget, asha=False, driver_cpus=1.0, seed=seed,
-                       step_size_grid_only=True, restore=restore)
-    best = result.best()
-    if not best:
-        raise RuntimeError(f"compare: every tuning trial of {name} failed: {[r.get('error') for r in result.rows]}")
-    tuned = {k: v for k, v in best[0].items() if k.startswith("optimizer.") and k != "optimizer.name"}
-    trial_rows = [{"variant": name, "metric": result.metric, "value": r.get(result.metric),
-                   "settings": {k: v for k, v in r.items() if k.startswith("optimizer.") and k != "optimizer.name"
-                                and isinstance(v, float)}} for r in result.rows]
-    return fixed | tuned | {"steps": best[0]["steps"]}, trial_rows
+    cfg = base.replace(fixed | {"seed": seed})
+    key, low, high = step_size_key(cfg)
+    results: dict[float, dict[str, Any]] = {}
+    metric, mode = "eval_accuracy", "max"
 
+    def sweep(values: list[float], label: str, round_: int) -> None:
+        nonlocal metric, mode
+        restore = resume and (storage / label).is_dir()
+        # Trials evaluate once, at the end: tuning reads only the final validation metric.
+        result = run_sweep(cfg, storage, name=label, optimizers=[fixed["optimizer.name"]], budget=budget,
+                           asha=False, driver_cpus=1.0, seed=seed, points=grid_points(key, values),
+                           trial_overrides={"eval_every": 0}, restore=restore)
+        metric, mode = result.metric, result.mode
+        for row in result.rows:
+            value = row.get(key)
+            if value is not None:
+                results[float(value)] = dict(row, round=round_)
 
-def tuning_summary(trial_rows: list[dict[str, Any]]) -> str:
-    """Markdown: every tuning trial's step size and final held-out metric, per variant (grid order)."""
-    lines = ["| optimizer | step size | final held-out metric at each grid point |", "|---|---|---|"]
-    for name in dict.fromkeys(r["variant"] for r in trial_rows):
-        runs = sorted((r for r in trial_rows if r["variant"] == name),
-                      key=lambda r: tuple(sorted(r["settings"].items())))
-        keys = sorted({k.split(".", 1)[1] for r in runs for k in r["settings"]})
-        points = ", ".join(
-            f"{'/'.join(f'{v:.3g}' for _, v in sorted(r['settings'].items()))}: "
-            f"{'failed' if r['value'] is None else format(r['value'], '.3f')}" for r in runs)
-        lines.append(f"| {name} | {'/'.join(keys)} | {points} |")
-    return "\n".join(lines) + "\n"
+    sweep(log_grid(low, high, trials), f"tune-{name}", 0)
+    grid = sorted(results)
+    extensions: list[str] = []
+    while len(extensions) < MAX_EXTENSIONS:
+        side = edge_side([results[v].get(metric) for v in grid], mode)
+        if side is None:
+            break
+        extensions.append(side)
+        sweep(extension(grid, side), f"tune-{name}-ext{len(extensions)}", len(extensions))
+        grid = sorted(results)
+    values = [results[v].get(metric) for v in grid]
+    best = best_index(values, mode)
+    trial_rows = [{"variant": name, "key": key.split(".", 1)[1], "step_size": v, "metric": metric,
+                   "split": "validation", "value": results[v].get(metric), "round": results[v]["round"],
+                   "error": results[v].get("error")} for v in grid]
+    if best is None:
+        return Tuned(name, None, trial_rows, len(grid), extensions)
+    chosen = grid_points(key, [grid[best]])[0]
+    overrides = fixed | chosen | {"steps": results[grid[best]]["steps"]}
+    return Tuned(name, overrides, trial_rows, len(grid), extensions, edge_side(values, mode))
 
 
 def finished_run(run_dir: Path, config: RunConfig) -> dict[str, Any] | None:
     """The summary of a finished run of exactly ``config`` in ``run_dir``, else None."""
+    import json
+
     import yaml
 
     try:
@@ -120,83 +166,125 @@ def finished_run(run_dir: Path, config: RunConfig) -> dict[str, Any] | None:
     return summary
 
 
+def eval_curve(metrics_path: Path, metric: str = "eval_accuracy") -> list[tuple[float, float | None]]:
+    """(forward passes, metric) of every evaluation of a run, in order."""
+    rows = pq.read_table(metrics_path).to_pylist()
+    return [(float(r["forward_passes"] or 0), r.get(metric)) for r in rows if r["kind"] == "eval"]
+
+
 def run_seeds(base: RunConfig, name: str, overrides: dict[str, Any], seeds: list[int], out: Path,
-              target: float, resume: bool = False) -> list[dict[str, Any]]:
-    """Train the tuned variant once per seed (reusing finished identical runs when ``resume``); one row per run."""
+              target: float, interval: int, resume: bool = False) -> list[dict[str, Any]]:
+    """Train the tuned variant once per seed on the test split, evaluated every ``interval`` forward passes.
+
+    Finished identical runs are reused when ``resume``. A run that raises becomes a row with its error.
+    """
     from ..distributed.driver import train
+    from .tune import passes_per_step
 
     rows = []
     for seed in seeds:
-        cfg = base.replace(overrides | {"seed": seed, "progress": False})
+        cfg = base.replace(overrides | {"seed": seed, "progress": False, "task.eval_split": "test"})
+        cfg = cfg.replace({"eval_every": max(1, interval // passes_per_step(cfg))})  # same pass counts for all
         run_dir = out / "runs" / f"{name}-seed{seed}"
-        summary = finished_run(run_dir, cfg) if resume else None
-        if summary is None:
-            summary = train(cfg, run_dir, overwrite=True, log=lambda m: None).summary
-        final = summary["final_metrics"]
-        rows.append({"variant": name, "seed": seed, "final_accuracy": final.get("eval_accuracy"),
-                     "final_loss": final.get("eval_loss"), "forward_passes": summary["forward_passes"],
-                     "passes_to_target": forward_passes_to(run_dir / "metrics.parquet", target),
-                     "wall_seconds": summary["wall_seconds"], "run_dir": str(run_dir),
-                     "settings": ", ".join(f"{k.split('.', 1)[1]}={v:.3g}" if isinstance(v, float) else
-                                           f"{k.split('.', 1)[1]}={v}" for k, v in sorted(overrides.items())
-                                           if k.startswith("optimizer."))})
+        row: dict[str, Any] = {"variant": name, "seed": seed, "split": "test", "eval_interval": interval,
+                               "run_dir": str(run_dir), "error": None, "settings": _settings(overrides)}
+        try:
+            summary = finished_run(run_dir, cfg) if resume else None
+            if summary is None:
+                summary = train(cfg, run_dir, overwrite=True, log=lambda m: None).summary
+        except Exception as exc:  # noqa: BLE001 - one failed run must not lose the others; it is reported
+            rows.append(row | {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
+            continue
+        final, initial = summary["final_metrics"], summary["initial_metrics"]
+        rows.append(row | {"test_accuracy": final.get("eval_accuracy"), "test_loss": final.get("eval_loss"),
+                           "initial_test_accuracy": initial.get("eval_accuracy"),
+                           "forward_passes": summary["forward_passes"], "wall_seconds": summary["wall_seconds"],
+                           "passes_to_target": interpolated_passes(eval_curve(run_dir / "metrics.parquet"), target)})
     return rows
 
 
-def summarise(rows: list[dict[str, Any]], target: float) -> str:
-    """Markdown table: mean +- std of final accuracy, forward passes to the target (runs that reached it)."""
-    lines = [f"| optimizer | final accuracy (mean +- std) | forward passes to {target:.0%} | tuned settings |",
-             "|---|---|---|---|"]
-    order: list[str] = []
-    for r in rows:
-        if r["variant"] not in order:
-            order.append(r["variant"])
-    for name in order:
-        runs = [r for r in rows if r["variant"] == name]
-        accs = [r["final_accuracy"] for r in runs if r["final_accuracy"] is not None]
-        mean = statistics.fmean(accs) if accs else math.nan
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        reached = [r["passes_to_target"] for r in runs if r["passes_to_target"] is not None]
-        passes = (f"{statistics.fmean(reached):.0f} ({len(reached)}/{len(runs)} runs)" if reached
-                  else f"not reached (0/{len(runs)})")
-        lines.append(f"| {name} | {mean:.4f} +- {std:.4f} | {passes} | {runs[0]['settings']} |")
-    return "\n".join(lines) + "\n"
+def _settings(overrides: dict[str, Any]) -> str:
+    return ", ".join(f"{k.split('.', 1)[1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.', 1)[1]}={v}"
+                     for k, v in sorted(overrides.items()) if k.startswith("optimizer.") and k != "optimizer.name")
+
+
+def check_base(base: RunConfig) -> tuple[RunConfig, RunConfig]:
+    """(tuning config on validation, rerun config on test) of a comparison's base config.
+
+    Raises:
+        ValueError: the task has no test split.
+    """
+    if base.task.test_size == 0:
+        raise ValueError("compare reports the test split, and task.test_size is 0. Fix: set task.test_size "
+                         "(e.g. --set task.test_size=1000); tuning reads the task.eval_size validation rows")
+    return base.replace({"task.eval_split": "validation"}), base.replace({"task.eval_split": "test"})
 
 
 def compare(base: RunConfig, output: str | Path, *, variants: list[str], budget: int, trials: int,
             seeds: list[int], target: float, ablations: bool = True, tune_seed: int = 0,
-            resume: bool = False) -> list[dict[str, Any]]:
-    """Tune every variant with equal effort and budget, rerun the best over seeds, write the tables and plot."""
+            resume: bool = False, eval_points: int = MIN_EVAL_POINTS) -> Comparison:
+    """Tune every variant with equal effort and budget on validation, rerun the best over seeds on test, report.
+
+    Raises:
+        ValueError: the task has no test split.
+    """
+    from .tune import passes_per_step
+
+    tuning_base, test_base = check_base(base)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
+    costs = [passes_per_step(base.replace(variant_overrides(n))) for n in variants]
+    if ablations and "vs2p" in variants:
+        costs += [passes_per_step(base.replace({"optimizer.name": "vs2p"} | c)) for c in ABLATIONS.values()]
+    interval = eval_interval(budget, costs, eval_points)
     rows: list[dict[str, Any]] = []
-    tuned: dict[str, dict[str, Any]] = {}
-    trial_rows: list[dict[str, Any]] = []
+    tuned: list[Tuned] = []
     for name in variants:
-        tuned[name], trials_of_name = tune_variant(base, name, out / "tune", trials, budget, tune_seed, resume)
-        trial_rows += trials_of_name
-        write_text(out / "tuning.md", tuning_summary(trial_rows))
-        rows += run_seeds(base, name, tuned[name], seeds, out, target, resume)
-        _write(out, rows, target)
-    if ablations and "vs2p" in tuned:
-        from .tune import passes_per_step
+        tuned.append(tune_variant(tuning_base, name, out / "tune", trials, budget, tune_seed, resume))
+        _write_tuning(out, tuned, trials)
+        if tuned[-1].overrides is not None:
+            rows += run_seeds(test_base, name, tuned[-1].overrides, seeds, out, target, interval, resume)
+        _write(out, rows, tuned, target, interval, budget)
+    vs2p = next((t.overrides for t in tuned if t.name == "vs2p"), None)
+    if ablations and vs2p is not None:
         for name, change in ABLATIONS.items():
-            cfg = base.replace(tuned["vs2p"] | change)
-            steps = max(1, budget // passes_per_step(cfg))
-            rows += run_seeds(base, name, tuned["vs2p"] | change | {"steps": steps}, seeds, out, target, resume)
-            _write(out, rows, target)
-    _plot(out, rows, target)
-    return rows
+            steps = max(1, budget // passes_per_step(base.replace(vs2p | change)))
+            rows += run_seeds(test_base, name, vs2p | change | {"steps": steps}, seeds, out, target, interval, resume)
+            _write(out, rows, tuned, target, interval, budget)
+    if any(r.get("test_accuracy") is not None for r in rows):
+        _plot(out, [r for r in rows if r.get("error") is None], target)
+    return Comparison(rows, tuned, failures(tuned, rows))
 
 
-def _write(out: Path, rows: list[dict[str, Any]], target: float) -> None:
+def failures(tuned: list[Tuned], rows: list[dict[str, Any]]) -> list[str]:
+    """One line per failed tuning trial, variant left without settings, and failed rerun."""
+    from .tune import error_line
+
+    out = [f"tuning {t['variant']} {t['key']}={t['step_size']:.3g}: {error_line(t['error'])}"
+           for tn in tuned for t in tn.trials if t.get("error")]
+    out += [f"{tn.name}: every tuning trial failed, not rerun" for tn in tuned if tn.overrides is None]
+    out += [f"run {r['variant']} seed {r['seed']}: {r['error']}" for r in rows if r.get("error")]
+    return out
+
+
+def _write_tuning(out: Path, tuned: list[Tuned], trials: int) -> None:
+    rows = [t for tn in tuned for t in tn.trials]
+    keys = sorted({k for r in rows for k in r})
+    with atomic_path(out / "tuning.parquet") as tmp:
+        pq.write_table(pa.table({k: [r.get(k) for r in rows] for k in keys}), tmp)
+    write_text(out / "tuning.md", tuning_summary(tuned, trials))
+
+
+def _write(out: Path, rows: list[dict[str, Any]], tuned: list[Tuned], target: float, interval: int,
+           budget: int) -> None:
     keys = sorted({k for r in rows for k in r})
     table = pa.table({k: [r.get(k) for r in rows] for k in keys})
     with atomic_path(out / "results.parquet") as tmp:
         pq.write_table(table, tmp)
-    write_text(out / "summary.md", summarise(rows, target))
+    write_text(out / "summary.md", summarise(rows, tuned, target, interval, budget))
 
 
 def _plot(out: Path, rows: list[dict[str, Any]], target: float) -> None:
     from ..plots.comparison import plot_comparison
-    plot_comparison(rows, out / "curves.png", target=target, ablation_names=list(ABLATIONS))
+    plot_comparison(rows, out / "curves.png", target=target, ablation_names=list(ABLATIONS),
+                    ylabel="test accuracy")

@@ -8,8 +8,13 @@ A sweep resumes with ``Tuner.restore``.
 
 Equal budget: every optimizer gets the same number of forward passes (steps =
 budget / passes per step) and the same number of trials. Passes per step:
-two-point rules 2q, STP 3q, S2P/VS2P without the sign trick at options 2/4 4q,
-first-order 3 (one forward plus a backward counted as two forwards).
+two-point rules 2q (ZO-signSGD too: its sign update costs no forward pass), STP
+3q, S2P/VS2P without the sign trick at options 2/4 4q, first-order 3 (one forward
+plus a backward counted as two forwards).
+
+Tuning reads the validation split only: a base config whose ``task.eval_split`` is
+``test`` is refused, so no step size is ever chosen on the examples a final table
+reports (``compare`` reruns the chosen settings on the test split).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..config import FIRST_ORDER, FIRST_ORDER_PASSES, RunConfig
+from ..config import FIRST_ORDER, FIRST_ORDER_PASSES, ConfigError, RunConfig
+from .protocol import log_grid
 
 # Search spaces per optimizer: dotted key -> (low, high) sampled log-uniformly.
 SPACES: dict[str, dict[str, tuple[float, float]]] = {
@@ -28,6 +34,7 @@ SPACES: dict[str, dict[str, tuple[float, float]]] = {
     "s2p": {"optimizer.lr": (1e-4, 1e-1), "optimizer.rho": (1e-4, 1e-1)},
     "mezo": {"optimizer.lr": (1e-5, 1.0), "optimizer.rho": (1e-4, 1e-1)},
     "zo_sign": {"optimizer.lr": (1e-5, 1e-1), "optimizer.rho": (1e-4, 1e-1)},
+    "zo_signsgd": {"optimizer.lr": (1e-5, 1e-1), "optimizer.rho": (1e-4, 1e-1)},
     "stp": {"optimizer.lr": (1e-4, 1e-1)},
     "random_search": {"optimizer.lr": (1e-4, 1.0), "optimizer.rho": (1e-4, 1e-1)},
     "sgd": {"optimizer.lr": (1e-4, 1.0)},
@@ -41,6 +48,8 @@ STEP_SIZES: dict[str, tuple[str, float, float]] = {
     "s2p": ("optimizer.lr", 1e-3, 0.3),
     "mezo": ("optimizer.lr", 1e-4, 1.0),
     "zo_sign": ("optimizer.lr", 1e-4, 0.3),
+    # every coordinate moves by lr per step, so its scale is a weight's, not a direction's
+    "zo_signsgd": ("optimizer.lr", 1e-4, 0.1),
     "stp": ("optimizer.lr", 1e-3, 0.3),
     "random_search": ("optimizer.lr", 1e-4, 1.0),
     "sgd": ("optimizer.lr", 1e-3, 1.0),
@@ -48,32 +57,43 @@ STEP_SIZES: dict[str, tuple[str, float, float]] = {
 }
 
 
-def step_size_grid(config: RunConfig, trials: int) -> list[dict[str, float]]:
-    """``trials`` log-spaced step sizes over the optimizer's range (cell midpoints), rho unchanged.
+def step_size_key(config: RunConfig) -> tuple[str, float, float]:
+    """(dotted key, low, high) of the optimizer's one tuned step size (rho unchanged).
 
     S2P's option 2 scales gamma (eta, MeZO's range); option 4 searches one smoothness scale L
     used for both L0 and L1 (steps |gamma| / (A L + B L |gamma|)).
     """
     name = config.optimizer.name
-    key, lo, hi = STEP_SIZES[name]
-    if name == "s2p" and config.optimizer.step_size_option in (2, 4):
-        key, lo, hi = "optimizer.eta" if config.optimizer.step_size_option == 2 else "optimizer.smooth_l0", \
-            *((1e-4, 1.0) if config.optimizer.step_size_option == 2 else (0.3, 300.0))
-    values = [float(math.exp(math.log(lo) + (i + 0.5) / trials * (math.log(hi) - math.log(lo))))
-              for i in range(trials)]
-    if key == "optimizer.smooth_l0":  # option 4: one scale L for L0 and L1, so the saturation moves too
+    if name == "s2p" and config.optimizer.step_size_option == 2:
+        return "optimizer.eta", 1e-4, 1.0
+    if name == "s2p" and config.optimizer.step_size_option == 4:
+        return "optimizer.smooth_l0", 0.3, 300.0
+    return STEP_SIZES[name]
+
+
+def grid_points(key: str, values: list[float]) -> list[dict[str, float]]:
+    """Trial overrides of step-size values (option 4's L sets L0 and L1 together, so the saturation moves too)."""
+    if key == "optimizer.smooth_l0":
         return [{"optimizer.smooth_l0": v, "optimizer.smooth_l1": v} for v in values]
     return [{key: v} for v in values]
+
+
+def step_size_grid(config: RunConfig, trials: int) -> list[dict[str, float]]:
+    """``trials`` log-spaced step sizes over the optimizer's range (cell midpoints, ``protocol.log_grid``)."""
+    key, lo, hi = step_size_key(config)
+    return grid_points(key, log_grid(lo, hi, trials))
 
 
 def passes_per_step(config: RunConfig) -> int:
     """Forward passes (or forward-equivalents) one step costs, for equal-budget comparisons.
 
     Read off the step rule itself, so it cannot drift from what the driver runs: the
-    first round's radii per direction (2 for the two-point rules, 3 for STP's
-    f(x), f(x + a z), f(x - a z)), plus 2 when the rule follows up at +-a_k (S2P
-    options 2/4 and VS2P without the sign trick). A first-order step counts as 3
-    (a forward and a backward of about twice its cost).
+    first round's radii per direction (2 for the two-point rules, ZO-signSGD included,
+    3 for STP's f(x), f(x + a z), f(x - a z)), plus 2 when the rule follows up at +-a_k
+    (S2P options 2/4 and VS2P without the sign trick), for each of the q directions on
+    every replica (each replica probes its group's directions on its own batch, and the
+    driver counts every one). A first-order step counts as 3 (a forward and a backward
+    of about twice its cost).
     """
     o = config.optimizer
     if o.name in FIRST_ORDER:
@@ -83,7 +103,7 @@ def passes_per_step(config: RunConfig) -> int:
     rule = build_rule(o, config.steps)
     first = len(rule.radii(rule.init(), 1))
     followup = 2 if getattr(rule, "argmin_followup", False) else 0
-    return (first + followup) * o.directions
+    return (first + followup) * o.directions * config.cluster.replicas
 
 
 def trial_resources(config: RunConfig, driver_cpus: float) -> Any:
@@ -137,8 +157,9 @@ def _trainable(params: dict[str, Any]) -> None:
 def run_sweep(base: RunConfig, storage_path: str | Path, *, name: str = "sweep", optimizers: list[str] | None = None,
               trials_per_optimizer: int = 4, budget: int | None = None, metric: str | None = None,
               asha: bool = True, driver_cpus: float = 1.0, max_concurrent: int = 0, restore: bool = False,
-              seed: int = 0, step_size_grid_only: bool = False) -> "SweepResult":
-    """Search each optimizer's step sizes with Ray Tune (ASHA by default).
+              seed: int = 0, step_size_grid_only: bool = False, points: list[dict[str, Any]] | None = None,
+              trial_overrides: dict[str, Any] | None = None) -> "SweepResult":
+    """Search each optimizer's step sizes with Ray Tune (ASHA by default), on the validation split.
 
     Args:
         base: the config every trial starts from.
@@ -153,15 +174,24 @@ def run_sweep(base: RunConfig, storage_path: str | Path, *, name: str = "sweep",
         seed: seed of the search's own sampler.
         step_size_grid_only: keep rho and search only the step size on a log-spaced grid
             (``step_size_grid``): with few trials a grid covers the range evenly for every optimizer.
+        points: explicit trial overrides, every optimizer runs each of them (``compare``'s grid
+            and its extensions); replaces the sampling and ``trials_per_optimizer``.
+        trial_overrides: config overrides every trial gets (e.g. ``eval_every``).
 
     Returns:
         A SweepResult with one row per trial and the best per optimizer.
+
+    Raises:
+        ConfigError: the base config evaluates the test split (tuning must read validation only).
     """
     import random
 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    if base.task.eval_split != "validation":
+        raise ConfigError("config field 'task.eval_split': tuning reads the validation split only, got "
+                          f"{base.task.eval_split!r}. Fix: leave task.eval_split at validation (compare reports test)")
     optimizers = optimizers or [base.optimizer.name]
     unknown = [o for o in optimizers if o not in SPACES]
     if unknown:
@@ -175,11 +205,15 @@ def run_sweep(base: RunConfig, storage_path: str | Path, *, name: str = "sweep",
     for opt in optimizers:
         cfg = base.replace({"optimizer.name": opt})
         steps = base.steps if budget is None else max(1, budget // passes_per_step(cfg))
+        if points is not None:
+            trials += [{"optimizer.name": opt, "steps": steps, **(trial_overrides or {}), **p} for p in points]
+            continue
         if step_size_grid_only:
-            trials += [{"optimizer.name": opt, "steps": steps, **g} for g in step_size_grid(cfg, trials_per_optimizer)]
+            trials += [{"optimizer.name": opt, "steps": steps, **(trial_overrides or {}), **g}
+                       for g in step_size_grid(cfg, trials_per_optimizer)]
             continue
         for _ in range(trials_per_optimizer):
-            point = {"optimizer.name": opt, "steps": steps}
+            point = {"optimizer.name": opt, "steps": steps, **(trial_overrides or {})}
             for key, (lo, hi) in SPACES[opt].items():
                 point[key] = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
             trials.append(point)
@@ -204,6 +238,12 @@ def run_sweep(base: RunConfig, storage_path: str | Path, *, name: str = "sweep",
     return SweepResult.from_results(results, metric, mode)
 
 
+def error_line(error: str) -> str:
+    """The one line of an error that says what went wrong: a Ray task error ends with the exception's message."""
+    lines = [" ".join(line.split()) for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
 class SweepResult:
     """Rows per trial and the best trial per optimizer."""
 
@@ -219,11 +259,15 @@ class SweepResult:
             cfg = (res.config or {}).get("point", {})
             m = res.metrics or {}
             row = {"optimizer": cfg.get("optimizer.name"), "steps": cfg.get("steps"),
-                   "forward_passes": m.get("forward_passes"), metric: m.get(metric),
+                   "forward_passes": m.get("forward_passes"), metric: m.get(metric), "split": "validation",
                    "eval_loss": m.get("eval_loss"), "error": str(res.error) if res.error else None}
             row.update({k: v for k, v in cfg.items() if k.startswith("optimizer.") and k != "optimizer.name"})
             rows.append(row)
         return cls(rows, metric, mode)
+
+    def failed(self) -> list[dict[str, Any]]:
+        """The trials that ended with an error (after Tune's retries)."""
+        return [r for r in self.rows if r.get("error")]
 
     def best(self) -> list[dict[str, Any]]:
         """The best trial of each optimizer (by the sweep's metric)."""
@@ -239,7 +283,7 @@ class SweepResult:
         return sorted(out.values(), key=lambda r: -sign * r[self.metric])
 
     def write_tables(self, directory: str | Path) -> tuple[Path, Path]:
-        """comparison.parquet (all trials) and comparison.md (best per optimizer)."""
+        """comparison.parquet (all trials) and comparison.md (best per optimizer, validation metric)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -253,7 +297,7 @@ class SweepResult:
         pq_path = directory / "comparison.parquet"
         with atomic_path(pq_path) as tmp:
             pq.write_table(table, tmp)
-        lines = [f"| optimizer | best {self.metric} | forward passes | step sizes |", "|---|---|---|---|"]
+        lines = [f"| optimizer | best validation {self.metric} | forward passes | step sizes |", "|---|---|---|---|"]
         for row in self.best():
             sizes = ", ".join(f"{k.split('.', 1)[1]}={v:.3g}" for k, v in sorted(row.items())
                               if k.startswith("optimizer.") and isinstance(v, float))

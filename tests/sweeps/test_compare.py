@@ -1,4 +1,5 @@
-"""`ray-s2p compare`: equal budgets that hold for every variant, the tables, and --resume."""
+"""`ray-s2p compare` and `tune`: equal budgets, validation for tuning and test for tables, grids that extend at
+their edge, one evaluation spacing for all, the tables, --resume, and a non-zero exit when anything failed."""
 
 from __future__ import annotations
 
@@ -7,15 +8,21 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from conftest import smoke_dict
-from ray_s2p.config import RunConfig
+from ray_s2p.cli import main
+from ray_s2p.config import ConfigError, RunConfig
 from ray_s2p.distributed.driver import train
-from ray_s2p.sweeps.compare import ABLATIONS, ALL_OPTIMIZERS, compare, variant_overrides
-from ray_s2p.sweeps.tune import passes_per_step
+from ray_s2p.sweeps import compare as compare_module
+from ray_s2p.sweeps.compare import ABLATIONS, ALIASES, ALL_OPTIMIZERS, compare, tune_variant, variant_overrides
+from ray_s2p.sweeps.report import tuning_summary
+from ray_s2p.sweeps.tune import SweepResult, passes_per_step, run_sweep
+
+REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("variant", ALL_OPTIMIZERS + list(ABLATIONS))
+@pytest.mark.parametrize("variant", ALL_OPTIMIZERS + list(ABLATIONS) + list(ALIASES))
 def test_budget_counts_what_a_run_spends(tmp_path, variant):
     # The equal-budget comparison sets steps = budget // passes_per_step: the count must be what the
     # driver really spends per step (follow-up rounds, STP's f(x), q directions included; a first-order
@@ -28,32 +35,120 @@ def test_budget_counts_what_a_run_spends(tmp_path, variant):
     assert result.summary["forward_passes"] == 4 * passes_per_step(cfg)
 
 
-def test_compare_writes_tables_and_resume_reruns_only_what_changed(tmp_path, ray_session):
-    base = RunConfig.from_dict(smoke_dict(**{"cluster.replicas": 1, "checkpoint_every": 0, "eval_every": 10}))
-    kwargs = dict(variants=["vs2p", "sgd"], budget=60, trials=1, seeds=[0, 1], target=0.6)
-    rows = compare(base, tmp_path / "cmp", **kwargs)
-    names = [r["variant"] for r in rows]
-    assert names == ["vs2p"] * 2 + ["sgd"] * 2 + [a for a in ABLATIONS for _ in range(2)]
+@pytest.mark.parametrize("mode", ["direction", "data"])
+def test_budget_counts_every_replica(tmp_path, mode):
+    # Two replicas probe two batches (data) or two directions (direction) per step: both are spent.
+    cfg = RunConfig.from_dict(smoke_dict(steps=3, checkpoint_every=0, eval_every=0, **{
+        "cluster.replicas": 2, "cluster.mode": mode, "optimizer.name": "zo_signsgd", "optimizer.directions": 2}))
+    result = train(cfg, tmp_path / mode, log=lambda m: None)
+    assert passes_per_step(cfg) == 8 and result.summary["forward_passes"] == 3 * 8
+
+
+def test_every_rule_is_listed_once():
+    # zo_sign is S2P option 1 with the sign trick, s2p_opt2 is MeZO: the default list holds neither alias.
+    assert not set(ALIASES) & set(ALL_OPTIMIZERS) and set(ALIASES.values()) <= set(ALL_OPTIMIZERS)
+    assert "zo_signsgd" in ALL_OPTIMIZERS and len(set(ALL_OPTIMIZERS)) == len(ALL_OPTIMIZERS)
+
+
+def fake_sweep(peak: float, calls: list):
+    """A stand-in for run_sweep: the validation accuracy of a step size peaks at ``peak`` (no Ray)."""
+    def run(cfg, storage, *, name, points, trial_overrides, **kwargs):
+        assert cfg.task.eval_split == "validation" and trial_overrides == {"eval_every": 0}
+        calls.append(name)
+        rows = [{"optimizer": cfg.optimizer.name, "steps": 10, **p, "split": "validation", "error": None,
+                 "eval_accuracy": 0.9 - 0.1 * abs(math.log10(p["optimizer.lr"] / peak))} for p in points]
+        return SweepResult(rows, "eval_accuracy", "max")
+    return run
+
+
+@pytest.mark.parametrize("peak, sides, on_edge", [(1e-2, [], None), (0.4, ["upper"], None),
+                                                  (1e3, ["upper", "upper"], "upper"), (1e-9, ["lower", "lower"], "lower")])
+def test_grid_extends_at_its_edge_at_most_twice(tmp_path, monkeypatch, peak, sides, on_edge):
+    calls: list = []
+    monkeypatch.setattr("ray_s2p.sweeps.tune.run_sweep", fake_sweep(peak, calls))
+    base = RunConfig.from_dict(smoke_dict(**{"task.test_size": 64}))
+    tuned = tune_variant(base, "mezo", tmp_path, trials=5, budget=40, seed=0)  # lr grid over 1e-4 .. 1
+    assert tuned.extensions == sides and tuned.on_edge == on_edge
+    assert tuned.points == 5 + 2 * len(sides) and len(calls) == 1 + len(sides)
+    steps = sorted(t["step_size"] for t in tuned.trials)
+    ratios = {round(b / a, 6) for a, b in zip(steps, steps[1:])}
+    assert len(ratios) == 1  # the extended grid is still log-spaced
+    assert tuned.overrides["optimizer.lr"] == max(tuned.trials, key=lambda t: t["value"])["step_size"]
+    text = tuning_summary([tuned], 5)
+    if sides:
+        assert f"extended {sides[0]} (+2)" in text
+    assert ("best still on the" in text) == (on_edge is not None)
+
+
+def test_tune_refuses_to_read_the_test_split(tmp_path):
+    base = RunConfig.from_dict(smoke_dict(**{"task.test_size": 64, "task.eval_split": "test"}))
+    with pytest.raises(ConfigError, match="tuning reads the validation split only"):
+        run_sweep(base, tmp_path, budget=20)
+
+
+def test_compare_needs_a_test_split(tmp_path):
+    with pytest.raises(ValueError, match="task.test_size is 0. Fix: set task.test_size"):
+        compare(RunConfig.from_dict(smoke_dict()), tmp_path, variants=["vs2p"], budget=20, trials=1, seeds=[0],
+                target=0.5)
+
+
+def test_compare_tunes_on_validation_reports_test_and_resume_reruns_only_what_changed(tmp_path, ray_session):
+    base = RunConfig.from_dict(smoke_dict(**{"cluster.replicas": 1, "checkpoint_every": 0, "eval_every": 10,
+                                             "task.test_size": 256}))
+    kwargs = dict(variants=["vs2p", "sgd"], budget=96, trials=1, seeds=[0, 1], target=0.6, eval_points=4)
+    result = compare(base, tmp_path / "cmp", **kwargs)
+    rows = result.rows
+    assert result.failures == []
+    assert [r["variant"] for r in rows] == ["vs2p"] * 2 + ["sgd"] * 2 + [a for a in ABLATIONS for _ in range(2)]
     for r in rows:  # every run spent the budget, up to one step (first-order steps count 3 forward passes)
-        assert 60 - 8 < r["forward_passes"] <= 60, r
-        assert r["final_accuracy"] is not None and 0.0 <= r["final_accuracy"] <= 1.0
-    nsign = [r for r in rows if r["variant"] == "vs2p_no_sign_trick"]
-    assert all(r["forward_passes"] == 60 for r in nsign)  # 15 steps of 4 passes, not 30 steps
+        assert 96 - 8 < r["forward_passes"] <= 96, r
+        assert r["split"] == "test" and 0.0 <= r["test_accuracy"] <= 1.0
+        stored = RunConfig.from_dict(yaml.safe_load(Path(r["run_dir"], "config.yaml").read_text()))
+        assert stored.task.eval_split == "test"
+        # one evaluation interval for every optimizer: 24 passes (lcm of 2, 3, 4 and 8 passes per step)
+        evals = [e["forward_passes"] for e in pq.read_table(Path(r["run_dir"], "metrics.parquet")).to_pylist()
+                 if e["kind"] == "eval"]
+        assert evals[:4] == [0, 24, 48, 72] and r["eval_interval"] == 24
+    # tuning read validation: the tuning value is the validation accuracy of the chosen settings at seed 0
+    vs2p = next(t for t in result.tuned if t.name == "vs2p")
+    check = train(base.replace(vs2p.overrides | {"seed": 0, "progress": False}), tmp_path / "check",
+                  log=lambda m: None)
+    assert vs2p.trials[0]["split"] == "validation"
+    assert vs2p.trials[0]["value"] == check.summary["final_metrics"]["eval_accuracy"]
     summary = (tmp_path / "cmp" / "summary.md").read_text()
-    assert "| vs2p_q4 |" in summary and "forward passes to 60%" in summary
-    tuning = (tmp_path / "cmp" / "tuning.md").read_text().splitlines()
-    assert tuning[2].startswith("| vs2p | eta | ") and tuning[3].startswith("| sgd | lr | ")
-    assert len(tuning) == 4 and tuning[2].count(": ") == 1  # one trial each
+    assert summary.startswith("Test split; 96 forward passes per run; evaluation every 24 forward passes")
+    assert "| vs2p_q4 | 2 |" in summary and "resolution 24 passes" in summary
+    assert "| sgd | 2 |" in summary.split("VS2P against each other variant")[1]  # the paired table
+    tuning = (tmp_path / "cmp" / "tuning.md").read_text()
+    assert "| vs2p | eta | 1 points |" in tuning and "fewer than the protocol's 5" in tuning
     assert (tmp_path / "cmp" / "curves.png").stat().st_size > 10_000
     assert pq.read_table(tmp_path / "cmp" / "results.parquet").num_rows == len(rows)
+    assert pq.read_table(tmp_path / "cmp" / "tuning.parquet").column("split").to_pylist() == ["validation"] * 2
 
     # --resume: identical finished runs are reused; a run whose files are gone is run again.
     stamps = {r["run_dir"]: Path(r["run_dir"], "summary.json").stat().st_mtime_ns for r in rows}
     gone = rows[1]["run_dir"]
     Path(gone, "summary.json").unlink()
-    again = compare(base, tmp_path / "cmp", resume=True, **kwargs)
-    assert [(r["variant"], r["seed"], r["final_accuracy"]) for r in again] == \
-        [(r["variant"], r["seed"], r["final_accuracy"]) for r in rows]
+    again = compare(base, tmp_path / "cmp", resume=True, **kwargs).rows
+    assert [(r["variant"], r["seed"], r["test_accuracy"]) for r in again] == \
+        [(r["variant"], r["seed"], r["test_accuracy"]) for r in rows]
     rerun = [d for d, t in stamps.items() if d == gone or Path(d, "summary.json").stat().st_mtime_ns != t]
     assert rerun == [gone]
-    assert not any(math.isnan(r["final_accuracy"]) for r in again)
+
+
+def test_tune_and_compare_exit_non_zero_with_one_line_when_a_trial_failed(tmp_path, ray_session, capsys):
+    # sgd needs one replica; on two its trials fail while vs2p's succeed.
+    common = ["--config", str(REPO / "jobs" / "configs" / "smoke.yaml"), "--set", "cluster.use_ray=false",
+              "--set", "checkpoint_every=0", "--set", "task.test_size=64", "--optimizers", "vs2p,sgd",
+              "--trials", "1", "--budget", "24"]
+    assert main(["tune", *common, "--storage", str(tmp_path / "tune"), "--name", "t"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ray-s2p tune: 1 of 2 trials failed; first: sgd lr=")
+    assert "run on one replica" in err[0]
+    assert main(["compare", *common, "--output", str(tmp_path / "cmp"), "--seeds", "0", "--no-ablations",
+                 "--target", "0.5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ray-s2p compare: 1 of 2 tuning trials and 0 of 1 runs failed "
+                                               "(sgd not rerun); first: tuning sgd lr=")
+    assert "(and 1 more)" in err[0]
+    assert [r["variant"] for r in pq.read_table(tmp_path / "cmp" / "results.parquet").to_pylist()] == ["vs2p"]
