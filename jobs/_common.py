@@ -1,7 +1,8 @@
-"""Shared bits of the job entry points: a bare ray.init() and exit codes.
+"""Shared bits of the job entry points: connecting to Ray and exit codes.
 
-Job entry points connect with ``ray.init()`` and no address: under ``ray job
-submit`` RAY_ADDRESS names the cluster; run by hand they start a local Ray.
+Job entry points connect as ``ray.init()`` does: ``--address ADDR`` (any entry point,
+removed from the arguments before the command sees them) wins, else RAY_ADDRESS
+(which ``ray job submit`` sets), else a local Ray is started.
 """
 
 from __future__ import annotations
@@ -18,13 +19,33 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def pop_address(argv: list[str]) -> str | None:
+    """Remove ``--address ADDR`` / ``--address=ADDR`` from ``argv`` (in place) and return ADDR (None if absent).
+
+    Raises:
+        SystemExit: ``--address`` without a value.
+    """
+    for i, arg in enumerate(argv):
+        if arg == "--address":
+            if i + 1 >= len(argv):
+                raise SystemExit("--address needs a value, e.g. --address auto or --address HOST:6379")
+            address = argv[i + 1]
+            del argv[i:i + 2]
+            return address
+        if arg.startswith("--address="):
+            del argv[i]
+            return arg.split("=", 1)[1]
+    return None
+
+
 def run_job(body: Callable[[], int]) -> None:
     """Connect to Ray, run ``body`` and exit with its code (1 on an exception, with the error printed)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
+    address = pop_address(sys.argv)
     if not ray.is_initialized():
-        ray.init()
+        ray.init(address=address)  # None: RAY_ADDRESS if set, else a local Ray (ray.init's own rule)
     try:
         code = body()
     except SystemExit as exc:

@@ -108,3 +108,27 @@ def test_tune_job_runs_a_sweep_with_the_equal_budget(tmp_path, ray_session):
     table = pq.read_table(tmp_path / "tune" / "job" / "comparison.parquet").to_pylist()
     assert [(r["optimizer"], r["forward_passes"], r["error"]) for r in table] == [("vs2p", 40, None)]
     assert "| vs2p |" in (tmp_path / "tune" / "job" / "comparison.md").read_text()
+
+
+def test_jobs_take_address_like_ray_init(run_dir, tmp_path, ray_session):
+    # --address joins the given cluster (here the tests' Ray) and is removed before `ray-s2p eval` parses
+    # the rest, which knows no --address; without RAY_ADDRESS in the environment.
+    env = {k: v for k, v in job_env(ray_session).items() if k != "RAY_ADDRESS"}
+    address = ray_session.get_runtime_context().gcs_address
+    done = subprocess.run([sys.executable, "jobs/eval.py", f"--address={address}", "--run", str(run_dir),
+                           "--storage", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"Connecting to existing Ray cluster at address: {address}" in done.stderr
+    assert json.loads((tmp_path / "eval.json").read_text())["step"] == 30
+
+    sys.path.insert(0, str(ROOT / "jobs"))
+    try:
+        from _common import pop_address
+    finally:
+        sys.path.remove(str(ROOT / "jobs"))
+    argv = ["jobs/train.py", "--config", "c.yaml", "--address", "auto", "--set", "steps=3"]
+    assert pop_address(argv) == "auto" and argv == ["jobs/train.py", "--config", "c.yaml", "--set", "steps=3"]
+    assert pop_address(argv) is None
+    with pytest.raises(SystemExit, match="--address needs a value"):
+        pop_address(["x", "--address"])
