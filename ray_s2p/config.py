@@ -1,9 +1,8 @@
 """Run configuration: frozen dataclasses validated where they are built.
 
-A config is a tree of dataclasses. ``RunConfig.from_dict`` refuses unknown keys
-and wrong types with a message that names the dotted field and says how to fix
-it; ``RunConfig.to_dict`` gives back plain data for config.yaml. Every key, its
-default and meaning is listed in docs/config.md.
+A config is a tree of dataclasses. ``RunConfig.from_dict`` refuses unknown keys and wrong types with a
+message that names the dotted field and says how to fix it; ``RunConfig.to_dict`` gives back plain data
+for config.yaml. Every key, its default and meaning is listed in docs/config.md.
 """
 
 from __future__ import annotations
@@ -200,6 +199,7 @@ class ClusterConfig:
     groups: int = 1                  # hybrid: number of direction groups (replicas split evenly)
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
+    memory_per_replica_gb: float = 0.0  # Ray's memory resource per replica (0: none reserved)
     threads_per_replica: int | None = None
     noise_threads: int = 0           # noise jobs run at once (CPU); 0: torch's thread count
     use_ray: bool = True             # false: replicas run in-process (tests, debugging)
@@ -221,6 +221,7 @@ class ClusterConfig:
                  "use 0 (as many as torch's threads) or a positive count")
         _require(self.cpus_per_replica >= 0, "cluster.cpus_per_replica", f"got {self.cpus_per_replica}", "use >= 0")
         _require(self.gpus_per_replica >= 0, "cluster.gpus_per_replica", f"got {self.gpus_per_replica}", "use >= 0")
+        _require(self.memory_per_replica_gb >= 0, "cluster.memory_per_replica_gb", "negative", "use >= 0 (GiB)")
         _require(self.step_timeout_s > 0, "cluster.step_timeout_s", f"got {self.step_timeout_s}", "use > 0 seconds")
         _require(self.startup_timeout_s > 0, "cluster.startup_timeout_s", f"got {self.startup_timeout_s}", "use > 0")
         _require(self.digest_every >= 0, "cluster.digest_every", f"got {self.digest_every}", "use 0 (end only) or more")

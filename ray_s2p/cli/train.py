@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
 from ..config import FIRST_ORDER, ConfigError, load_config
@@ -15,23 +14,24 @@ from ..config import FIRST_ORDER, ConfigError, load_config
 def _train(args: argparse.Namespace) -> int:
     from ..distributed.driver import train
     from ..distributed.run_dir import RunDirectory
+    from ..storage_fs import location
 
     if args.resume:
         if args.config:
             raise ConfigError("--resume uses the run's own config.yaml; drop --config")
-        config = RunDirectory.load_config(Path(args.resume))
+        run_dir = location(args.resume)
+        config = RunDirectory.load_config(run_dir)
         if args.set:  # e.g. a different cluster.replicas on resume (see docs/config.md)
             config = config.replace(dict(_parse_sets(args.set)))
-        run_dir = Path(args.resume)
     else:
         config = load_config(args.config, args.set)
-        run_dir = Path(args.output or f"runs/run-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = location(args.output or f"runs/run-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.address:
         config = config.replace({"cluster.address": args.address})
     print(f"ray-s2p: training {config.task.model} on {config.task.dataset} with {config.optimizer.name}, "
           f"{config.cluster.replicas} replicas ({config.cluster.mode} mode), {config.steps} steps -> {run_dir}",
           file=sys.stderr)
-    result = train(config, run_dir, resume=bool(args.resume), overwrite=args.overwrite)
+    result = train(config, run_dir, resume=bool(args.resume), overwrite=args.overwrite, verbose=args.verbose)
     s = result.summary
     before, after = s.get("initial_metrics", {}), s.get("final_metrics", {})
     print("\nbefore -> after (held-out):")
@@ -52,6 +52,7 @@ def _parse_sets(items: Sequence[str]) -> list[tuple[str, object]]:
 
 def _replay(args: argparse.Namespace) -> int:
     from ..distributed.replay import compare_to_run, replay_run
+    from ..storage_fs import export, location
 
     if args.check and args.atol is not None:
         raise ValueError("--check compares digests bit for bit and --atol within a tolerance. Fix: use one of them")
@@ -60,13 +61,13 @@ def _replay(args: argparse.Namespace) -> int:
     if args.atol is not None:
         compared = compare_to_run(args.run_dir, result.engine, result.step)
         out.update(compared, atol=args.atol, within=compared["max_abs_diff"] <= args.atol)
-    summary_file = Path(args.run_dir) / "summary.json"
+    summary_file = location(args.run_dir) / "summary.json"
     expected = json.loads(summary_file.read_text()).get("final_digest") if summary_file.exists() else None
     if args.check:
         out["expected"] = expected
         out["match"] = expected is not None and expected == result.digest
     if args.output:
-        result.engine.save_final(Path(args.output))
+        export(result.engine.save_final, location(args.output))
         out["output"] = str(args.output)
     print(json.dumps(out))
     if args.check and not out["match"]:
@@ -85,23 +86,22 @@ def _eval(args: argparse.Namespace) -> int:
     from ..distributed.engine import ReplicaEngine
     from ..distributed.replay import replay_run
     from ..distributed.run_dir import RunDirectory, aggregate_eval
-    from ..files import write_json
-
-    run_dir = Path(args.run)
+    from ..storage_fs import location, wire, write_json
+    run_dir = location(args.run)
     config = RunDirectory.load_config(run_dir)
     if config.optimizer.name in FIRST_ORDER:
         ckpt = latest_checkpoint(run_dir / "checkpoints")
         if ckpt is None:
             raise ValueError(f"{str(run_dir)!r} has no checkpoint to evaluate")
         engine = ReplicaEngine(config.replace({"cluster.use_ray": False}))
-        engine.load_checkpoint(str(ckpt.path))
+        engine.load_checkpoint(wire(ckpt.path))
         step = ckpt.step
     else:
         replayed = replay_run(run_dir, args.step)
         engine, step = replayed.engine, replayed.step
     metrics = aggregate_eval([engine.evaluate(0, 1)])
     out = {"step": step, "digest": engine.digest(), **metrics}
-    write_json(Path(args.storage or run_dir) / "eval.json", out)
+    write_json((location(args.storage) if args.storage else run_dir) / "eval.json", out)
     print(json.dumps(out))
     return 0
 
@@ -110,15 +110,19 @@ def register(sub: "argparse._SubParsersAction") -> None:
     """Add ``train``, ``replay`` and ``eval`` to the ``ray-s2p`` sub-commands."""
     t = sub.add_parser("train", help="train or resume a run")
     t.add_argument("--config", help="YAML config (default: the embedded default job)")
-    t.add_argument("--output", help="run directory (default: runs/run-TIMESTAMP)")
+    t.add_argument("--output", help="run directory: a path, or a URI such as s3://bucket/runs/x or "
+                                    "file:///data/runs/x (default: runs/run-TIMESTAMP)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted config key")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (a path or URI) from its "
+                                                        "newest checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
     t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    t.add_argument("--verbose", action="store_true", help="show Ray's start-up lines and the replicas' library "
+                                                          "output (default: RUN_DIR/logs/replica-N.log)")
     t.set_defaults(func=_train)
 
     r = sub.add_parser("replay", help="rebuild a run's parameters from its ledger and print the digest")
-    r.add_argument("run_dir")
+    r.add_argument("run_dir", help="run directory (a path or URI)")
     r.add_argument("--step", type=int, help="replay up to this step (default: the last)")
     r.add_argument("--output", help="save the replayed model here")
     r.add_argument("--check", action="store_true", help="exit 1 unless the digest equals the run's final digest "
@@ -128,7 +132,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
     r.set_defaults(func=_replay)
 
     p = sub.add_parser("eval", help="evaluate a run's parameters at a step on the held-out set")
-    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--run", required=True, help="run directory (a path or URI)")
     p.add_argument("--step", type=int, help="replay the ledger to this step first (default: the last)")
-    p.add_argument("--storage", help="where eval.json goes (default: the run directory)")
+    p.add_argument("--storage", help="directory or URI where eval.json goes (default: the run directory)")
     p.set_defaults(func=_eval)

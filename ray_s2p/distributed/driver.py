@@ -38,13 +38,14 @@ from typing import Any, Callable
 
 from ..config import FIRST_ORDER, FIRST_ORDER_PASSES, RunConfig
 from ..zo.rules import build_rule
-from .checkpoint import Checkpoint, config_fingerprint, latest_checkpoint
-from .environment import agreed, settle
+from ..storage_fs import Location, StoragePath, location, wire
+from .checkpoint import Checkpoint, checkpoint_path, config_fingerprint, latest_checkpoint
+from .environment import agreed, describe, settle
 from .healing import Healer
 from .layout import Layout
 from .ledger import Ledger, ledger_rows
 from .messages import ProbeReply, ProbeRequest, Update
-from .replica import LocalPool, RayPool, ReplicaFailure
+from .replica import LocalPool, RayPool, ReplicaFailure, quiet_libraries
 from .run_dir import RunDirectory, aggregate_eval
 from .run_state import RunState, StepOutcome, TrainingError, TrainResult
 from .storage import check_storage
@@ -57,18 +58,20 @@ class Driver:
 
     Args:
         config: the run config.
-        run_dir: the run directory (created if needed).
+        run_dir: the run directory (created if needed): a local path, a URI (file://, s3://, gs://) or a
+            ``StoragePath`` of storage_fs.py.
         resume: continue from the newest valid checkpoint in ``run_dir``.
         report: optional callback(metrics dict, checkpoint dir or None), e.g. for Ray Tune.
         log: where messages go.
     """
 
-    def __init__(self, config: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-                 report: Callable[[dict[str, Any], Path | None], None] | None = None,
-                 log: Callable[[str], None] = print) -> None:
+    def __init__(self, config: RunConfig, run_dir: str | Path | StoragePath, *, resume: bool = False,
+                 overwrite: bool = False, report: Callable[[dict[str, Any], Path | None], None] | None = None,
+                 log: Callable[[str], None] = print, verbose: bool = False) -> None:
         self.config = config
         self.report = report
         self.log = log
+        self.verbose = verbose  # replicas' library output on the console (else RUN_DIR/logs/replica-N.log)
         self.layout = Layout.from_config(config)
         self.first_order = config.optimizer.name in FIRST_ORDER
         if self.first_order and config.cluster.replicas != 1:
@@ -76,7 +79,7 @@ class Driver:
                              "Fix: --set cluster.replicas=1")
         self.rule = None if self.first_order else build_rule(config.optimizer, config.steps)
         # Last: every check above runs before the run directory is touched.
-        self.rd = RunDirectory(Path(run_dir), config, resume=resume, overwrite=overwrite)
+        self.rd = RunDirectory(run_dir, config, resume=resume, overwrite=overwrite)
         self.fingerprint = config_fingerprint(config.to_dict())
         self.healer = Healer(config, self.fingerprint, log)
         self.bad_streak = 0
@@ -97,9 +100,16 @@ class Driver:
             except BaseException:
                 self.rd.discard()  # replicas cannot reach the run directory: nothing was trained
                 raise
-            state = self._open(pool)
+            infos = pool.call("info", [()] * pool.size)
+            state = self._open(pool, infos)
             if self.rd.resumed:
                 self.rd.confirm_resume()  # checkpoint and ledger verified: only now may the resume write
+            # Replica logs go into a local or mounted run directory; at a URI they stay in node-local files.
+            logs = self.rd.path / "logs" if isinstance(self.rd.path, Path) and self.config.cluster.use_ray \
+                and not self.verbose else None
+            if logs is not None:
+                pool.attach_logs(logs.resolve())
+            self.log(replicas_up(infos, pool.places(), state.ledger.environment, logs))
             state.started = time.perf_counter()  # wall time counts from the replicas being up, as before a resume
             self._start(pool, state)
             progress = self.rd.progress(state.start_step)
@@ -113,11 +123,11 @@ class Driver:
         finally:
             pool.shutdown()
 
-    def _open(self, pool: LocalPool | RayPool) -> RunState:
+    def _open(self, pool: LocalPool | RayPool, infos: list[dict[str, Any]]) -> RunState:
         """The state to start from: step 0, or a resumed run's newest checkpoint and its ledger."""
         # Replica 0 checks the tensor file's sha256 where it reads it; the driver reads only state.json.
         ckpt = latest_checkpoint(self.rd.checkpoints, self.fingerprint, lambda path: pool.call(
-            "verify_checkpoint", [(str(path.resolve()), self.fingerprint)], replicas=[0],
+            "verify_checkpoint", [(wire(path), self.fingerprint)], replicas=[0],
             timeout=max(600.0, self.config.cluster.startup_timeout_s))[0], log=self.log) if self.rd.resumed else None
         start_step = ckpt.step if ckpt is not None else 0
         rule_state = ckpt.rule_state.get("rule") if ckpt is not None else None
@@ -125,7 +135,7 @@ class Driver:
             rule_state = self.rule.init()
         ledger = Ledger.open(self.rd.ledger_path, upto_step=start_step)
         # Replicas on different devices or torch builds could never stay bitwise identical: refused here.
-        replicas_env = agreed([info["environment"] for info in pool.call("info", [()] * pool.size)])
+        replicas_env = agreed([info["environment"] for info in infos])
         ledger.environment, note = settle(ledger.environment, replicas_env, start_step)
         if note:
             self.log(note)
@@ -143,13 +153,16 @@ class Driver:
 
     def _start_pool(self) -> LocalPool | RayPool:
         if not self.config.cluster.use_ray:
-            return LocalPool(self.config)
+            with quiet_libraries(not self.verbose):  # in-process replicas share the driver's console
+                return LocalPool(self.config)
+        import logging
+
         import ray
         if not ray.is_initialized():
-            address = self.config.cluster.address
-            ray.init(address=address, include_dashboard=False, log_to_driver=True) if address else ray.init(
-                include_dashboard=False, log_to_driver=True)
-        return RayPool(self.config, log=self.log)
+            # Ray's own start-up lines only with --verbose; its warnings and errors always.
+            ray.init(address=self.config.cluster.address or None, include_dashboard=False, log_to_driver=True,
+                     logging_level=logging.INFO if self.verbose else logging.WARNING)
+        return RayPool(self.config, log=self.log, quiet=not self.verbose)
 
     def _start(self, pool: LocalPool | RayPool, state: RunState) -> None:
         """Restore a resumed run's replicas, and evaluate the starting point (once per run)."""
@@ -203,13 +216,13 @@ class Driver:
         self.rd.flush_metrics()
         steps_run = max(1, cfg.steps - state.start_step)
         # Replica 0 writes final/ into the run directory itself and answers with file names and sizes.
-        self.healer.call(pool, state, "write_final", [(str(self.rd.path.resolve()),)], replicas=[0],
+        self.healer.call(pool, state, "write_final", [(wire(self.rd.path),)], replicas=[0],
                          timeout=max(600.0, cfg.cluster.step_timeout_s))
         summary = self.rd.write_summary(
             final_digest=digests[0], steps_completed=cfg.steps, wall_seconds=elapsed,
             bytes_sent_per_step=state.bytes_sent / steps_run, bytes_received_per_step=state.bytes_received / steps_run,
             replicas=pool.size, initial_metrics=state.initial_eval, final_metrics=final_eval,
-            forward_passes=state.forward_passes, environment=state.ledger.environment,
+            forward_passes=state.forward_passes, environment=state.ledger.environment, nodes=pool.places(),
             replica_failures=self.healer.failures,
             recovery_seconds=self.healer.recoveries,
             skipped_directions=self.skipped_total, resumed_from=state.start_step if self.rd.resumed else None,
@@ -336,19 +349,35 @@ class Driver:
         # Replica 0 dying while it writes is replaced at `step` and writes again; a half-written .ckpt.*
         # directory is never renamed into place.
         record = self.healer.call(pool, state, "save_checkpoint",
-                                  [(step, str(self.rd.checkpoints.resolve()), rule, meta)], replicas=[0],
+                                  [(step, wire(self.rd.checkpoints), rule, meta)], replicas=[0],
                                   timeout=max(600.0, self.config.cluster.step_timeout_s))[0]
         state.ckpt = Checkpoint(step, rule, dict(meta, digest=record.digest, params_sha256=record.params_sha256),
-                                Path(record.path))
+                                checkpoint_path(self.rd.checkpoints, step))
 
 
-def ckpt_dir(root: Path, step: int) -> Path | None:
-    path = Path(root) / f"step_{step:08d}"
+def ckpt_dir(root: Location, step: int) -> Location | None:
+    path = checkpoint_path(root, step)
     return path if path.is_dir() else None
 
 
-def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+def replicas_up(infos: list[dict[str, Any]], places: list[dict[str, Any]], env: dict[str, Any] | None,
+                logs: Path | None) -> str:
+    """One line once the replicas are up: how many, on which nodes, which device, what moves."""
+    nodes: dict[str, int] = {}
+    for place in places:
+        nodes[place["node_ip"]] = nodes.get(place["node_ip"], 0) + 1
+    where = ", ".join(f"{ip}: {n}" for ip, n in nodes.items())
+    first = infos[0]
+    line = (f"{len(infos)} replica{'s' if len(infos) != 1 else ''} up on {len(nodes)} node"
+            f"{'s' if len(nodes) != 1 else ''} ({where}), {describe(env) if env else 'device unknown'}; "
+            f"{first['trainable_parameters']:,} of {first['total_parameters']:,} parameters trainable")
+    return line + (f"; replica output in {logs}" if logs is not None else "")
+
+
+def train(config: RunConfig, run_dir: str | Path | StoragePath, *, resume: bool = False, overwrite: bool = False,
           report: Callable[[dict[str, Any], Path | None], None] | None = None,
-          log: Callable[[str], None] = print) -> TrainResult:
-    """Train (or resume) a run; see ``Driver``."""
-    return Driver(config, run_dir, resume=resume, overwrite=overwrite, report=report, log=log).run()
+          log: Callable[[str], None] = print, verbose: bool = False, filesystem: Any = None) -> TrainResult:
+    """Train (or resume) a run; see ``Driver``. ``filesystem``: a pyarrow FileSystem that ``run_dir`` is a path
+    in (as Ray's ``RunConfig(storage_filesystem=...)``); None: a local path, or a URI resolved by pyarrow.fs."""
+    return Driver(config, location(run_dir, filesystem), resume=resume, overwrite=overwrite, report=report, log=log,
+                  verbose=verbose).run()

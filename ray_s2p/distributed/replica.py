@@ -7,9 +7,14 @@ died or did not answer within the timeout, so the driver can replace them.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import sys
+import tempfile
 import time
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 from ..config import RunConfig
 from .engine import ReplicaEngine
@@ -27,9 +32,16 @@ class ReplicaFailure(RuntimeError):
 
 
 class ReplicaHost:
-    """What a Ray replica actor runs: a thin shell over ``ReplicaEngine``."""
+    """What a Ray replica actor runs: a thin shell over ``ReplicaEngine``.
 
-    def __init__(self, config_dict: dict[str, Any], replica: int) -> None:
+    With ``quiet`` the process's stdout and stderr (libraries' load reports, progress bars,
+    warnings, C++ output alike) go to a node-local file from before the model is built, and
+    ``attach_log`` moves them into the run directory once the run is confirmed: a refused
+    resume leaves nothing behind, and Ray forwards none of it to the driver's console.
+    """
+
+    def __init__(self, config_dict: dict[str, Any], replica: int, quiet: bool = False) -> None:
+        self.output = OutputFile() if quiet else None
         cfg = RunConfig.from_dict(config_dict)
         os.environ["RAY_S2P_REPLICA"] = str(replica)  # one actor per process: lets user tasks know their index
         self.engine = ReplicaEngine(cfg, replica)
@@ -43,6 +55,77 @@ class ReplicaHost:
     def node_id(self) -> str:
         import ray
         return ray.get_runtime_context().get_node_id()
+
+    def place(self) -> dict[str, Any]:
+        """Where this replica runs: node IP and id, process id, and the resources Ray assigned it."""
+        import ray
+        context = ray.get_runtime_context()
+        return {"node_ip": ray.util.get_node_ip_address(), "node_id": context.get_node_id(), "pid": os.getpid(),
+                "resources": {k: v for k, v in context.get_assigned_resources().items()
+                              if not k.startswith("bundle_group")}}
+
+    def attach_log(self, path: str) -> None:
+        """Append what this process printed so far to ``path`` and send the rest there too."""
+        if self.output is not None:
+            self.output.move_to(Path(path))
+
+
+class OutputFile:
+    """This process's file descriptors 1 and 2 redirected into a file (first a temporary one)."""
+
+    def __init__(self) -> None:
+        fd, name = tempfile.mkstemp(prefix="ray_s2p_replica_", suffix=".log")
+        self.path = Path(name)
+        self._point(fd)
+
+    def _point(self, fd: int) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+
+    def move_to(self, path: Path) -> None:
+        if path == self.path:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with open(path, "ab") as out, open(self.path, "rb") as earlier:
+            shutil.copyfileobj(earlier, out)
+        self._point(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+        self.path.unlink(missing_ok=True)
+        self.path = path
+
+
+def replica_bundle(config: RunConfig) -> dict[str, float]:
+    """The Ray resources one replica asks for: exactly the config's CPUs, GPUs and memory (bytes)."""
+    c = config.cluster
+    bundle: dict[str, float] = {"CPU": c.cpus_per_replica}
+    if c.gpus_per_replica:
+        bundle["GPU"] = c.gpus_per_replica
+    if c.memory_per_replica_gb:
+        bundle["memory"] = float(int(c.memory_per_replica_gb * 2**30))
+    return bundle
+
+
+@contextlib.contextmanager
+def quiet_libraries(quiet: bool = True) -> Iterator[None]:
+    """transformers' load reports, warnings and progress bars silenced while the block runs (when ``quiet``)."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 class LocalPool:
@@ -70,6 +153,12 @@ class LocalPool:
     def pids(self) -> list[int]:
         return [os.getpid()] * self.size
 
+    def places(self) -> list[dict[str, Any]]:
+        return [{"node_ip": "in-process", "node_id": None, "pid": os.getpid(), "resources": {}}] * self.size
+
+    def attach_logs(self, directory: Path) -> None:
+        """In-process replicas print into the driver's own output; nothing to move."""
+
     def shutdown(self) -> None:
         self.engines = []
 
@@ -77,17 +166,17 @@ class LocalPool:
 class RayPool:
     """One Ray actor per replica, each in its own placement-group bundle."""
 
-    def __init__(self, config: RunConfig, log: Callable[[str], None] = print) -> None:
+    def __init__(self, config: RunConfig, log: Callable[[str], None] = print, quiet: bool = False) -> None:
         import ray
         from ray.util.placement_group import placement_group
 
         self.config = config
         self.log = log
+        self.quiet = quiet  # replicas' library output to a file (ReplicaHost), not the driver's console
+        self.log_dir: Path | None = None  # set by attach_logs once the run is confirmed
         self.traffic = Traffic()
         c = config.cluster
-        bundle = {"CPU": c.cpus_per_replica}
-        if c.gpus_per_replica:
-            bundle["GPU"] = c.gpus_per_replica
+        bundle = replica_bundle(config)
         # Inside a Ray Tune trial the replicas' bundles are already reserved by the trial's
         # PlacementGroupFactory ([driver] + [replica] * n): use them instead of a nested group.
         from ray.util import get_current_placement_group
@@ -123,7 +212,8 @@ class RayPool:
                 raise RuntimeError(
                     f"cluster.replicas={replicas} x {key}={need} per replica needs {need * replicas:g} {key}, "
                     f"but the cluster has {have:g}. Fix: lower cluster.replicas or cluster."
-                    f"{'gpus' if key == 'GPU' else 'cpus'}_per_replica, or add nodes")
+                    f"{ {'GPU': 'gpus', 'CPU': 'cpus'}.get(key, 'memory') }_per_replica"
+                    f"{'_gb' if key == 'memory' else ''}, or add nodes")
 
     def _spawn(self, replica: int) -> Any:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -131,14 +221,15 @@ class RayPool:
         threads = c.threads_per_replica or max(1, int(c.cpus_per_replica))
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         options: dict[str, Any] = dict(
-            num_cpus=c.cpus_per_replica, num_gpus=c.gpus_per_replica, max_restarts=0, max_task_retries=0,
+            num_cpus=c.cpus_per_replica, num_gpus=c.gpus_per_replica, memory=replica_bundle(self.config).get("memory"),
+            max_restarts=0, max_task_retries=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=replica + self.bundle_offset),
             runtime_env={"env_vars": env})
         cfg = self.config.to_dict()
         if not cfg["cluster"].get("threads_per_replica"):
             cfg["cluster"]["threads_per_replica"] = threads
-        return self._remote.options(**options).remote(cfg, replica)
+        return self._remote.options(**options).remote(cfg, replica, self.quiet)
 
     @property
     def size(self) -> int:
@@ -187,6 +278,8 @@ class RayPool:
             pass
         self.actors[replica] = self._spawn(replica)
         self.call("info", [()], replicas=[replica], timeout=self.config.cluster.startup_timeout_s)
+        if self.log_dir is not None:
+            ray.get(self.actors[replica].attach_log.remote(str(self.log_dir / f"replica-{replica}.log")), timeout=60)
 
     def pids(self) -> list[int]:
         import ray
@@ -195,6 +288,19 @@ class RayPool:
     def node_ids(self) -> list[str]:
         import ray
         return ray.get([a.node_id.remote() for a in self.actors], timeout=60)
+
+    def places(self) -> list[dict[str, Any]]:
+        """Node IP, node id and pid of every replica."""
+        import ray
+        return ray.get([a.place.remote() for a in self.actors], timeout=60)
+
+    def attach_logs(self, directory: Path) -> None:
+        """Quiet replicas append their output so far to ``directory/replica-N.log`` and keep writing there."""
+        import ray
+        if self.quiet:
+            self.log_dir = Path(directory)
+            ray.get([a.attach_log.remote(str(self.log_dir / f"replica-{r}.log")) for r, a in enumerate(self.actors)],
+                    timeout=60)
 
     def shutdown(self) -> None:
         import ray
