@@ -37,6 +37,7 @@ error; ``Comparison.failures`` lists them all (the CLI exits non-zero on any).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,9 @@ def run_seeds(base: RunConfig, name: str, overrides: dict[str, Any], seeds: list
                                "run_dir": str(run_dir), "error": None, "settings": _settings(overrides)}
         try:
             summary = finished_run(run_dir, cfg) if resume else None
+            if summary is None and resume and run_dir.exists():  # a fallback says what it does, in one line
+                print(f"compare --resume: {run_dir} holds no finished run of this config; running it again",
+                      file=sys.stderr, flush=True)
             if summary is None:
                 summary = train(cfg, run_dir, overwrite=True, log=lambda m: None).summary
         except Exception as exc:  # noqa: BLE001 - one failed run must not lose the others; it is reported

@@ -92,7 +92,8 @@ def test_compare_needs_a_test_split(tmp_path):
                 target=0.5)
 
 
-def test_compare_tunes_on_validation_reports_test_and_resume_reruns_only_what_changed(tmp_path, ray_session):
+def test_compare_tunes_on_validation_reports_test_and_resume_reruns_only_what_changed(tmp_path, ray_session,
+                                                                                     capsys):
     base = RunConfig.from_dict(smoke_dict(**{"cluster.replicas": 1, "checkpoint_every": 0, "eval_every": 10,
                                              "task.test_size": 256}))
     kwargs = dict(variants=["vs2p", "sgd"], budget=96, trials=1, seeds=[0, 1], target=0.6, eval_points=4)
@@ -129,7 +130,10 @@ def test_compare_tunes_on_validation_reports_test_and_resume_reruns_only_what_ch
     stamps = {r["run_dir"]: Path(r["run_dir"], "summary.json").stat().st_mtime_ns for r in rows}
     gone = rows[1]["run_dir"]
     Path(gone, "summary.json").unlink()
+    capsys.readouterr()
     again = compare(base, tmp_path / "cmp", resume=True, **kwargs).rows
+    said = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("compare --resume:")]
+    assert said == [f"compare --resume: {gone} holds no finished run of this config; running it again"]
     assert [(r["variant"], r["seed"], r["test_accuracy"]) for r in again] == \
         [(r["variant"], r["seed"], r["test_accuracy"]) for r in rows]
     rerun = [d for d, t in stamps.items() if d == gone or Path(d, "summary.json").stat().st_mtime_ns != t]
