@@ -109,13 +109,11 @@ def passes_per_step(config: RunConfig) -> int:
 def trial_resources(config: RunConfig, driver_cpus: float) -> Any:
     """The trial's bundles: the driver, then one per replica (none when replicas run in-process)."""
     from ray import tune
-    c = config.cluster
-    replica = {"CPU": c.cpus_per_replica}
-    if c.gpus_per_replica:
-        replica["GPU"] = c.gpus_per_replica
+
+    from ..distributed.replica import replica_bundle  # the same CPUs, GPUs and memory as a plain run's replicas
     bundles = [{"CPU": driver_cpus}]
-    if c.use_ray:
-        bundles += [dict(replica) for _ in range(c.replicas)]
+    if config.cluster.use_ray:
+        bundles += [replica_bundle(config) for _ in range(config.cluster.replicas)]
     return tune.PlacementGroupFactory(bundles)
 
 

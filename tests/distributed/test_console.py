@@ -63,3 +63,13 @@ def test_replicas_ask_for_exactly_the_configured_resources(tmp_path, ray_session
                                            "cluster.memory_per_replica_gb"):
         train(too_much, tmp_path / "run2", log=lambda m: None)
     assert not (tmp_path / "run2").exists()
+
+
+def test_tune_trials_reserve_the_same_replica_bundles():
+    from ray_s2p.config import load_config
+    from ray_s2p.sweeps.tune import trial_resources
+
+    cfg = load_config(SMOKE, ["cluster.memory_per_replica_gb=0.5", "cluster.gpus_per_replica=0.5"])
+    assert trial_resources(cfg, 1.0).bundles == [{"CPU": 1.0}] + [{"CPU": 1.0, "GPU": 0.5, "memory": 0.5 * 2**30}] * 2
+    local = cfg.replace({"cluster.use_ray": False})
+    assert trial_resources(local, 1.0).bundles == [{"CPU": 1.0}]  # in-process replicas live in the driver's bundle
