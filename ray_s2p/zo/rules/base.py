@@ -77,6 +77,25 @@ class StepRule(Protocol):
         ...
 
 
+class StatelessTwoPoint:
+    """The probing half of a rule that keeps no state and probes (rho, -rho) with no follow-up.
+
+    Mixed into frozen dataclasses that define ``rho`` and ``update`` (random search, ZO-signSGD).
+    """
+
+    rho: float
+
+    def init(self) -> RuleState:
+        return {}
+
+    def radii(self, state: RuleState, step: int) -> tuple[float, ...]:
+        return (self.rho, -self.rho)
+
+    def followup(self, losses: Sequence[Sequence[float]], state: RuleState,
+                 step: int) -> Optional[list[tuple[float, ...]]]:
+        return None
+
+
 def loss_rows(losses: Sequence[Sequence[float]], width: int, what: str) -> list[tuple[float, ...]]:
     """Validate the loss table: at least one direction, ``width`` losses each."""
     rows = [tuple(float(v) for v in row) for row in losses]

@@ -7,11 +7,11 @@ from typing import Optional, Sequence
 
 from ..schedules import Schedule
 from ..transforms import finite_difference, std, weight_decay_scale
-from .base import RuleState, StepDecision, average_decision, loss_rows
+from .base import RuleState, StatelessTwoPoint, StepDecision, average_decision, loss_rows
 
 
 @dataclass(frozen=True)
-class RandomSearchRule:
+class RandomSearchRule(StatelessTwoPoint):
     """Basic random search / ARS V1-t (Mania et al. 2018, Algorithm 1), for a loss to minimise.
 
     Probes (rho, -rho) = (nu, -nu). Keeps the ``top_b`` finite directions with the
@@ -26,16 +26,6 @@ class RandomSearchRule:
     lr: Schedule
     top_b: Optional[int] = None
     weight_decay: float = 0.0
-
-    def init(self) -> RuleState:
-        return {}
-
-    def radii(self, state: RuleState, step: int) -> tuple[float, ...]:
-        return (self.rho, -self.rho)
-
-    def followup(self, losses: Sequence[Sequence[float]], state: RuleState,
-                 step: int) -> Optional[list[tuple[float, ...]]]:
-        return None
 
     def update(self, losses: Sequence[Sequence[float]], state: RuleState,
                step: int) -> tuple[StepDecision, RuleState]:

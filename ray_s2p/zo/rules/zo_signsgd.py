@@ -21,31 +21,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 from ..schedules import Schedule
 from ..transforms import finite_difference, weight_decay_scale
-from .base import RuleState, StepDecision, all_finite, average_decision, loss_rows
+from .base import RuleState, StatelessTwoPoint, StepDecision, all_finite, average_decision, loss_rows
 
 
 @dataclass(frozen=True)
-class ZoSignSgdRule:
+class ZoSignSgdRule(StatelessTwoPoint):
     """ZO-signSGD: probes (rho, -rho); c_j = gamma_j / q_valid, sign_step = lr_k (see the module docstring)."""
 
     name: str
     rho: float
     lr: Schedule
     weight_decay: float = 0.0
-
-    def init(self) -> RuleState:
-        return {}
-
-    def radii(self, state: RuleState, step: int) -> tuple[float, ...]:
-        return (self.rho, -self.rho)
-
-    def followup(self, losses: Sequence[Sequence[float]], state: RuleState,
-                 step: int) -> Optional[list[tuple[float, ...]]]:
-        return None
 
     def update(self, losses: Sequence[Sequence[float]], state: RuleState,
                step: int) -> tuple[StepDecision, RuleState]:
