@@ -17,7 +17,7 @@ import torch
 from ..config import FIRST_ORDER
 from ..storage_fs import StoragePath, local_copy, location, walk_files
 from .engine import ReplicaEngine
-from .checkpoint import list_checkpoints, load_checkpoint
+from .checkpoint import checkpoint_path, load_checkpoint
 from .environment import replay_problem
 from .ledger import Ledger, LedgerError, read_environment, read_table, table_rows, updates_by_step
 from .run_dir import RunDirectory
@@ -90,10 +90,10 @@ def compare_to_run(run_dir: str | Path | StoragePath, engine: ReplicaEngine, ste
     run_dir = location(run_dir)
     reference: dict[str, torch.Tensor] = {}
     source = ""
-    for path in list_checkpoints(run_dir / "checkpoints"):
-        if path.name == f"step_{step:08d}":  # checkpoint.py's directory name
-            _, reference = load_checkpoint(path)
-            source = f"checkpoints/{path.name}"
+    kept = checkpoint_path(run_dir / "checkpoints", step)
+    if kept.is_dir():
+        _, reference = load_checkpoint(kept)
+        source = f"checkpoints/{kept.name}"
     last = (updates_by_step(table_rows(read_table(run_dir / "ledger.parquet"))) or [(0,)])[-1][0]
     if not reference and step == last and (run_dir / "final").is_dir():
         for file in walk_files(run_dir / "final"):
