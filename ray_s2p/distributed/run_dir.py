@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .ledger import LedgerRow
 
 METRIC_COLUMNS = ["step", "kind", "loss", "eval_loss", "eval_accuracy", "eval_macro_f1", "forward_passes",
-                  "wall_seconds", "bytes_sent", "bytes_received", "skipped_directions"]
+                  "wall_seconds", "bytes_sent", "bytes_received", "skipped_directions", "eval_split"]
 
 
 class RunDirectoryError(ValueError):
@@ -184,7 +184,9 @@ class RunDirectory:
             self._writer.add_scalar("train/loss", loss, step)
 
     def record_eval(self, step: int, metrics: dict[str, float], passes: int, wall: float) -> None:
-        row = self._row(step=step, kind="eval", forward_passes=passes, wall_seconds=wall, **metrics)
+        # eval_split says which held-out split (validation or test) the numbers come from.
+        row = self._row(step=step, kind="eval", forward_passes=passes, wall_seconds=wall,
+                        eval_split=self.config.task.eval_split, **metrics)
         # The step-0 evaluation of a resume with rebuilt metrics goes before the rebuilt train rows.
         self.rows.insert(0, row) if step == 0 else self.rows.append(row)
         if self._writer is not None:
@@ -207,7 +209,7 @@ class RunDirectory:
             ("step", pa.int64()), ("kind", pa.string()), ("loss", pa.float64()), ("eval_loss", pa.float64()),
             ("eval_accuracy", pa.float64()), ("eval_macro_f1", pa.float64()), ("forward_passes", pa.int64()),
             ("wall_seconds", pa.float64()), ("bytes_sent", pa.int64()), ("bytes_received", pa.int64()),
-            ("skipped_directions", pa.int64())]))
+            ("skipped_directions", pa.int64()), ("eval_split", pa.string())]))
         write_parquet(self.metrics_path, table)
         if self._writer is not None:
             self._writer.flush()

@@ -156,3 +156,15 @@ def test_tune_and_compare_exit_non_zero_with_one_line_when_a_trial_failed(tmp_pa
                                                "(sgd not rerun); first: tuning sgd lr=")
     assert "(and 1 more)" in err[0]
     assert [r["variant"] for r in pq.read_table(tmp_path / "cmp" / "results.parquet").to_pylist()] == ["vs2p"]
+
+
+@pytest.mark.parametrize("split", ["validation", "test"])
+def test_metrics_say_which_split_each_evaluation_read(tmp_path, split):
+    # A curve's numbers carry their split, so a test curve cannot be mistaken for a tuning one.
+    cfg = RunConfig.from_dict(smoke_dict(steps=4, checkpoint_every=0, eval_every=2, **{
+        "cluster.replicas": 1, "task.test_size": 64, "task.eval_split": split}))
+    train(cfg, tmp_path / split, log=lambda m: None)
+    rows = pq.read_table(tmp_path / split / "metrics.parquet").to_pylist()
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2, 4] and {r["eval_split"] for r in evals} == {split}
+    assert all(r["eval_split"] is None for r in rows if r["kind"] == "train")
