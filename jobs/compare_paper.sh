@@ -5,8 +5,9 @@
 # - one fixed train / validation / test split per task (task.split_seed 0; the run seed moves only the
 #   new weights' initialisation, the directions and the batch order);
 # - tuning on the validation split only: a log grid of 5 step sizes per optimizer (rho fixed at the
-#   config's 1e-3), extended by 2 points on a side while the best is on that edge (at most twice), one
-#   run of the full budget per point, seed 0;
+#   config's 1e-3), extended by 2 points on a side while the best is on that edge (at most twice), then
+#   refined once with the log-midpoints between the best point and its neighbours; one run of the full
+#   budget per point, seed 0;
 # - the best setting rerun with seeds 0-4 on the test split, evaluated every same number of forward
 #   passes (at least 25 points per curve), passes to the target interpolated;
 # - summary.md: mean, standard deviation, and VS2P against every other rule paired by seed (wins,

@@ -47,7 +47,8 @@ import pyarrow.parquet as pq
 
 from ..config import RunConfig
 from ..files import atomic_path, write_text
-from .protocol import MAX_EXTENSIONS, MIN_EVAL_POINTS, best_index, edge_side, eval_interval, extension, log_grid
+from .protocol import (MAX_EXTENSIONS, MIN_EVAL_POINTS, best_index, edge_side, eval_interval, extension, log_grid,
+                       refinement)
 from .protocol import passes_to_target as interpolated_passes
 from .report import summarise, tuning_summary
 
@@ -84,6 +85,7 @@ class Tuned:
     points: int                                           # grid points run, extensions included
     extensions: list[str] = field(default_factory=list)  # the side of each extension, in order
     on_edge: str | None = None                            # the best is still on this edge after the last one
+    refined: int = 0                                      # log-midpoints added around the best after extending
 
 
 @dataclass
@@ -97,7 +99,8 @@ class Comparison:
 
 def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget: int, seed: int,
                  resume: bool = False) -> Tuned:
-    """Best step size of one variant on the validation split, from a log-spaced grid extended at its edge.
+    """Best step size of one variant on the validation split, from a log-spaced grid extended at its edge
+    and then refined once around its best point (``protocol.refinement``).
 
     Args:
         base: the task config (its ``task.eval_split`` must be validation).
@@ -139,16 +142,24 @@ def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget:
         extensions.append(side)
         sweep(extension(grid, side), f"tune-{name}-ext{len(extensions)}", len(extensions))
         grid = sorted(results)
+    refined = 0
+    best = best_index([results[v].get(metric) for v in grid], mode)
+    if best is not None and len(grid) > 1:
+        # Every rule gets the same refinement: its grid's density depends on how wide a range we chose for it.
+        points = refinement(grid, best)
+        sweep(points, f"tune-{name}-refine", len(extensions) + 1)
+        refined = len(points)
+        grid = sorted(results)
     values = [results[v].get(metric) for v in grid]
     best = best_index(values, mode)
     trial_rows = [{"variant": name, "key": key.split(".", 1)[1], "step_size": v, "metric": metric,
                    "split": "validation", "value": results[v].get(metric), "round": results[v]["round"],
                    "error": results[v].get("error")} for v in grid]
     if best is None:
-        return Tuned(name, None, trial_rows, len(grid), extensions)
+        return Tuned(name, None, trial_rows, len(grid), extensions, refined=refined)
     chosen = grid_points(key, [grid[best]])[0]
     overrides = fixed | chosen | {"steps": results[grid[best]]["steps"]}
-    return Tuned(name, overrides, trial_rows, len(grid), extensions, edge_side(values, mode))
+    return Tuned(name, overrides, trial_rows, len(grid), extensions, edge_side(values, mode), refined)
 
 
 def finished_run(run_dir: Path, config: RunConfig) -> dict[str, Any] | None:

@@ -6,7 +6,10 @@ testable with plain values:
 * grids: at least ``MIN_GRID_POINTS`` log-spaced step sizes per optimizer
   (``log_grid``); when the best point is strictly the best and lies on an edge, the
   grid is extended by ``EXTENSION_POINTS`` points on that side with the same
-  spacing (``extension``), at most ``MAX_EXTENSIONS`` times (``edge_side``);
+  spacing (``extension``), at most ``MAX_EXTENSIONS`` times (``edge_side``); then,
+  once, the log-midpoints between the best point and each neighbour
+  (``refinement``), so that a rule whose range is wide (a coarse grid) or whose
+  working window is narrow is not judged on points half a grid cell away from it;
 * evaluation: one interval of forward passes for every optimizer, a multiple of
   each one's passes per step, so all curves are evaluated at the same pass counts
   with at least ``MIN_EVAL_POINTS`` points (``eval_interval``);
@@ -23,6 +26,7 @@ from typing import Optional, Sequence
 MIN_GRID_POINTS = 5
 EXTENSION_POINTS = 2
 MAX_EXTENSIONS = 2
+REFINE_POINTS = 2  # at most: one log-midpoint on each side of the best point
 MIN_EVAL_POINTS = 25
 
 
@@ -56,6 +60,20 @@ def extension(values: Sequence[float], side: str, count: int = EXTENSION_POINTS)
         ratio = ordered[-1] / ordered[-2]
         return [ordered[-1] * ratio ** k for k in range(1, count + 1)]
     raise ValueError(f"unknown side {side!r}: use lower or upper")
+
+
+def refinement(values: Sequence[float], best: int) -> list[float]:
+    """The log-midpoints (geometric means) between ``values[best]`` and each neighbour of a sorted grid.
+
+    Two values for an interior best, one for a best on an edge, none for a one-point grid.
+
+    Raises:
+        IndexError: ``best`` is not an index of ``values``.
+    """
+    ordered = sorted(values)
+    if not 0 <= best < len(ordered):
+        raise IndexError(f"best index {best} is outside a grid of {len(ordered)} values")
+    return [math.sqrt(ordered[best] * ordered[j]) for j in (best - 1, best + 1) if 0 <= j < len(ordered)]
 
 
 def best_index(results: Sequence[Optional[float]], mode: str = "max") -> Optional[int]:

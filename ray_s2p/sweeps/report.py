@@ -24,10 +24,13 @@ def _f(value: Optional[float], spec: str = ".3f") -> str:
 
 
 def grid_note(tuned: "Tuned") -> str:
-    """How a variant's grid went: its size, the extensions, and whether the best is still on an edge."""
+    """How a variant's grid went: its size, the extensions, the refinement, and whether the best is still on
+    an edge."""
     note = f"{tuned.points} points"
     if tuned.extensions:
         note += ", extended " + ", then ".join(f"{side} (+{EXTENSION_POINTS})" for side in tuned.extensions)
+    if tuned.refined:
+        note += f", refined around the best (+{tuned.refined})"
     if tuned.on_edge:
         note += f"; **best still on the {tuned.on_edge} edge**"
     return note
@@ -40,7 +43,8 @@ def tuning_summary(tuned: Sequence["Tuned"], trials: int) -> str:
              f"every run with the same forward-pass budget. Grid: {trials} log-spaced step sizes"
              + (f" (fewer than the protocol's {MIN_GRID_POINTS})" if trials < MIN_GRID_POINTS else "")
              + f"; when the best point is on an edge, {EXTENSION_POINTS} more on that side, at most "
-             f"{MAX_EXTENSIONS} times. Best point in bold.", "",
+             f"{MAX_EXTENSIONS} times; then once the log-midpoints between the best point and its neighbours. "
+             f"Best point in bold.", "",
              "| optimizer | step size | grid | validation result at each grid point |", "|---|---|---|---|"]
     for tn in tuned:
         values = [t["value"] for t in tn.trials]

@@ -16,6 +16,7 @@ from ray_s2p.config import ConfigError, RunConfig
 from ray_s2p.distributed.driver import train
 from ray_s2p.sweeps import compare as compare_module
 from ray_s2p.sweeps.compare import ABLATIONS, ALIASES, ALL_OPTIMIZERS, compare, tune_variant, variant_overrides
+from ray_s2p.sweeps.protocol import refinement
 from ray_s2p.sweeps.report import tuning_summary
 from ray_s2p.sweeps.tune import SweepResult, passes_per_step, run_sweep
 
@@ -44,6 +45,17 @@ def test_budget_counts_every_replica(tmp_path, mode):
     assert passes_per_step(cfg) == 8 and result.summary["forward_passes"] == 3 * 8
 
 
+def test_refinement_adds_the_log_midpoints_around_the_best():
+    # MeZO's low-rank Rotten Tomatoes grid: 2.5e-4 kept the start accuracy, 1.6e-3 diverged; the
+    # midpoint 6.3e-4 is what a twice-as-dense grid would have tried.
+    grid = [1e-5, 1e-4, 1e-3, 1e-2]
+    assert refinement(grid, 2) == pytest.approx([10 ** -3.5, 10 ** -2.5])
+    assert refinement(grid, 0) == pytest.approx([10 ** -4.5]) and refinement(grid[::-1], 3) == [pytest.approx(10 ** -2.5)]
+    assert refinement([0.5], 0) == []
+    with pytest.raises(IndexError, match="best index 4 is outside a grid of 4 values"):
+        refinement(grid, 4)
+
+
 def test_every_rule_is_listed_once():
     # zo_sign is S2P option 1 with the sign trick, s2p_opt2 is MeZO: the default list holds neither alias.
     assert not set(ALIASES) & set(ALL_OPTIMIZERS) and set(ALIASES.values()) <= set(ALL_OPTIMIZERS)
@@ -69,14 +81,19 @@ def test_grid_extends_at_its_edge_at_most_twice(tmp_path, monkeypatch, peak, sid
     base = RunConfig.from_dict(smoke_dict(**{"task.test_size": 64}))
     tuned = tune_variant(base, "mezo", tmp_path, trials=5, budget=40, seed=0)  # lr grid over 1e-4 .. 1
     assert tuned.extensions == sides and tuned.on_edge == on_edge
-    assert tuned.points == 5 + 2 * len(sides) and len(calls) == 1 + len(sides)
-    steps = sorted(t["step_size"] for t in tuned.trials)
-    ratios = {round(b / a, 6) for a, b in zip(steps, steps[1:])}
+    refined = 1 if on_edge else 2  # a best on an edge has one neighbour to refine towards
+    assert tuned.refined == refined and calls[-1] == "tune-mezo-refine"
+    assert tuned.points == 5 + 2 * len(sides) + refined and len(calls) == 2 + len(sides)
+    grid = sorted(t["step_size"] for t in tuned.trials if t["round"] <= len(sides))
+    ratios = {round(b / a, 6) for a, b in zip(grid, grid[1:])}
     assert len(ratios) == 1  # the extended grid is still log-spaced
+    steps = sorted(t["step_size"] for t in tuned.trials)
+    assert len(set(steps)) == len(steps)  # the refinement's midpoints are new points
     assert tuned.overrides["optimizer.lr"] == max(tuned.trials, key=lambda t: t["value"])["step_size"]
     text = tuning_summary([tuned], 5)
     if sides:
         assert f"extended {sides[0]} (+2)" in text
+    assert f"refined around the best (+{refined})" in text
     assert ("best still on the" in text) == (on_edge is not None)
 
 
