@@ -17,9 +17,10 @@
 # Time on a quiet 2-core CPU machine (steps timed at 0.10 s for the CNN, 0.28 s for the ResNet and
 # about 0.07 s for the Rotten Tomatoes head; about 55 tuning runs, extensions included, and 65 reruns
 # per full command): (a) about 3 days, (a') about 2 days, (b) about 1.5 days, (d) about 14 hours.
-# (c) measured: a low-rank Rotten Tomatoes trial or run of 15,000 steps took 205-230 s (about 15 ms a
-# step; 2 tuning trials at once), so about 1.5 hours. A busy machine takes 2-4x longer; run in parts
-# with --resume.
+# (c) measured: a low-rank Rotten Tomatoes trial or run of 15,000 steps took 191-243 s (about 15 ms a
+# step; 2 tuning trials at once); the whole command (16 tuning runs, 10 reruns) about 1.2 hours.
+# (a) measured: a CNN tuning trial runs about 18 steps a second with two at once, so about 18 minutes
+# for its 20,000 steps. A busy machine takes 2-4x longer; run in parts with --resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
