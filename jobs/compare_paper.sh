@@ -14,6 +14,8 @@
 #   paired t-test and Wilcoxon p-values, speed-up to the target).
 # Budgets: forward passes per run (a first-order step counts 3). Outputs under runs/compare/<task>_v3/.
 # The commands are independent; an interrupted one continues with the same command plus --resume.
+# Add --parallel-runs 2 to train two seeds at once (one CPU each); the runs' configs stay the same, so
+# --resume reuses runs made either way.
 # Time on a quiet 2-core CPU machine (steps timed at 0.10 s for the CNN, 0.28 s for the ResNet and
 # about 0.07 s for the Rotten Tomatoes head; about 55 tuning runs, extensions included, and 65 reruns
 # per full command): (a) about 3 days, (a') about 2 days, (b) about 1.5 days, (d) about 14 hours.

@@ -52,7 +52,8 @@ def _compare(args: argparse.Namespace) -> int:
     variants = args.optimizers.split(",") if args.optimizers else ALL_OPTIMIZERS
     result = compare(config, args.output, variants=variants, budget=args.budget, trials=args.trials,
                      seeds=[int(s) for s in args.seeds.split(",")], target=args.target,
-                     ablations=not args.no_ablations, resume=args.resume, eval_points=args.eval_points)
+                     ablations=not args.no_ablations, resume=args.resume, eval_points=args.eval_points,
+                     parallel_runs=args.parallel_runs)
     summary = Path(args.output) / "summary.md"
     if summary.is_file():
         print(summary.read_text())
@@ -63,6 +64,13 @@ def _compare(args: argparse.Namespace) -> int:
     if skipped:
         counts += f" ({', '.join(skipped)} not rerun)"
     return _failed("compare", counts, result.failures)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 def register(sub: "argparse._SubParsersAction") -> None:
@@ -100,6 +108,9 @@ def register(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--eval-points", type=int, default=25,
                    help="evaluations per curve at least; the interval is the same for every optimizer")
     p.add_argument("--no-ablations", action="store_true", help="skip the VS2P ablations")
+    p.add_argument("--parallel-runs", type=_positive, default=1, metavar="N",
+                   help="seeds of a rule trained at once, each a one-CPU Ray task (default 1: one after another "
+                        "in this process)")
     p.add_argument("--resume", action="store_true",
                    help="continue in --output: restore finished Tune sweeps, reuse finished runs of the same config")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else local)")

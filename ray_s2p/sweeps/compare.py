@@ -185,37 +185,74 @@ def eval_curve(metrics_path: Path, metric: str = "eval_accuracy") -> list[tuple[
 
 
 def run_seeds(base: RunConfig, name: str, overrides: dict[str, Any], seeds: list[int], out: Path,
-              target: float, interval: int, resume: bool = False) -> list[dict[str, Any]]:
+              target: float, interval: int, resume: bool = False, parallel: int = 1) -> list[dict[str, Any]]:
     """Train the tuned variant once per seed on the test split, evaluated every ``interval`` forward passes.
 
     Finished identical runs are reused when ``resume``. A run that raises becomes a row with its error.
+    With ``parallel`` > 1 up to that many runs train at once, each in a Ray task of one CPU (the
+    configs, and so the run directories ``--resume`` compares, are the same either way).
     """
-    from ..distributed.driver import train
     from .tune import passes_per_step
 
-    rows = []
+    rows: dict[int, dict[str, Any]] = {}
+    pending: list[tuple[int, RunConfig, Path]] = []
     for seed in seeds:
         cfg = base.replace(overrides | {"seed": seed, "progress": False, "task.eval_split": "test"})
         cfg = cfg.replace({"eval_every": max(1, interval // passes_per_step(cfg))})  # same pass counts for all
         run_dir = out / "runs" / f"{name}-seed{seed}"
-        row: dict[str, Any] = {"variant": name, "seed": seed, "split": "test", "eval_interval": interval,
-                               "run_dir": str(run_dir), "error": None, "settings": _settings(overrides)}
+        rows[seed] = {"variant": name, "seed": seed, "split": "test", "eval_interval": interval,
+                      "run_dir": str(run_dir), "error": None, "settings": _settings(overrides)}
+        summary = finished_run(run_dir, cfg) if resume else None
+        if summary is None and resume and run_dir.exists():  # a fallback says what it does, in one line
+            print(f"compare --resume: {run_dir} holds no finished run of this config; running it again",
+                  file=sys.stderr, flush=True)
+        if summary is None:
+            pending.append((seed, cfg, run_dir))
+        else:
+            rows[seed] |= _outcome(summary, run_dir, target)
+    trained = _train_parallel(pending, parallel) if parallel > 1 and len(pending) > 1 else \
+        ((seed, _train_one(cfg, run_dir)) for seed, cfg, run_dir in pending)
+    for seed, result in trained:
+        run_dir = Path(rows[seed]["run_dir"])
+        rows[seed] |= {"error": result} if isinstance(result, str) else _outcome(result, run_dir, target)
+    return [rows[seed] for seed in seeds]
+
+
+def _train_one(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | str:
+    """One run's summary, or its error in one line: one failed run must not lose the others."""
+    from ..distributed.driver import train
+
+    try:
+        return train(cfg, run_dir, overwrite=True, log=lambda m: None).summary
+    except Exception as exc:  # noqa: BLE001 - reported in the run's row and by the command's exit status
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
+
+def _train_parallel(pending: list[tuple[int, RunConfig, Path]], parallel: int):
+    """(seed, summary or error line) of each pending run, at most ``parallel`` Ray tasks of one CPU at once."""
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_retries=0)(_train_one)
+    queue, running = list(pending), {}
+    while queue or running:
+        while queue and len(running) < parallel:
+            seed, cfg, run_dir = queue.pop(0)
+            running[remote.remote(cfg, run_dir)] = seed
+        done, _ = ray.wait(list(running), num_returns=1)
+        seed = running.pop(done[0])
         try:
-            summary = finished_run(run_dir, cfg) if resume else None
-            if summary is None and resume and run_dir.exists():  # a fallback says what it does, in one line
-                print(f"compare --resume: {run_dir} holds no finished run of this config; running it again",
-                      file=sys.stderr, flush=True)
-            if summary is None:
-                summary = train(cfg, run_dir, overwrite=True, log=lambda m: None).summary
-        except Exception as exc:  # noqa: BLE001 - one failed run must not lose the others; it is reported
-            rows.append(row | {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
-            continue
-        final, initial = summary["final_metrics"], summary["initial_metrics"]
-        rows.append(row | {"test_accuracy": final.get("eval_accuracy"), "test_loss": final.get("eval_loss"),
-                           "initial_test_accuracy": initial.get("eval_accuracy"),
-                           "forward_passes": summary["forward_passes"], "wall_seconds": summary["wall_seconds"],
-                           "passes_to_target": interpolated_passes(eval_curve(run_dir / "metrics.parquet"), target)})
-    return rows
+            result = ray.get(done[0])
+        except Exception as exc:  # noqa: BLE001 - the task's worker died: the run failed, the others go on
+            result = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        yield seed, result
+
+
+def _outcome(summary: dict[str, Any], run_dir: Path, target: float) -> dict[str, Any]:
+    final, initial = summary["final_metrics"], summary["initial_metrics"]
+    return {"test_accuracy": final.get("eval_accuracy"), "test_loss": final.get("eval_loss"),
+            "initial_test_accuracy": initial.get("eval_accuracy"), "forward_passes": summary["forward_passes"],
+            "wall_seconds": summary["wall_seconds"],
+            "passes_to_target": interpolated_passes(eval_curve(run_dir / "metrics.parquet"), target)}
 
 
 def _settings(overrides: dict[str, Any]) -> str:
@@ -237,8 +274,10 @@ def check_base(base: RunConfig) -> tuple[RunConfig, RunConfig]:
 
 def compare(base: RunConfig, output: str | Path, *, variants: list[str], budget: int, trials: int,
             seeds: list[int], target: float, ablations: bool = True, tune_seed: int = 0,
-            resume: bool = False, eval_points: int = MIN_EVAL_POINTS) -> Comparison:
+            resume: bool = False, eval_points: int = MIN_EVAL_POINTS, parallel_runs: int = 1) -> Comparison:
     """Tune every variant with equal effort and budget on validation, rerun the best over seeds on test, report.
+
+    ``parallel_runs``: reruns (seeds) trained at once, each a one-CPU Ray task; 1 trains them in this process.
 
     Raises:
         ValueError: the task has no test split.
@@ -258,13 +297,15 @@ def compare(base: RunConfig, output: str | Path, *, variants: list[str], budget:
         tuned.append(tune_variant(tuning_base, name, out / "tune", trials, budget, tune_seed, resume))
         _write_tuning(out, tuned, trials)
         if tuned[-1].overrides is not None:
-            rows += run_seeds(test_base, name, tuned[-1].overrides, seeds, out, target, interval, resume)
+            rows += run_seeds(test_base, name, tuned[-1].overrides, seeds, out, target, interval, resume,
+                              parallel_runs)
         _write(out, rows, tuned, target, interval, budget)
     vs2p = next((t.overrides for t in tuned if t.name == "vs2p"), None)
     if ablations and vs2p is not None:
         for name, change in ABLATIONS.items():
             steps = max(1, budget // passes_per_step(base.replace(vs2p | change)))
-            rows += run_seeds(test_base, name, vs2p | change | {"steps": steps}, seeds, out, target, interval, resume)
+            rows += run_seeds(test_base, name, vs2p | change | {"steps": steps}, seeds, out, target, interval, resume,
+                              parallel_runs)
             _write(out, rows, tuned, target, interval, budget)
     if any(r.get("test_accuracy") is not None for r in rows):
         _plot(out, [r for r in rows if r.get("error") is None], target)

@@ -3,6 +3,7 @@ their edge, one evaluation spacing for all, the tables, --resume, and a non-zero
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -185,3 +186,24 @@ def test_metrics_say_which_split_each_evaluation_read(tmp_path, split):
     evals = [r for r in rows if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 2, 4] and {r["eval_split"] for r in evals} == {split}
     assert all(r["eval_split"] is None for r in rows if r["kind"] == "train")
+
+
+def test_parallel_reruns_train_the_same_runs_as_one_after_another(tmp_path, ray_session):
+    # Two seeds at once, each in a one-CPU Ray task: the same configs, the same final weights, the same rows.
+    from ray_s2p.sweeps.compare import run_seeds
+
+    base = RunConfig.from_dict(smoke_dict(**{"cluster.replicas": 1, "checkpoint_every": 0, "task.test_size": 128,
+                                             "cluster.threads_per_replica": 1}))
+    tuned = {"optimizer.name": "vs2p", "optimizer.eta": 2.0, "steps": 12}
+    one, two = (run_seeds(base, "vs2p", tuned, [0, 1], tmp_path / name, 0.6, 8, parallel=n)
+                for name, n in (("one", 1), ("two", 2)))
+    assert [r["seed"] for r in two] == [0, 1] and all(r["error"] is None for r in one + two)
+    for a, b in zip(one, two):
+        assert {k: v for k, v in a.items() if k not in ("run_dir", "wall_seconds")} == \
+            {k: v for k, v in b.items() if k not in ("run_dir", "wall_seconds")}
+        digests = [json.loads(Path(r["run_dir"], "summary.json").read_text())["final_digest"] for r in (a, b)]
+        assert digests[0] == digests[1]
+    assert one[0]["test_accuracy"] != one[1]["test_accuracy"] or one[0]["test_loss"] != one[1]["test_loss"]
+    with pytest.raises(SystemExit):
+        main(["compare", "--config", str(REPO / "jobs/configs/smoke.yaml"), "--output", str(tmp_path / "x"),
+              "--budget", "10", "--parallel-runs", "0"])
