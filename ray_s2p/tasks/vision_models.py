@@ -29,6 +29,22 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(channels, 8), channels)
 
 
+class MaxPool2x2(nn.Module):
+    """2x2 max-pooling, stride 2, ``ceil_mode`` at odd sizes: the same values as ``nn.MaxPool2d(2, ceil_mode=True)``.
+
+    At even sizes it takes the maximum of the four strided views, which on a CPU is several
+    times faster than the pooling kernel for the small feature maps here (measured about 6x on
+    a 64 x 16 x 28 x 28 map, one thread) and gives bitwise the same output: max is exact and
+    NaN propagates in both. Odd sizes go to the kernel.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 2 or x.shape[-2] % 2:
+            return nn.functional.max_pool2d(x, 2, ceil_mode=True)
+        return torch.maximum(torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2]),
+                             torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]))
+
+
 class ConvBlock(nn.Module):
     """conv3x3 -> GroupNorm -> ReLU (-> 2x2 max-pool)."""
 
@@ -36,7 +52,7 @@ class ConvBlock(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)  # the norm's bias makes a conv bias redundant
         self.norm = group_norm(cout)
-        self.pool = nn.MaxPool2d(2, ceil_mode=True) if pool else nn.Identity()
+        self.pool = MaxPool2x2() if pool else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(torch.relu(self.norm(self.conv(x))))

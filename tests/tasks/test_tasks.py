@@ -512,3 +512,21 @@ def test_uniform_cls_attention_zeroes_the_last_query_and_survives_save(tmp_path)
                      max_length=24, tiny_width=32, options={**options, "cls_attention": "mean"})
     with pytest.raises(TaskError, match="cls_attention"):
         build_task(bad, 0).build_model()
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 28, 28), (3, 8, 14, 14), (2, 4, 7, 7), (2, 4, 6, 9)])
+def test_max_pool_2x2_equals_torch_max_pool_bitwise(shape) -> None:
+    # The CNN's pooling takes the maximum of four strided views at even sizes (faster on a CPU): it must
+    # give exactly the kernel's values, NaN included, and the kernel's at odd sizes.
+    from ray_s2p.tasks.vision_models import MaxPool2x2
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    x[0, 0, 0, 0] = float("nan")
+    x[-1, -1, 2:4, 2:4] = 0.5  # a tied window
+    expected = torch.nn.MaxPool2d(2, ceil_mode=True)(x)
+    got = MaxPool2x2()(x)
+    assert got.shape == expected.shape and torch.equal(got.nan_to_num(-7.0), expected.nan_to_num(-7.0))
+    assert torch.isnan(got[0, 0, 0, 0])
+    low = x.to(torch.bfloat16)
+    assert torch.equal(MaxPool2x2()(low).nan_to_num(-7.0), torch.nn.MaxPool2d(2, ceil_mode=True)(low).nan_to_num(-7.0))
