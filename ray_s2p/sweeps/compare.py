@@ -225,7 +225,11 @@ def _train_one(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | str:
     try:
         return train(cfg, run_dir, overwrite=True, log=lambda m: None).summary
     except Exception as exc:  # noqa: BLE001 - reported in the run's row and by the command's exit status
-        return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        return _one_line(exc)
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
 
 
 def _train_parallel(pending: list[tuple[int, RunConfig, Path]], parallel: int):
@@ -243,7 +247,7 @@ def _train_parallel(pending: list[tuple[int, RunConfig, Path]], parallel: int):
         try:
             result = ray.get(done[0])
         except Exception as exc:  # noqa: BLE001 - the task's worker died: the run failed, the others go on
-            result = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            result = _one_line(exc)
         yield seed, result
 
 
