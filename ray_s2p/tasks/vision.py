@@ -173,15 +173,18 @@ def load_vision_model(directory: Path) -> torch.nn.Module:
 
 def _pixel_matrix(rows, label_column: str, source: str) -> np.ndarray:
     """(N, P) float32 pixels from a ``pixels`` list column or every non-label column."""
-    table = rows.with_format("numpy")[:]
-    if "pixels" in table:
+    if "pixels" in rows.column_names:
+        table = rows.with_format("numpy")[:]
         return np.asarray(np.stack(list(table["pixels"])), dtype=np.float32).reshape(len(rows), -1)
     columns = [c for c in rows.column_names if c != label_column]
     if not columns:
         raise DataError(f"data set {source!r} has no pixel columns besides {label_column!r}. Fix: add a 'pixels' "
                         f"column or one numeric column per pixel")
+    # One Arrow column per pixel: read as Arrow arrays (1,000x fewer Python objects than the numpy formatter,
+    # ~1.4 s -> 0.05 s for MNIST's 784 columns); with_format("arrow") keeps a selection's row order.
+    arrow = rows.with_format("arrow")[:]
     try:
-        return np.stack([np.asarray(table[c], dtype=np.float32) for c in columns], axis=1)
+        return np.stack([arrow.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in columns], axis=1)
     except (TypeError, ValueError) as exc:
         raise DataError(f"data set {source!r}: pixel columns must be numeric ({exc}). Fix: keep only the label and "
                         f"pixel columns") from exc
