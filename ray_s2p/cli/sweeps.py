@@ -53,7 +53,7 @@ def _compare(args: argparse.Namespace) -> int:
     result = compare(config, args.output, variants=variants, budget=args.budget, trials=args.trials,
                      seeds=[int(s) for s in args.seeds.split(",")], target=args.target,
                      ablations=not args.no_ablations, resume=args.resume, eval_points=args.eval_points,
-                     parallel_runs=args.parallel_runs)
+                     parallel_runs=args.parallel_runs, trial_cpus=args.trial_cpus)
     summary = Path(args.output) / "summary.md"
     if summary.is_file():
         print(summary.read_text())
@@ -111,6 +111,9 @@ def register(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--parallel-runs", type=_positive, default=1, metavar="N",
                    help="seeds of a rule trained at once, each a one-CPU Ray task (default 1: one after another "
                         "in this process)")
+    p.add_argument("--trial-cpus", type=float, default=1.0, metavar="N",
+                   help="CPUs each tuning trial reserves (default 1: as many trials at once as the cluster has "
+                        "CPUs; on a small machine one trial with every CPU can finish sooner than several with one)")
     p.add_argument("--resume", action="store_true",
                    help="continue in --output: restore finished Tune sweeps, reuse finished runs of the same config")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else local)")

@@ -98,7 +98,7 @@ class Comparison:
 
 
 def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget: int, seed: int,
-                 resume: bool = False) -> Tuned:
+                 resume: bool = False, trial_cpus: float = 1.0) -> Tuned:
     """Best step size of one variant on the validation split, from a log-spaced grid extended at its edge
     and then refined once around its best point (``protocol.refinement``).
 
@@ -110,6 +110,7 @@ def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget:
         budget: forward passes per trial.
         seed: the trials' run seed.
         resume: restore sweeps that already exist in ``storage``.
+        trial_cpus: CPUs each trial reserves (its in-process replicas run with that many threads).
     """
     from .tune import grid_points, run_sweep, step_size_key
 
@@ -124,7 +125,7 @@ def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget:
         restore = resume and (storage / label).is_dir()
         # Trials evaluate once, at the end: tuning reads only the final validation metric.
         result = run_sweep(cfg, storage, name=label, optimizers=[fixed["optimizer.name"]], budget=budget,
-                           asha=False, driver_cpus=1.0, seed=seed, points=grid_points(key, values),
+                           asha=False, driver_cpus=trial_cpus, seed=seed, points=grid_points(key, values),
                            trial_overrides={"eval_every": 0}, restore=restore)
         metric, mode = result.metric, result.mode
         for row in result.rows:
@@ -278,10 +279,12 @@ def check_base(base: RunConfig) -> tuple[RunConfig, RunConfig]:
 
 def compare(base: RunConfig, output: str | Path, *, variants: list[str], budget: int, trials: int,
             seeds: list[int], target: float, ablations: bool = True, tune_seed: int = 0,
-            resume: bool = False, eval_points: int = MIN_EVAL_POINTS, parallel_runs: int = 1) -> Comparison:
+            resume: bool = False, eval_points: int = MIN_EVAL_POINTS, parallel_runs: int = 1,
+            trial_cpus: float = 1.0) -> Comparison:
     """Tune every variant with equal effort and budget on validation, rerun the best over seeds on test, report.
 
     ``parallel_runs``: reruns (seeds) trained at once, each a one-CPU Ray task; 1 trains them in this process.
+    ``trial_cpus``: CPUs each tuning trial reserves (Ray runs as many trials at once as fit).
 
     Raises:
         ValueError: the task has no test split.
@@ -298,7 +301,7 @@ def compare(base: RunConfig, output: str | Path, *, variants: list[str], budget:
     rows: list[dict[str, Any]] = []
     tuned: list[Tuned] = []
     for name in variants:
-        tuned.append(tune_variant(tuning_base, name, out / "tune", trials, budget, tune_seed, resume))
+        tuned.append(tune_variant(tuning_base, name, out / "tune", trials, budget, tune_seed, resume, trial_cpus))
         _write_tuning(out, tuned, trials)
         if tuned[-1].overrides is not None:
             rows += run_seeds(test_base, name, tuned[-1].overrides, seeds, out, target, interval, resume,

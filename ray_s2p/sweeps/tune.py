@@ -126,6 +126,14 @@ def _trainable(params: dict[str, Any]) -> None:
     base = RunConfig.from_dict(params["base_config"])
     overrides = dict(params["point"])
     config = base.replace(overrides).replace({"progress": False})
+    if not config.cluster.use_ray and not config.cluster.threads_per_replica:
+        import ray
+        import torch
+
+        # In-process replicas compute in this trial's worker: one thread per CPU the trial reserved.
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if cpus:
+            torch.set_num_threads(max(1, int(cpus)))
     run_dir = Path(tempfile.mkdtemp(prefix="ray_s2p_trial_")) / "run"
     resume = False
     checkpoint = tune.get_checkpoint()
