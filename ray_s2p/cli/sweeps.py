@@ -53,7 +53,8 @@ def _compare(args: argparse.Namespace) -> int:
     result = compare(config, args.output, variants=variants, budget=args.budget, trials=args.trials,
                      seeds=[int(s) for s in args.seeds.split(",")], target=args.target,
                      ablations=not args.no_ablations, resume=args.resume, eval_points=args.eval_points,
-                     parallel_runs=args.parallel_runs, trial_cpus=args.trial_cpus)
+                     parallel_runs=args.parallel_runs, trial_cpus=args.trial_cpus,
+                     progress=args.progress)
     summary = Path(args.output) / "summary.md"
     if summary.is_file():
         print(summary.read_text())
@@ -115,6 +116,10 @@ def register(sub: "argparse._SubParsersAction") -> None:
                    help="CPUs each tuning trial reserves (default 1: as many trials at once as the cluster has "
                         "CPUs; on a small machine one trial with every CPU can finish sooner than several with one)")
     p.add_argument("--resume", action="store_true",
-                   help="continue in --output: restore finished Tune sweeps, reuse finished runs of the same config")
+                   help="continue in --output: take finished sweeps and runs of the same inputs from the progress "
+                        "file, else restore finished Tune sweeps and reuse finished run directories")
+    p.add_argument("--progress", metavar="FILE",
+                   help="progress file recording every finished sweep and run, a few KB each (default "
+                        "OUTPUT/progress.json); copied to another machine, --resume continues from it there")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else local)")
     p.set_defaults(func=_compare)

@@ -22,17 +22,22 @@ from ..files import atomic_path
 from .curves import load_curves
 
 
-def seed_band(run_dirs: Sequence[Path]) -> tuple[list[float], list[float], list[float], list[float]]:
+def seed_band(runs: Sequence[Path | Sequence[tuple[float, float | None]]]
+              ) -> tuple[list[float], list[float], list[float], list[float]]:
     """(forward passes, mean, min, max) of eval accuracy over runs, at the points every run evaluated.
 
+    Args:
+        runs: per run, its directory or its (forward passes, accuracy) evaluations.
+
     Raises:
-        ValueError: a run has no metrics.parquet (from ``plot.load_curves``).
+        ValueError: a run directory has no metrics.parquet (from ``plot.load_curves``).
     """
     per_run = []
-    for run_dir in run_dirs:
-        curves = load_curves(Path(run_dir))
-        per_run.append({float(x): float(y) for x, y in zip(curves.eval_passes, curves.eval_values["eval_accuracy"])
-                        if x is not None and y is not None})
+    for run in runs:
+        if isinstance(run, (str, Path)):
+            curves = load_curves(Path(run))
+            run = list(zip(curves.eval_passes, curves.eval_values["eval_accuracy"]))
+        per_run.append({float(x): float(y) for x, y in run if x is not None and y is not None})
     common = sorted(set.intersection(*(set(r) for r in per_run))) if per_run else []
     values = [[r[x] for r in per_run] for x in common]
     return (common, [statistics.fmean(v) for v in values], [min(v) for v in values], [max(v) for v in values])
@@ -40,18 +45,18 @@ def seed_band(run_dirs: Sequence[Path]) -> tuple[list[float], list[float], list[
 
 def plot_comparison(rows: Sequence[dict[str, Any]], output: str | Path, *, target: float | None = None,
                     ablation_names: Sequence[str] = (), ylabel: str = "held-out accuracy") -> Path:
-    """Write the comparison PNG from ``compare``'s result rows (variant, run_dir per seed).
+    """Write the comparison PNG from ``compare``'s result rows (variant, and curve or run_dir, per seed).
 
     Args:
-        rows: one row per run, with ``variant`` and ``run_dir``.
+        rows: one row per run, with ``variant`` and its ``curve`` (evaluations) or ``run_dir``.
         output: the PNG path (written atomically).
         target: accuracy drawn as a dotted horizontal line (the ``--target``), if given.
         ablation_names: variants drawn in the right panel together with ``vs2p``.
         ylabel: what the runs' eval accuracy measured (``compare``'s reruns evaluate the test split).
     """
-    by_variant: dict[str, list[Path]] = {}
+    by_variant: dict[str, list] = {}
     for r in rows:
-        by_variant.setdefault(r["variant"], []).append(Path(r["run_dir"]))
+        by_variant.setdefault(r["variant"], []).append(r["curve"] if r.get("curve") else Path(r["run_dir"]))
     main = [v for v in by_variant if v not in ablation_names]
     ablations = [v for v in ("vs2p", *ablation_names) if v in by_variant and (v != "vs2p" or len(by_variant) > 1)]
     panels = [("optimizers", main)] + ([("VS2P ablations", ablations)] if any(

@@ -50,6 +50,8 @@ from ..files import atomic_path, write_text
 from .protocol import (MAX_EXTENSIONS, MIN_EVAL_POINTS, best_index, edge_side, eval_interval, extension, log_grid,
                        refinement)
 from .protocol import passes_to_target as interpolated_passes
+from .progress import FILE_NAME as PROGRESS_FILE
+from .progress import Progress, fingerprint
 from .report import summarise, tuning_summary
 
 ALL_OPTIMIZERS = ["vs2p", "s2p_opt1", "s2p_opt4", "mezo", "zo_signsgd", "stp", "random_search", "sgd", "adamw"]
@@ -98,7 +100,7 @@ class Comparison:
 
 
 def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget: int, seed: int,
-                 resume: bool = False, trial_cpus: float = 1.0) -> Tuned:
+                 resume: bool = False, trial_cpus: float = 1.0, progress: Progress | None = None) -> Tuned:
     """Best step size of one variant on the validation split, from a log-spaced grid extended at its edge
     and then refined once around its best point (``protocol.refinement``).
 
@@ -111,6 +113,7 @@ def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget:
         seed: the trials' run seed.
         resume: restore sweeps that already exist in ``storage``.
         trial_cpus: CPUs each trial reserves (its in-process replicas run with that many threads).
+        progress: finished sweeps are recorded there and, when ``resume``, taken from there.
     """
     from .tune import grid_points, run_sweep, step_size_key
 
@@ -122,13 +125,21 @@ def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget:
 
     def sweep(values: list[float], label: str, round_: int) -> None:
         nonlocal metric, mode
-        restore = resume and (storage / label).is_dir()
         # Trials evaluate once, at the end: tuning reads only the final validation metric.
-        result = run_sweep(cfg, storage, name=label, optimizers=[fixed["optimizer.name"]], budget=budget,
-                           asha=False, driver_cpus=trial_cpus, seed=seed, points=grid_points(key, values),
-                           trial_overrides={"eval_every": 0}, restore=restore)
-        metric, mode = result.metric, result.mode
-        for row in result.rows:
+        points, overrides = grid_points(key, values), {"eval_every": 0}
+        inputs = fingerprint({"config": cfg.to_dict(), "points": points, "budget": budget, "trials": overrides})
+        done = progress.sweep(label, inputs) if progress is not None and resume else None
+        if done is None:
+            restore = resume and (storage / label).is_dir()
+            result = run_sweep(cfg, storage, name=label, optimizers=[fixed["optimizer.name"]], budget=budget,
+                               asha=False, driver_cpus=trial_cpus, seed=seed, points=points,
+                               trial_overrides=overrides, restore=restore)
+            # A sweep with a failed trial is not kept: a resume retries it (Tune's resume_errored).
+            if progress is not None and not result.failed():
+                progress.record_sweep(label, inputs, result.metric, result.mode, result.rows)
+            done = {"metric": result.metric, "mode": result.mode, "rows": result.rows}
+        metric, mode = done["metric"], done["mode"]
+        for row in done["rows"]:
             value = row.get(key)
             if value is not None:
                 results[float(value)] = dict(row, round=round_)
@@ -186,16 +197,19 @@ def eval_curve(metrics_path: Path, metric: str = "eval_accuracy") -> list[tuple[
 
 
 def run_seeds(base: RunConfig, name: str, overrides: dict[str, Any], seeds: list[int], out: Path,
-              target: float, interval: int, resume: bool = False, parallel: int = 1) -> list[dict[str, Any]]:
+              target: float, interval: int, resume: bool = False, parallel: int = 1,
+              progress: Progress | None = None) -> list[dict[str, Any]]:
     """Train the tuned variant once per seed on the test split, evaluated every ``interval`` forward passes.
 
-    Finished identical runs are reused when ``resume``. A run that raises becomes a row with its error.
-    With ``parallel`` > 1 up to that many runs train at once, each in a Ray task of one CPU (the
-    configs, and so the run directories ``--resume`` compares, are the same either way).
+    Finished identical runs are reused when ``resume``: from ``progress`` (any machine), else from their
+    run directory. A run that raises becomes a row with its error. With ``parallel`` > 1 up to that many
+    runs train at once, each in a Ray task of one CPU (the configs, and so the run directories and
+    fingerprints ``--resume`` compares, are the same either way).
     """
     from .tune import passes_per_step
 
     rows: dict[int, dict[str, Any]] = {}
+    keys: dict[int, str] = {}
     pending: list[tuple[int, RunConfig, Path]] = []
     for seed in seeds:
         cfg = base.replace(overrides | {"seed": seed, "progress": False, "task.eval_split": "test"})
@@ -203,19 +217,31 @@ def run_seeds(base: RunConfig, name: str, overrides: dict[str, Any], seeds: list
         run_dir = out / "runs" / f"{name}-seed{seed}"
         rows[seed] = {"variant": name, "seed": seed, "split": "test", "eval_interval": interval,
                       "run_dir": str(run_dir), "error": None, "settings": _settings(overrides)}
-        summary = finished_run(run_dir, cfg) if resume else None
-        if summary is None and resume and run_dir.exists():  # a fallback says what it does, in one line
-            print(f"compare --resume: {run_dir} holds no finished run of this config; running it again",
-                  file=sys.stderr, flush=True)
-        if summary is None:
+        keys[seed] = fingerprint(cfg.to_dict())
+        done = progress.run(f"{name}-seed{seed}", keys[seed]) if progress is not None and resume else None
+        if done is None and resume:
+            summary = finished_run(run_dir, cfg)
+            if summary is not None:
+                done = {"summary": summary, "curve": eval_curve(run_dir / "metrics.parquet")}
+                if progress is not None:
+                    progress.record_run(f"{name}-seed{seed}", keys[seed], summary, done["curve"])
+            elif run_dir.exists():  # a fallback says what it does, in one line
+                print(f"compare --resume: {run_dir} holds no finished run of this config; running it again",
+                      file=sys.stderr, flush=True)
+        if done is None:
             pending.append((seed, cfg, run_dir))
         else:
-            rows[seed] |= _outcome(summary, run_dir, target)
+            rows[seed] |= _outcome(done["summary"], done["curve"], target)
     trained = _train_parallel(pending, parallel) if parallel > 1 and len(pending) > 1 else \
         ((seed, _train_one(cfg, run_dir)) for seed, cfg, run_dir in pending)
     for seed, result in trained:
-        run_dir = Path(rows[seed]["run_dir"])
-        rows[seed] |= {"error": result} if isinstance(result, str) else _outcome(result, run_dir, target)
+        if isinstance(result, str):
+            rows[seed] |= {"error": result}
+            continue
+        curve = eval_curve(Path(rows[seed]["run_dir"]) / "metrics.parquet")
+        if progress is not None:
+            progress.record_run(f"{name}-seed{seed}", keys[seed], result, curve)
+        rows[seed] |= _outcome(result, curve, target)
     return [rows[seed] for seed in seeds]
 
 
@@ -252,12 +278,12 @@ def _train_parallel(pending: list[tuple[int, RunConfig, Path]], parallel: int):
         yield seed, result
 
 
-def _outcome(summary: dict[str, Any], run_dir: Path, target: float) -> dict[str, Any]:
+def _outcome(summary: dict[str, Any], curve: list[tuple[float, float | None]], target: float) -> dict[str, Any]:
     final, initial = summary["final_metrics"], summary["initial_metrics"]
     return {"test_accuracy": final.get("eval_accuracy"), "test_loss": final.get("eval_loss"),
             "initial_test_accuracy": initial.get("eval_accuracy"), "forward_passes": summary["forward_passes"],
-            "wall_seconds": summary["wall_seconds"],
-            "passes_to_target": interpolated_passes(eval_curve(run_dir / "metrics.parquet"), target)}
+            "wall_seconds": summary["wall_seconds"], "curve": curve,
+            "passes_to_target": interpolated_passes(curve, target)}
 
 
 def _settings(overrides: dict[str, Any]) -> str:
@@ -280,19 +306,22 @@ def check_base(base: RunConfig) -> tuple[RunConfig, RunConfig]:
 def compare(base: RunConfig, output: str | Path, *, variants: list[str], budget: int, trials: int,
             seeds: list[int], target: float, ablations: bool = True, tune_seed: int = 0,
             resume: bool = False, eval_points: int = MIN_EVAL_POINTS, parallel_runs: int = 1,
-            trial_cpus: float = 1.0) -> Comparison:
+            trial_cpus: float = 1.0, progress: str | Path | None = None) -> Comparison:
     """Tune every variant with equal effort and budget on validation, rerun the best over seeds on test, report.
 
     ``parallel_runs``: reruns (seeds) trained at once, each a one-CPU Ray task; 1 trains them in this process.
     ``trial_cpus``: CPUs each tuning trial reserves (Ray runs as many trials at once as fit).
+    ``progress``: the progress file (default ``OUTPUT/progress.json``, ``progress.py``): every finished
+    sweep and run is recorded there, and with ``resume`` taken from there when its inputs are the same.
 
     Raises:
-        ValueError: the task has no test split.
+        ValueError: the task has no test split, or the progress file is unreadable.
     """
     from .tune import passes_per_step
 
     tuning_base, test_base = check_base(base)
     out = Path(output)
+    record = Progress.load(progress if progress is not None else out / PROGRESS_FILE)  # before writing anything
     out.mkdir(parents=True, exist_ok=True)
     costs = [passes_per_step(base.replace(variant_overrides(n))) for n in variants]
     if ablations and "vs2p" in variants:
@@ -301,18 +330,19 @@ def compare(base: RunConfig, output: str | Path, *, variants: list[str], budget:
     rows: list[dict[str, Any]] = []
     tuned: list[Tuned] = []
     for name in variants:
-        tuned.append(tune_variant(tuning_base, name, out / "tune", trials, budget, tune_seed, resume, trial_cpus))
+        tuned.append(tune_variant(tuning_base, name, out / "tune", trials, budget, tune_seed, resume, trial_cpus,
+                                  record))
         _write_tuning(out, tuned, trials)
         if tuned[-1].overrides is not None:
             rows += run_seeds(test_base, name, tuned[-1].overrides, seeds, out, target, interval, resume,
-                              parallel_runs)
+                              parallel_runs, record)
         _write(out, rows, tuned, target, interval, budget)
     vs2p = next((t.overrides for t in tuned if t.name == "vs2p"), None)
     if ablations and vs2p is not None:
         for name, change in ABLATIONS.items():
             steps = max(1, budget // passes_per_step(base.replace(vs2p | change)))
             rows += run_seeds(test_base, name, vs2p | change | {"steps": steps}, seeds, out, target, interval, resume,
-                              parallel_runs)
+                              parallel_runs, record)
             _write(out, rows, tuned, target, interval, budget)
     if any(r.get("test_accuracy") is not None for r in rows):
         _plot(out, [r for r in rows if r.get("error") is None], target)
@@ -340,7 +370,7 @@ def _write_tuning(out: Path, tuned: list[Tuned], trials: int) -> None:
 
 def _write(out: Path, rows: list[dict[str, Any]], tuned: list[Tuned], target: float, interval: int,
            budget: int) -> None:
-    keys = sorted({k for r in rows for k in r})
+    keys = sorted({k for r in rows for k in r} - {"curve"})  # the curves are in the runs' metrics and progress.json
     table = pa.table({k: [r.get(k) for r in rows] for k in keys})
     with atomic_path(out / "results.parquet") as tmp:
         pq.write_table(table, tmp)

@@ -144,10 +144,12 @@ def test_compare_tunes_on_validation_reports_test_and_resume_reruns_only_what_ch
     assert pq.read_table(tmp_path / "cmp" / "results.parquet").num_rows == len(rows)
     assert pq.read_table(tmp_path / "cmp" / "tuning.parquet").column("split").to_pylist() == ["validation"] * 2
 
-    # --resume: identical finished runs are reused; a run whose files are gone is run again.
+    # --resume from the run directories alone (an output without its progress file): identical finished
+    # runs are reused and recorded again; a run whose files are gone is run again.
     stamps = {r["run_dir"]: Path(r["run_dir"], "summary.json").stat().st_mtime_ns for r in rows}
     gone = rows[1]["run_dir"]
     Path(gone, "summary.json").unlink()
+    (tmp_path / "cmp" / "progress.json").unlink()
     capsys.readouterr()
     again = compare(base, tmp_path / "cmp", resume=True, **kwargs).rows
     said = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("compare --resume:")]
@@ -156,6 +158,8 @@ def test_compare_tunes_on_validation_reports_test_and_resume_reruns_only_what_ch
         [(r["variant"], r["seed"], r["test_accuracy"]) for r in rows]
     rerun = [d for d, t in stamps.items() if d == gone or Path(d, "summary.json").stat().st_mtime_ns != t]
     assert rerun == [gone]
+    recorded = json.loads((tmp_path / "cmp" / "progress.json").read_text())["runs"]
+    assert sorted(recorded) == sorted(Path(r["run_dir"]).name for r in rows)
 
 
 def test_tune_and_compare_exit_non_zero_with_one_line_when_a_trial_failed(tmp_path, ray_session, capsys):
