@@ -66,7 +66,7 @@ def test_every_rule_is_listed_once():
 def fake_sweep(peak: float, calls: list):
     """A stand-in for run_sweep: the validation accuracy of a step size peaks at ``peak`` (no Ray)."""
     def run(cfg, storage, *, name, points, trial_overrides, **kwargs):
-        assert cfg.task.eval_split == "validation" and trial_overrides == {"eval_every": 0}
+        assert cfg.task.eval_split == "validation" and trial_overrides == {"eval_every": 0, "log_every": 40 // passes_per_step(cfg)}
         calls.append(name)
         rows = [{"optimizer": cfg.optimizer.name, "steps": 10, **p, "split": "validation", "error": None,
                  "eval_accuracy": 0.9 - 0.1 * abs(math.log10(p["optimizer.lr"] / peak))} for p in points]
