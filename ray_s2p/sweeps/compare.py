@@ -135,8 +135,9 @@ def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget:
             result = run_sweep(cfg, storage, name=label, optimizers=[fixed["optimizer.name"]], budget=budget,
                                asha=False, driver_cpus=trial_cpus, seed=seed, points=points,
                                trial_overrides=overrides, restore=restore)
-            # A sweep with a failed trial is not kept: a resume retries it (Tune's resume_errored).
-            if progress is not None and not result.failed():
+            # Failed trials are kept with their error: they failed after Tune's retries (a diverging step
+            # size, most often), count as the worst point, and would fail the same way on another machine.
+            if progress is not None:
                 progress.record_sweep(label, inputs, result.metric, result.mode, result.rows)
             done = {"metric": result.metric, "mode": result.mode, "rows": result.rows}
         metric, mode = done["metric"], done["mode"]

@@ -82,7 +82,7 @@ class Progress:
         return entry if entry is not None and entry.get("fingerprint") == key else None
 
     def record_sweep(self, label: str, key: str, metric: str, mode: str, rows: list[dict[str, Any]]) -> None:
-        """Keep a sweep whose every trial finished, and save."""
+        """Keep a finished sweep (failed trials with their error, as Tune ended them), and save."""
         self.sweeps[label] = {"fingerprint": key, "metric": metric, "mode": mode, "rows": rows}
         self.save()
 

@@ -53,11 +53,15 @@ def test_a_foreign_progress_file_is_refused_and_kept(tmp_path, text, message):
 
 
 def fake_sweep(calls: list):
-    """run_sweep without Ray: validation accuracy peaks at lr 0.01."""
+    """run_sweep without Ray: validation accuracy peaks at lr 0.01; lr above 0.2 diverges (a failed trial)."""
     def run(cfg, storage, *, name, points, trial_overrides, **kwargs):
         calls.append(name)
         rows = [{"optimizer": cfg.optimizer.name, "steps": 20, **p, "split": "validation", "error": None,
                  "eval_accuracy": 0.9 - 0.1 * abs(math.log10(p["optimizer.lr"] / 0.01))} for p in points]
+        for row in rows:
+            if row["optimizer.lr"] > 0.2:
+                row.update({"eval_accuracy": None, "error": "TrainingError: 20 steps in a row had only non-finite "
+                                                            "losses"})
         return SweepResult(rows, "eval_accuracy", "max")
     return run
 
@@ -70,7 +74,8 @@ def test_a_comparison_continues_from_its_progress_file_alone(tmp_path, monkeypat
     base = RunConfig.from_dict(smoke_dict(**{"cluster.replicas": 1, "checkpoint_every": 0, "task.test_size": 128}))
     kwargs = dict(variants=["mezo"], budget=40, trials=5, seeds=[0, 1], target=0.55, ablations=False, eval_points=4)
     first = compare(base, tmp_path / "a", **kwargs)
-    assert first.failures == [] and len(calls) == 2  # the grid, then its refinement
+    assert len(calls) == 2  # the grid, then its refinement
+    assert len(first.failures) == 1 and first.failures[0].startswith("tuning mezo lr=0.398: TrainingError")
     saved = json.loads((tmp_path / "a" / "progress.json").read_text())
     assert sorted(saved["sweeps"]) == ["tune-mezo", "tune-mezo-refine"] and sorted(saved["runs"]) == \
         ["mezo-seed0", "mezo-seed1"]
@@ -83,7 +88,7 @@ def test_a_comparison_continues_from_its_progress_file_alone(tmp_path, monkeypat
         raise AssertionError("a finished run was trained again")
     monkeypatch.setattr(compare_module, "_train_one", no_training)
     second = compare(base, tmp_path / "b", resume=True, progress=tmp_path / "b" / "elsewhere.json", **kwargs)
-    assert calls == [] and second.failures == []
+    assert calls == [] and second.failures == first.failures  # the diverged trial is recorded, not retried
     keys = ("variant", "seed", "test_accuracy", "initial_test_accuracy", "forward_passes", "passes_to_target")
     assert [[r[k] for k in keys] for r in second.rows] == [[r[k] for k in keys] for r in first.rows]
     assert second.rows[0]["curve"] == [list(p) for p in first.rows[0]["curve"]]
