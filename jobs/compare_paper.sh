@@ -14,15 +14,20 @@
 #   paired t-test and Wilcoxon p-values, speed-up to the target).
 # Budgets: forward passes per run (a first-order step counts 3). Outputs under runs/compare/<task>_v3/.
 # The commands are independent; an interrupted one continues with the same command plus --resume.
-# Add --parallel-runs 2 to train two seeds at once (one CPU each); the runs' configs stay the same, so
-# --resume reuses runs made either way.
-# Time on a quiet 2-core CPU machine (steps timed at 0.10 s for the CNN, 0.28 s for the ResNet and
-# about 0.07 s for the Rotten Tomatoes head; about 55 tuning runs, extensions included, and 65 reruns
-# per full command): (a) about 3 days, (a') about 2 days, (b) about 1.5 days, (d) about 14 hours.
+# Each records what it finished in docs/results/progress/<task>_v3.json (--progress): trial rows, run
+# numbers and test curves under a fingerprint of their inputs, a few KB each. Commit that file and a
+# later --resume on any machine continues from it, without the Tune storage or run directories.
+# --parallel-runs 2 trains two seeds at once (one CPU each); tuning trials take one CPU each by default
+# (--trial-cpus), so two run at once. On the 2-core CPU machine two one-thread CNN runs at once made 90
+# steps a second together, one two-thread run 56 (1,500 steps each, 2026-12-03).
+# Time on a quiet 2-core CPU machine, measured 2026-12-03 for (a): a 20,000-step CNN tuning trial about
+# 7 minutes with two at once, a test rerun (25 evaluations of 1,000 images) 320-380 s with two at once;
+# one rule (7-9 tuning trials, 5 reruns) about 45-60 minutes, so (a) with its 9 rules and 4 ablations
+# about 10 hours; (a') and (b) were timed before the tuning-report fix below and need new timings.
+# Before 2026-12-03 every tuning trial reported to Tune every 50 steps and waited for Tune's controller
+# each time, which made a CNN trial about 3x slower; the timings of (c) below are from then.
 # (c) measured: a low-rank Rotten Tomatoes trial or run of 15,000 steps took 191-243 s (about 15 ms a
 # step; 2 tuning trials at once); the whole command (16 tuning runs, 10 reruns) about 1.2 hours.
-# (a) measured: a CNN tuning trial of 20,000 steps took about 13 minutes with two at once (26 steps a
-# second each; 27 minutes with the max-pooling kernel used before) and about 10 minutes alone. A busy machine takes 2-4x longer; run in parts with --resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -31,8 +36,11 @@ SEEDS=0,1,2,3,4
 TRIALS=5
 
 # (a) MNIST-5k, small CNN (width 16, 14 k parameters): 3,500 train / 500 validation / 1,000 test images,
-#     40,000 forward passes per run, every optimizer and the VS2P ablations.
+#     40,000 forward passes per run, every optimizer and the VS2P ablations. VS2P's rivals in the paper's
+#     claims first (MeZO, STP, the sign rules), so that a comparison run in parts answers those first.
 ray-s2p compare --config jobs/configs/mnist5k_cnn.yaml --output runs/compare/mnist5k_cnn_v3 \
+  --progress docs/results/progress/mnist5k_cnn_v3.json --parallel-runs 2 \
+  --optimizers vs2p,mezo,stp,zo_signsgd,s2p_opt1,s2p_opt4,random_search,adamw,sgd \
   --set cluster.use_ray=false --set cluster.replicas=1 --set task.tiny_width=16 \
   --set checkpoint_every=0 --set task.eval_size=500 --set task.test_size=1000 \
   --budget 40000 --trials "$TRIALS" --seeds "$SEEDS" --target 0.5
@@ -40,6 +48,7 @@ ray-s2p compare --config jobs/configs/mnist5k_cnn.yaml --output runs/compare/mni
 # (a') MNIST-5k, ResNet-18-style network (GroupNorm, width 16, 0.7 M parameters), same split,
 #      12,000 forward passes per run, every optimizer, no ablations (a step costs ~6x a CNN step).
 ray-s2p compare --config jobs/configs/mnist5k_resnet18.yaml --output runs/compare/mnist5k_resnet18_v3 \
+  --progress docs/results/progress/mnist5k_resnet18_v3.json --parallel-runs 2 \
   --set cluster.use_ray=false --set cluster.replicas=1 \
   --set checkpoint_every=0 --set task.eval_size=500 --set task.test_size=1000 \
   --budget 12000 --trials "$TRIALS" --seeds "$SEEDS" --target 0.3 --no-ablations
@@ -48,6 +57,7 @@ ray-s2p compare --config jobs/configs/mnist5k_resnet18.yaml --output runs/compar
 #     validation, 1,000 test; its cosine decay of lr/eta, which the first-order references ignore),
 #     Gaussian directions, 30,000 forward passes per run, every optimizer and the VS2P ablations.
 ray-s2p compare --config jobs/configs/default.yaml --output runs/compare/rt_minilm_v3 \
+  --progress docs/results/progress/rt_minilm_v3.json --parallel-runs 2 \
   --set cluster.use_ray=false --set cluster.replicas=1 --set cluster.mode=direction \
   --set task.train_size=2048 --set task.eval_size=500 --set task.test_size=1000 \
   --set task.options.feature_cache_mb=1024 --set checkpoint_every=0 --set optimizer.directions=1 \
@@ -56,12 +66,14 @@ ray-s2p compare --config jobs/configs/default.yaml --output runs/compare/rt_mini
 
 # (c), (d) Low-rank directions (rank 2) on (b) and (a): VS2P and MeZO, the same protocol and budgets.
 ray-s2p compare --config jobs/configs/default.yaml --output runs/compare/rt_minilm_lowrank_v3 \
+  --progress docs/results/progress/rt_minilm_lowrank_v3.json --parallel-runs 2 \
   --set cluster.use_ray=false --set cluster.replicas=1 --set cluster.mode=direction \
   --set task.train_size=2048 --set task.eval_size=500 --set task.test_size=1000 \
   --set task.options.feature_cache_mb=1024 --set checkpoint_every=0 --set optimizer.directions=1 \
   --set perturbation.distribution=lowrank --optimizers vs2p,mezo --no-ablations \
   --budget 30000 --trials "$TRIALS" --seeds "$SEEDS" --target 0.65
 ray-s2p compare --config jobs/configs/mnist5k_cnn.yaml --output runs/compare/mnist5k_cnn_lowrank_v3 \
+  --progress docs/results/progress/mnist5k_cnn_lowrank_v3.json --parallel-runs 2 \
   --set cluster.use_ray=false --set cluster.replicas=1 --set task.tiny_width=16 \
   --set checkpoint_every=0 --set task.eval_size=500 --set task.test_size=1000 \
   --set perturbation.distribution=lowrank --optimizers vs2p,mezo --no-ablations \
