@@ -51,7 +51,7 @@ class Progress:
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Progress":
+    def load(cls, path: str | Path) -> Progress:
         """The progress in ``path``, or an empty one when the file does not exist yet.
 
         Raises:

@@ -72,7 +72,8 @@ def test_a_comparison_continues_from_its_progress_file_alone(tmp_path, monkeypat
     calls: list = []
     monkeypatch.setattr("ray_s2p.sweeps.tune.run_sweep", fake_sweep(calls))
     base = RunConfig.from_dict(smoke_dict(**{"cluster.replicas": 1, "checkpoint_every": 0, "task.test_size": 128}))
-    kwargs = dict(variants=["mezo"], budget=40, trials=5, seeds=[0, 1], target=0.55, ablations=False, eval_points=4)
+    kwargs = {"variants": ["mezo"], "budget": 40, "trials": 5, "seeds": [0, 1], "target": 0.55, "ablations": False,
+              "eval_points": 4}
     first = compare(base, tmp_path / "a", **kwargs)
     assert len(calls) == 2  # the grid, then its refinement
     assert len(first.failures) == 1 and first.failures[0].startswith("tuning mezo lr=0.398: TrainingError")
@@ -105,7 +106,8 @@ def test_without_resume_the_progress_file_is_written_not_read(tmp_path, monkeypa
     calls: list = []
     monkeypatch.setattr("ray_s2p.sweeps.tune.run_sweep", fake_sweep(calls))
     base = RunConfig.from_dict(smoke_dict(**{"cluster.replicas": 1, "checkpoint_every": 0, "task.test_size": 128}))
-    kwargs = dict(variants=["mezo"], budget=40, trials=5, seeds=[0], target=0.55, ablations=False, eval_points=4)
+    kwargs = {"variants": ["mezo"], "budget": 40, "trials": 5, "seeds": [0], "target": 0.55, "ablations": False,
+              "eval_points": 4}
     compare(base, tmp_path / "a", **kwargs)
     compare(base, tmp_path / "a", **kwargs)
     assert calls == ["tune-mezo", "tune-mezo-refine"] * 2
