@@ -350,8 +350,6 @@ def compare(base: RunConfig, output: str | Path, *, variants: list[str], budget:
             rows += run_seeds(test_base, name, vs2p | change | {"steps": steps}, seeds, out, target, interval, resume,
                               parallel_runs, record)
             _write(out, rows, tuned, target, interval, budget)
-    if any(r.get("test_accuracy") is not None for r in rows):
-        _plot(out, [r for r in rows if r.get("error") is None], target)
     return Comparison(rows, tuned, failures(tuned, rows))
 
 
@@ -381,6 +379,9 @@ def _write(out: Path, rows: list[dict[str, Any]], tuned: list[Tuned], target: fl
     with atomic_path(out / "results.parquet") as tmp:
         pq.write_table(table, tmp)
     write_text(out / "summary.md", summarise(rows, tuned, target, interval, budget))
+    # Drawn after every rule, so a comparison run in parts has its curves so far.
+    if any(r.get("test_accuracy") is not None for r in rows):
+        _plot(out, [r for r in rows if r.get("error") is None], target)
 
 
 def _plot(out: Path, rows: list[dict[str, Any]], target: float) -> None:
