@@ -244,6 +244,17 @@ def run_sweep(base: RunConfig, storage_path: str | Path, *, name: str = "sweep",
     return SweepResult.from_results(results, metric, mode)
 
 
+def _trial_params(path: str | None) -> dict[str, Any]:
+    """A trial's config from its params.json: a restored experiment gives errored trials no ``config``, and a
+    failed grid point must keep its step size (it counts as the worst point, not as a point never run)."""
+    import json
+
+    try:
+        return json.loads((Path(path) / "params.json").read_text()) if path and "://" not in path else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def error_line(error: str) -> str:
     """The one line of an error that says what went wrong: a Ray task error ends with the exception's message."""
     lines = [" ".join(line.split()) for line in str(error).splitlines() if line.strip()]
@@ -262,7 +273,7 @@ class SweepResult:
     def from_results(cls, results: Any, metric: str, mode: str) -> "SweepResult":
         rows = []
         for res in results:
-            cfg = (res.config or {}).get("point", {})
+            cfg = (res.config or _trial_params(res.path)).get("point", {})
             m = res.metrics or {}
             row = {"optimizer": cfg.get("optimizer.name"), "steps": cfg.get("steps"),
                    "forward_passes": m.get("forward_passes"), metric: m.get(metric), "split": "validation",

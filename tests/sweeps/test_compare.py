@@ -211,3 +211,18 @@ def test_parallel_reruns_train_the_same_runs_as_one_after_another(tmp_path, ray_
     with pytest.raises(SystemExit):
         main(["compare", "--config", str(REPO / "jobs/configs/smoke.yaml"), "--output", str(tmp_path / "x"),
               "--budget", "10", "--parallel-runs", "0"])
+
+
+def test_a_restored_failed_trial_keeps_its_step_size(tmp_path):
+    # Tuner.restore(...).get_results() gives an errored trial no config; its params.json still names the
+    # point, and the failed point must stay in the grid (the worst point), not vanish from it.
+    from types import SimpleNamespace
+
+    (tmp_path / "params.json").write_text(json.dumps({"point": {"optimizer.name": "mezo", "steps": 20,
+                                                                "optimizer.lr": 0.0631}}))
+    failed = SimpleNamespace(config=None, path=str(tmp_path), metrics={}, error=RuntimeError("non-finite losses"))
+    done = SimpleNamespace(config={"point": {"optimizer.name": "mezo", "steps": 20, "optimizer.lr": 0.01}},
+                           path=None, metrics={"eval_accuracy": 0.4, "forward_passes": 40}, error=None)
+    rows = SweepResult.from_results([done, failed], "eval_accuracy", "max").rows
+    assert [(r["optimizer.lr"], r["eval_accuracy"], r["error"]) for r in rows] == \
+        [(0.01, 0.4, None), (0.0631, None, "non-finite losses")]
