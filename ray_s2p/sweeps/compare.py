@@ -224,13 +224,13 @@ def run_seeds(base: RunConfig, name: str, overrides: dict[str, Any], seeds: list
         rows[seed] = {"variant": name, "seed": seed, "split": "test", "eval_interval": interval,
                       "run_dir": str(run_dir), "error": None, "settings": _settings(overrides)}
         keys[seed] = fingerprint(cfg.to_dict())
-        done = progress.run(f"{name}-seed{seed}", keys[seed]) if progress is not None and resume else None
+        done = progress.run(run_dir.name, keys[seed]) if progress is not None and resume else None
         if done is None and resume:
             summary = finished_run(run_dir, cfg)
             if summary is not None:
                 done = {"summary": summary, "curve": eval_curve(run_dir / "metrics.parquet")}
                 if progress is not None:
-                    progress.record_run(f"{name}-seed{seed}", keys[seed], summary, done["curve"])
+                    progress.record_run(run_dir.name, keys[seed], summary, done["curve"])
             elif run_dir.exists():  # a fallback says what it does, in one line
                 print(f"compare --resume: {run_dir} holds no finished run of this config; running it again",
                       file=sys.stderr, flush=True)
@@ -246,7 +246,7 @@ def run_seeds(base: RunConfig, name: str, overrides: dict[str, Any], seeds: list
             continue
         curve = eval_curve(Path(rows[seed]["run_dir"]) / "metrics.parquet")
         if progress is not None:
-            progress.record_run(f"{name}-seed{seed}", keys[seed], result, curve)
+            progress.record_run(Path(rows[seed]["run_dir"]).name, keys[seed], result, curve)
         rows[seed] |= _outcome(result, curve, target)
     return [rows[seed] for seed in seeds]
 
