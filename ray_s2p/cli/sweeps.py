@@ -47,17 +47,19 @@ def _compare(args: argparse.Namespace) -> int:
     from ..sweeps.compare import ALL_OPTIMIZERS, compare
 
     config = load_config(args.config, args.set)
-    if not ray.is_initialized():
+    if not ray.is_initialized() and not args.report_only:
         ray.init(address=args.address) if args.address else ray.init()
     variants = args.optimizers.split(",") if args.optimizers else ALL_OPTIMIZERS
     result = compare(config, args.output, variants=variants, budget=args.budget, trials=args.trials,
                      seeds=[int(s) for s in args.seeds.split(",")], target=args.target,
                      ablations=not args.no_ablations, resume=args.resume, eval_points=args.eval_points,
                      parallel_runs=args.parallel_runs, trial_cpus=args.trial_cpus,
-                     progress=args.progress)
+                     progress=args.progress, train=not args.report_only)
     summary = Path(args.output) / "summary.md"
     if summary.is_file():
         print(summary.read_text())
+    for line in result.missing:  # left out of the reports: a later run without --report-only trains them
+        print(f"compare --report-only: {line}; left out", file=sys.stderr)
     trials = [t for tuned in result.tuned for t in tuned.trials]
     counts = (f"{sum(1 for t in trials if t.get('error'))} of {len(trials)} tuning trials and "
               f"{sum(1 for r in result.rows if r.get('error'))} of {len(result.rows)} runs failed")
@@ -121,5 +123,9 @@ def register(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--progress", metavar="FILE",
                    help="progress file recording every finished sweep and run, a few KB each (default "
                         "OUTPUT/progress.json); copied to another machine, --resume continues from it there")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write summary.md, tuning.md and curves.png from what the progress file "
+                        "(and finished run directories) hold, naming every rule left out because part of it is "
+                        "not recorded")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else local)")
     p.set_defaults(func=_compare)

@@ -30,6 +30,10 @@ output directory: finished Tune sweeps are restored instead of rerun, and a
 seed run is reused only when its directory holds a finished run (summary.json)
 of exactly the config it would run now; anything else is run again.
 
+``train=False`` (``--report-only``) trains nothing: it writes the reports from what the
+progress file (and, for reruns, finished run directories) holds, and lists every rule it
+could not report because a sweep or a run of it is not recorded (``Comparison.missing``).
+
 Failures do not stop a comparison: a failed trial counts as the worst grid point, a
 variant whose every trial failed is not rerun, a failed rerun is a row with its
 error; ``Comparison.failures`` lists them all (the CLI exits non-zero on any).
@@ -97,10 +101,16 @@ class Comparison:
     rows: list[dict[str, Any]]
     tuned: list[Tuned]
     failures: list[str]
+    missing: list[str] = field(default_factory=list)  # with train=False: what is not recorded, one line each
+
+
+class NotRecorded(LookupError):
+    """A sweep or run that ``train=False`` would have had to train: the progress file does not hold it."""
 
 
 def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget: int, seed: int,
-                 resume: bool = False, trial_cpus: float = 1.0, progress: Progress | None = None) -> Tuned:
+                 resume: bool = False, trial_cpus: float = 1.0, progress: Progress | None = None,
+                 train: bool = True) -> Tuned:
     """Best step size of one variant on the validation split, from a log-spaced grid extended at its edge
     and then refined once around its best point (``protocol.refinement``).
 
@@ -114,6 +124,10 @@ def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget:
         resume: restore sweeps that already exist in ``storage``.
         trial_cpus: CPUs each trial reserves (its in-process replicas run with that many threads).
         progress: finished sweeps are recorded there and, when ``resume``, taken from there.
+        train: False: take every sweep from ``progress`` (``resume`` is implied).
+
+    Raises:
+        NotRecorded: ``train`` is False and a sweep is not in ``progress``.
     """
     from .tune import grid_points, passes_per_step, run_sweep, step_size_key
 
@@ -129,7 +143,9 @@ def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget:
         # Tune once too: each report waits for Tune's controller, which made a CNN trial 3x slower.
         points, overrides = grid_points(key, values), {"eval_every": 0, "log_every": trial_steps}
         inputs = fingerprint({"config": cfg.to_dict(), "points": points, "budget": budget, "trials": overrides})
-        done = progress.sweep(label, inputs) if progress is not None and resume else None
+        done = progress.sweep(label, inputs) if progress is not None and (resume or not train) else None
+        if done is None and not train:
+            raise NotRecorded(f"{name}: sweep {label} not recorded")
         if done is None:
             restore = resume and (storage / label).is_dir()
             result = run_sweep(cfg, storage, name=label, optimizers=[fixed["optimizer.name"]], budget=budget,
@@ -201,15 +217,18 @@ def eval_curve(metrics_path: Path, metric: str = "eval_accuracy") -> list[tuple[
 
 def run_seeds(base: RunConfig, name: str, overrides: dict[str, Any], seeds: list[int], out: Path,
               target: float, interval: int, resume: bool = False, parallel: int = 1,
-              progress: Progress | None = None) -> list[dict[str, Any]]:
+              progress: Progress | None = None, train: bool = True) -> list[dict[str, Any]]:
     """Train the tuned variant once per seed on the test split, evaluated every ``interval`` forward passes.
 
     Finished identical runs are reused when ``resume``: from ``progress`` (any machine), else from their
     run directory. A run that raises becomes a row with its error. With ``parallel`` > 1 up to that many
     runs train at once, each in a Ray task of one CPU (the configs, and so the run directories and
-    fingerprints ``--resume`` compares, are the same either way).
+    fingerprints ``--resume`` compares, are the same either way). ``train`` False implies ``resume`` and
+    raises ``NotRecorded`` for a run found in neither place.
     """
     from .tune import passes_per_step
+
+    resume = resume or not train
 
     rows: dict[int, dict[str, Any]] = {}
     keys: dict[int, str] = {}
@@ -231,9 +250,11 @@ def run_seeds(base: RunConfig, name: str, overrides: dict[str, Any], seeds: list
                 done = {"summary": summary, "curve": eval_curve(run_dir / "metrics.parquet")}
                 if progress is not None:
                     progress.record_run(run_dir.name, keys[seed], summary, done["curve"])
-            elif run_dir.exists():  # a fallback says what it does, in one line
+            elif run_dir.exists() and train:  # a fallback says what it does, in one line
                 print(f"compare --resume: {run_dir} holds no finished run of this config; running it again",
                       file=sys.stderr, flush=True)
+        if done is None and not train:
+            raise NotRecorded(f"{name}: run {run_dir.name} not recorded")
         if done is None:
             pending.append((seed, cfg, run_dir))
         else:
@@ -312,13 +333,15 @@ def check_base(base: RunConfig) -> tuple[RunConfig, RunConfig]:
 def compare(base: RunConfig, output: str | Path, *, variants: list[str], budget: int, trials: int,
             seeds: list[int], target: float, ablations: bool = True, tune_seed: int = 0,
             resume: bool = False, eval_points: int = MIN_EVAL_POINTS, parallel_runs: int = 1,
-            trial_cpus: float = 1.0, progress: str | Path | None = None) -> Comparison:
+            trial_cpus: float = 1.0, progress: str | Path | None = None, train: bool = True) -> Comparison:
     """Tune every variant with equal effort and budget on validation, rerun the best over seeds on test, report.
 
     ``parallel_runs``: reruns (seeds) trained at once, each a one-CPU Ray task; 1 trains them in this process.
     ``trial_cpus``: CPUs each tuning trial reserves (Ray runs as many trials at once as fit).
     ``progress``: the progress file (default ``OUTPUT/progress.json``, ``progress.py``): every finished
     sweep and run is recorded there, and with ``resume`` taken from there when its inputs are the same.
+    ``train``: False writes the reports from what is recorded and trains nothing; a rule with a sweep or
+    run not recorded is left out of them and named in ``Comparison.missing``.
 
     Raises:
         ValueError: the task has no test split, or the progress file is unreadable.
@@ -335,22 +358,31 @@ def compare(base: RunConfig, output: str | Path, *, variants: list[str], budget:
     interval = eval_interval(budget, costs, eval_points)
     rows: list[dict[str, Any]] = []
     tuned: list[Tuned] = []
+    missing: list[str] = []
     for name in variants:
-        tuned.append(tune_variant(tuning_base, name, out / "tune", trials, budget, tune_seed, resume, trial_cpus,
-                                  record))
-        _write_tuning(out, tuned, trials)
-        if tuned[-1].overrides is not None:
-            rows += run_seeds(test_base, name, tuned[-1].overrides, seeds, out, target, interval, resume,
-                              parallel_runs, record)
+        try:
+            tuned.append(tune_variant(tuning_base, name, out / "tune", trials, budget, tune_seed, resume,
+                                      trial_cpus, record, train))
+            _write_tuning(out, tuned, trials)
+            if tuned[-1].overrides is not None:
+                rows += run_seeds(test_base, name, tuned[-1].overrides, seeds, out, target, interval, resume,
+                                  parallel_runs, record, train)
+        except NotRecorded as exc:  # only without training: the rule's tuning is reported if it is recorded
+            missing.append(str(exc))
+            continue
         _write(out, rows, tuned, target, interval, budget)
     vs2p = next((t.overrides for t in tuned if t.name == "vs2p"), None)
     if ablations and vs2p is not None:
         for name, change in ABLATIONS.items():
             steps = max(1, budget // passes_per_step(base.replace(vs2p | change)))
-            rows += run_seeds(test_base, name, vs2p | change | {"steps": steps}, seeds, out, target, interval, resume,
-                              parallel_runs, record)
+            try:
+                rows += run_seeds(test_base, name, vs2p | change | {"steps": steps}, seeds, out, target, interval,
+                                  resume, parallel_runs, record, train)
+            except NotRecorded as exc:
+                missing.append(str(exc))
+                continue
             _write(out, rows, tuned, target, interval, budget)
-    return Comparison(rows, tuned, failures(tuned, rows))
+    return Comparison(rows, tuned, failures(tuned, rows), missing)
 
 
 def failures(tuned: list[Tuned], rows: list[dict[str, Any]]) -> list[str]:

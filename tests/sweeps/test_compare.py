@@ -178,6 +178,12 @@ def test_tune_and_compare_exit_non_zero_with_one_line_when_a_trial_failed(tmp_pa
                                                "(sgd not rerun); first: tuning sgd lr=")
     assert "(and 1 more)" in err[0]
     assert [r["variant"] for r in pq.read_table(tmp_path / "cmp" / "results.parquet").to_pylist()] == ["vs2p"]
+    # --report-only trains nothing and reports the same, from the progress file
+    (tmp_path / "cmp" / "summary.md").unlink()
+    assert main(["compare", *common, "--output", str(tmp_path / "cmp"), "--seeds", "0", "--no-ablations",
+                 "--target", "0.5", "--report-only"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == err
+    assert (tmp_path / "cmp" / "summary.md").is_file()
 
 
 @pytest.mark.parametrize("split", ["validation", "test"])

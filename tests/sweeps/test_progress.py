@@ -111,3 +111,34 @@ def test_without_resume_the_progress_file_is_written_not_read(tmp_path, monkeypa
     compare(base, tmp_path / "a", **kwargs)
     compare(base, tmp_path / "a", **kwargs)
     assert calls == ["tune-mezo", "tune-mezo-refine"] * 2
+
+
+def test_report_only_trains_nothing_and_names_what_is_not_recorded(tmp_path, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr("ray_s2p.sweeps.tune.run_sweep", fake_sweep(calls))
+    base = RunConfig.from_dict(smoke_dict(**{"cluster.replicas": 1, "checkpoint_every": 0, "task.test_size": 128}))
+    kwargs = {"budget": 40, "trials": 5, "seeds": [0, 1], "target": 0.55, "ablations": False, "eval_points": 4}
+    first = compare(base, tmp_path / "a", variants=["mezo"], **kwargs)
+    saved = tmp_path / "a" / "progress.json"
+    calls.clear()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("report-only trained a run")
+    monkeypatch.setattr(compare_module, "_train_one", no_training)
+    # vs2p (two passes a step, as mezo: the same evaluation interval) was never run: left out and named;
+    # mezo is reported from the file alone, with the same numbers.
+    report = compare(base, tmp_path / "b", variants=["vs2p", "mezo"], progress=saved, train=False, **kwargs)
+    assert calls == [] and not (tmp_path / "b" / "runs").exists()
+    assert report.missing == ["vs2p: sweep tune-vs2p not recorded"]
+    assert [t.name for t in report.tuned] == ["mezo"]
+    assert [r["test_accuracy"] for r in report.rows] == [r["test_accuracy"] for r in first.rows]
+    assert "mezo" in (tmp_path / "b" / "summary.md").read_text()
+
+    # a rule tuned but with one rerun missing: its tuning is reported, its runs are not
+    data = json.loads(saved.read_text())
+    del data["runs"]["mezo-seed1"]
+    saved.write_text(json.dumps(data))
+    partial = compare(base, tmp_path / "c", variants=["mezo"], progress=saved, train=False, **kwargs)
+    assert partial.missing == ["mezo: run mezo-seed1 not recorded"]
+    assert [t.name for t in partial.tuned] == ["mezo"] and partial.rows == []
+    assert "lr" in (tmp_path / "c" / "tuning.md").read_text() and calls == []
