@@ -36,6 +36,10 @@ def fingerprint(payload: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+class NotRecorded(LookupError):
+    """A sweep or run that ``train=False`` would have had to train: the progress file does not hold it."""
+
+
 @dataclass
 class Progress:
     """The finished sweeps and runs of one comparison, saved atomically after every new entry.

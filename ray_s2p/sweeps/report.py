@@ -120,5 +120,6 @@ def speed_up(ref: dict[int, Optional[float]], other: dict[int, Optional[float]])
     ratio = statistics.fmean(other[s] for s in both) / statistics.fmean(ref[s] for s in both)  # type: ignore[misc]
     # Fewer passes is better: compare the negated passes, so a "win" is VS2P reaching the target sooner.
     result = paired_comparison({s: -ref[s] for s in both}, {s: -other[s] for s in both})  # type: ignore[operator]
-    return (f"{ratio:.2f}x ({len(both)} seeds; VS2P sooner in {result.wins}, t p {_f(result.t_p, '.3g')}, "
+    seeds = f"{len(both)} seed" + ("s" if len(both) != 1 else "")
+    return (f"{ratio:.2f}x ({seeds}; VS2P sooner in {result.wins}, t p {_f(result.t_p, '.3g')}, "
             f"Wilcoxon p {_f(result.wilcoxon_p, '.3g')})")

@@ -15,7 +15,6 @@ from conftest import smoke_dict
 from ray_s2p.cli import main
 from ray_s2p.config import ConfigError, RunConfig
 from ray_s2p.distributed.driver import train
-from ray_s2p.sweeps import compare as compare_module
 from ray_s2p.sweeps.compare import ABLATIONS, ALIASES, ALL_OPTIMIZERS, compare, tune_variant, variant_overrides
 from ray_s2p.sweeps.protocol import refinement
 from ray_s2p.sweeps.report import tuning_summary
@@ -200,7 +199,7 @@ def test_metrics_say_which_split_each_evaluation_read(tmp_path, split):
 
 def test_parallel_reruns_train_the_same_runs_as_one_after_another(tmp_path, ray_session):
     # Two seeds at once, each in a one-CPU Ray task: the same configs, the same final weights, the same rows.
-    from ray_s2p.sweeps.compare import run_seeds
+    from ray_s2p.sweeps.reruns import run_seeds
 
     base = RunConfig.from_dict(smoke_dict(**{"cluster.replicas": 1, "checkpoint_every": 0, "task.test_size": 128,
                                              "cluster.threads_per_replica": 1}))

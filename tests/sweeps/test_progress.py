@@ -10,7 +10,7 @@ import pytest
 
 from conftest import smoke_dict
 from ray_s2p.config import RunConfig
-from ray_s2p.sweeps import compare as compare_module
+from ray_s2p.sweeps import reruns as reruns_module
 from ray_s2p.sweeps.compare import compare
 from ray_s2p.sweeps.progress import Progress, fingerprint
 from ray_s2p.sweeps.tune import SweepResult
@@ -87,7 +87,7 @@ def test_a_comparison_continues_from_its_progress_file_alone(tmp_path, monkeypat
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
-    monkeypatch.setattr(compare_module, "_train_one", no_training)
+    monkeypatch.setattr(reruns_module, "_train_one", no_training)
     second = compare(base, tmp_path / "b", resume=True, progress=tmp_path / "b" / "elsewhere.json", **kwargs)
     assert calls == [] and second.failures == first.failures  # the diverged trial is recorded, not retried
     keys = ("variant", "seed", "test_accuracy", "initial_test_accuracy", "forward_passes", "passes_to_target")
@@ -124,7 +124,7 @@ def test_report_only_trains_nothing_and_names_what_is_not_recorded(tmp_path, mon
 
     def no_training(*args, **kwargs):
         raise AssertionError("report-only trained a run")
-    monkeypatch.setattr(compare_module, "_train_one", no_training)
+    monkeypatch.setattr(reruns_module, "_train_one", no_training)
     # vs2p (two passes a step, as mezo: the same evaluation interval) was never run: left out and named;
     # mezo is reported from the file alone, with the same numbers.
     report = compare(base, tmp_path / "b", variants=["vs2p", "mezo"], progress=saved, train=False, **kwargs)

@@ -84,3 +84,4 @@ def test_speed_up_pairs_the_seeds_where_both_reached_the_target_and_tests_the_pa
     text = speed_up(vs2p, mezo)
     assert text == "2.07x (5 seeds; VS2P sooner in 5, t p 0.0214, Wilcoxon p 0.0625)"
     assert speed_up(vs2p, {0: None}) == "n/a"
+    assert speed_up(vs2p, {2: 11862.0}) == "2.00x (1 seed; VS2P sooner in 1, t p n/a, Wilcoxon p n/a)"
