@@ -17,6 +17,8 @@
 # Each records what it finished in docs/results/progress/<task>_v3.json (--progress): trial rows, run
 # numbers and test curves under a fingerprint of their inputs, a few KB each. Commit that file and a
 # later --resume on any machine continues from it, without the Tune storage or run directories.
+# The same command plus --report-only trains nothing: it writes summary.md, tuning.md and curves.png from
+# that file alone and names on stderr every rule it left out because a sweep or run of it is not recorded.
 # --parallel-runs 2 trains two seeds at once (one CPU each); tuning trials take one CPU each by default
 # (--trial-cpus), so two run at once. On the 2-core CPU machine two one-thread CNN runs at once made 90
 # steps a second together, one two-thread run 56 (1,500 steps each, 2026-12-03).
