@@ -44,12 +44,17 @@ def _compare(args: argparse.Namespace) -> int:
     import ray
 
     from ..config import load_config
-    from ..sweeps.compare import ALL_OPTIMIZERS, compare
+    from ..sweeps.compare import compare, default_variants
 
     config = load_config(args.config, args.set)
     if not ray.is_initialized() and not args.report_only:
         ray.init(address=args.address) if args.address else ray.init()
-    variants = args.optimizers.split(",") if args.optimizers else ALL_OPTIMIZERS
+    if args.optimizers:
+        variants = args.optimizers.split(",")
+    else:
+        variants, left_out = default_variants(config)
+        if left_out:
+            print(f"compare: {left_out} (name it in --optimizers to run it anyway)", file=sys.stderr)
     result = compare(config, args.output, variants=variants, budget=args.budget, trials=args.trials,
                      seeds=[int(s) for s in args.seeds.split(",")], target=args.target,
                      ablations=not args.no_ablations, resume=args.resume, eval_points=args.eval_points,
@@ -101,7 +106,8 @@ def register(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--output", required=True,
                    help="directory for results.parquet, summary.md, tuning.md, tuning.parquet, curves.png")
     p.add_argument("--optimizers", help="comma-separated variants (default: every rule once, "
-                   "ray_s2p.sweeps.compare.ALL_OPTIMIZERS; zo_sign = s2p_opt1 and s2p_opt2 = mezo are aliases)")
+                   "ray_s2p.sweeps.compare.default_variants; zo_sign = s2p_opt1 and s2p_opt2 = mezo are aliases, "
+                   "and with one direction per step random_search is s2p_opt1 at twice the lr)")
     p.add_argument("--budget", type=int, required=True, help="forward passes per run")
     p.add_argument("--trials", type=int, default=5,
                    help="log-spaced step sizes per optimizer before any edge extension (the protocol asks >= 5)")

@@ -23,7 +23,9 @@ The protocol (every choice that could favour a rule is the same for all of them)
    against each other variant; ``report.py``) and ``curves.png``.
 
 ``zo_sign`` is S2P option 1 with the sign trick and ``s2p_opt2`` is MeZO (same
-coefficients, same grid), so the default list names each rule once (``ALIASES``).
+coefficients, same grid), so the default list names each rule once (``ALIASES``); with one
+direction per step random search is option 1 at twice the lr and is left out too
+(``default_variants``).
 
 ``resume=True`` (``--resume``) continues an interrupted comparison in the same
 output directory: finished Tune sweeps are restored instead of rerun, and a
@@ -73,6 +75,19 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "vs2p_no_sign_trick": {"optimizer.sign_trick": False},
     "vs2p_q4": {"optimizer.directions": 4},
 }
+
+
+def default_variants(base: RunConfig) -> tuple[list[str], str | None]:
+    """The rules a comparison of ``base`` lists when none are named, and why one was left out (or None).
+
+    With one direction per step (``top_b`` keeps it either way) random search's sigma_R is |f+ - f-| / 2, so its
+    update is -2 lr sign(gamma) z: S2P option 1 with the sign trick at twice the lr. Listed once, as
+    ``s2p_opt1``; naming ``random_search`` in ``--optimizers`` still runs it.
+    """
+    if base.optimizer.directions * base.cluster.replicas == 1:
+        return ([n for n in ALL_OPTIMIZERS if n != "random_search"],
+                "random_search with one direction per step is s2p_opt1 at twice the lr: listed once, as s2p_opt1")
+    return list(ALL_OPTIMIZERS), None
 
 
 def variant_overrides(name: str) -> dict[str, Any]:

@@ -332,6 +332,24 @@ def test_stp_stays_when_both_probes_are_worse():
     assert d.coefficients == pytest.approx((0.0, 0.05)) and d.skipped == (True, False)
 
 
+def test_random_search_with_one_direction_is_s2p_option_1_at_twice_the_lr():
+    # One direction: sigma_R is the std of {f+, f-}, |f+ - f-| / 2, so c = -lr (f+ - f-) / sigma_R
+    # = -2 lr sign(gamma): S2P option 1 with the sign trick at lr 2x (docs/benchmarks.md, (a)). Two or more
+    # directions pool sigma_R over all their losses, and the two rules part.
+    rs, s2p1 = rule_for(20, name="random_search", lr=0.05, rho=0.5), \
+        rule_for(20, name="s2p", step_size_option=1, lr=0.1, rho=0.5)
+    rng = random.Random(3)
+    for k in range(20):
+        losses = [[rng.uniform(0, 2), rng.uniform(0, 2)]]
+        assert step(rs, losses, k=k)[0].coefficients == pytest.approx(step(s2p1, losses, k=k)[0].coefficients)
+    assert step(rs, [[1.0, 1.0]])[0].coefficients == step(s2p1, [[1.0, 1.0]])[0].coefficients == (0.0,)
+    # sigma_R over {1, 0.5, 3, 1}: mean 1.375, squares 0.140625 + 0.765625 + 2.640625 + 0.140625, / 4 ->
+    # sqrt(0.921875) = 0.960143; c = -0.05 / (2 sigma_R) * (0.5, 2); option 1: -0.1 sign(gamma) / 2 each
+    two = [[1.0, 0.5], [3.0, 1.0]]
+    assert step(rs, two)[0].coefficients == pytest.approx((-0.013019, -0.052076), abs=1e-6)
+    assert step(s2p1, two)[0].coefficients == pytest.approx((-0.05, -0.05))
+
+
 def test_random_search_keeps_best_b():
     rule = rule_for(name="random_search", lr=1.0, rho=0.5, top_b=2)
     rows = [[1.0, 3.0], [2.0, 2.5], [0.5, 1.5], [4.0, 5.0]]  # min: 1, 2, 0.5, 4 -> keep 2 and 0
