@@ -40,6 +40,8 @@ TRIALS=5
 # (a) MNIST-5k, small CNN (width 16, 14 k parameters): 3,500 train / 500 validation / 1,000 test images,
 #     40,000 forward passes per run, every optimizer and the VS2P ablations. VS2P's rivals in the paper's
 #     claims first (MeZO, STP, the sign rules), so that a comparison run in parts answers those first.
+#     random_search is named although with one direction per step it is s2p_opt1 at twice the lr (the
+#     default list leaves it out): it ran before that was noticed, and its tuning is a second one of that rule.
 ray-s2p compare --config jobs/configs/mnist5k_cnn.yaml --output runs/compare/mnist5k_cnn_v3 \
   --progress docs/results/progress/mnist5k_cnn_v3.json --parallel-runs 2 \
   --optimizers vs2p,mezo,stp,zo_signsgd,s2p_opt1,s2p_opt4,random_search,adamw,sgd \
