@@ -201,3 +201,16 @@ def test_lowrank_keys_change_the_fingerprint_only_of_lowrank_runs():
     lowrank = [RunConfig.from_dict(smoke_dict(**{"perturbation.distribution": "lowrank", "perturbation.rank": r}))
                for r in (1, 2)]
     assert config_fingerprint(lowrank[0].to_dict()) != config_fingerprint(lowrank[1].to_dict())
+
+
+def test_random_search_with_one_direction_trains_the_weights_of_s2p_option_1_at_twice_the_lr(tmp_path):
+    # The rule-level identity (tests/zo/test_step_rules.py) holds through the whole trainer: the same final
+    # weights, bit for bit, which is why compare lists the rule once (docs/benchmarks.md, (a)).
+    one = {"cluster.replicas": 1, "optimizer.directions": 1, "checkpoint_every": 0}
+    _, rs = run(tmp_path, "rs", **one, **{"optimizer.name": "random_search", "optimizer.lr": 0.025})
+    _, s2p = run(tmp_path, "s2p", **one, **{"optimizer.name": "s2p", "optimizer.step_size_option": 1,
+                                            "optimizer.sign_trick": True, "optimizer.lr": 0.05})
+    _, half = run(tmp_path, "half", **one, **{"optimizer.name": "s2p", "optimizer.step_size_option": 1,
+                                             "optimizer.sign_trick": True, "optimizer.lr": 0.025})
+    assert rs.final_digest == s2p.final_digest != half.final_digest
+    assert rs.summary["final_metrics"]["eval_loss"] < rs.summary["initial_metrics"]["eval_loss"]
