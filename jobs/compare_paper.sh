@@ -26,8 +26,9 @@
 # 7 minutes with two at once, a test rerun (25 evaluations of 1,000 images) 320-380 s with two at once;
 # one rule (7-9 tuning trials, 5 reruns) about 45-60 minutes (AdamW's 7 trials and 5 reruns 62 minutes, SGD's
 # 33), an ablation's 5 runs 7-18 minutes; (a) with its 9 rules and 4 ablations took about 8 hours in all.
-# (b) measured 2026-12-04: a 15,000-step tuning trial about 95 s with two at once, a test rerun about 100 s,
-# one rule about 10-13 minutes. (a') was timed before the tuning-report fix below and needs a new timing.
+# (b) measured 2026-12-04: a 15,000-step tuning trial about 95 s with two at once, a test rerun 56-117 s,
+# one rule about 10-13 minutes (STP, SGD and AdamW, with fewer steps, less), an ablation's 5 runs 4-5 minutes;
+# (b) with its 8 rules and 4 ablations took 1 hour 47 minutes in two parts. (a') was timed before the tuning-report fix below and needs a new timing.
 # Before 2026-12-03 every tuning trial reported to Tune every 50 steps and waited for Tune's controller
 # each time, which made a CNN trial about 3x slower; the timings of (c) below are from then.
 # (c) measured: a low-rank Rotten Tomatoes trial or run of 15,000 steps took 191-243 s (about 15 ms a
