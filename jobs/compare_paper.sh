@@ -28,7 +28,9 @@
 # 33), an ablation's 5 runs 7-18 minutes; (a) with its 9 rules and 4 ablations took about 8 hours in all.
 # (b) measured 2026-12-04: a 15,000-step tuning trial about 95 s with two at once, a test rerun 56-117 s,
 # one rule about 10-13 minutes (STP, SGD and AdamW, with fewer steps, less), an ablation's 5 runs 4-5 minutes;
-# (b) with its 8 rules and 4 ablations took 1 hour 47 minutes in two parts. (a') was timed before the tuning-report fix below and needs a new timing.
+# (b) with its 8 rules and 4 ablations took 1 hour 47 minutes in two parts. (a') measured 2026-12-04: a
+# 6,000-step tuning trial 6.5-7.8 minutes with two at once, a test rerun 6.4-7.2 minutes; VS2P's 9 trials and
+# 5 reruns 57 minutes, so (a') with its 8 rules about 7-8 hours.
 # Before 2026-12-03 every tuning trial reported to Tune every 50 steps and waited for Tune's controller
 # each time, which made a CNN trial about 3x slower; the timings of (c) below are from then.
 # (c) measured: a low-rank Rotten Tomatoes trial or run of 15,000 steps took 191-243 s (about 15 ms a
@@ -54,8 +56,10 @@ ray-s2p compare --config jobs/configs/mnist5k_cnn.yaml --output runs/compare/mni
 
 # (a') MNIST-5k, ResNet-18-style network (GroupNorm, width 16, 0.7 M parameters), same split,
 #      12,000 forward passes per run, every optimizer, no ablations (a step costs ~6x a CNN step).
+#      VS2P's rivals in the paper's claims first, as in (a); the order does not change any rule's runs.
 ray-s2p compare --config jobs/configs/mnist5k_resnet18.yaml --output runs/compare/mnist5k_resnet18_v3 \
   --progress docs/results/progress/mnist5k_resnet18_v3.json --parallel-runs 2 \
+  --optimizers vs2p,mezo,stp,zo_signsgd,s2p_opt1,s2p_opt4,adamw,sgd \
   --set cluster.use_ray=false --set cluster.replicas=1 \
   --set checkpoint_every=0 --set task.eval_size=500 --set task.test_size=1000 \
   --budget 12000 --trials "$TRIALS" --seeds "$SEEDS" --target 0.3 --no-ablations
