@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import write_text
+from .tune import error_line
 
 FILE_NAME = "progress.json"
 VERSION = 1
@@ -86,7 +87,9 @@ class Progress:
         return entry if entry is not None and entry.get("fingerprint") == key else None
 
     def record_sweep(self, label: str, key: str, metric: str, mode: str, rows: list[dict[str, Any]]) -> None:
-        """Keep a finished sweep (failed trials with their error, as Tune ended them), and save."""
+        """Keep a finished sweep, and save. A failed trial keeps its error's last line, the exception's message:
+        Tune's error is a whole traceback, kilobytes long and naming the paths of the machine that ran it."""
+        rows = [dict(row, error=error_line(row["error"])) if row.get("error") else row for row in rows]
         self.sweeps[label] = {"fingerprint": key, "metric": metric, "mode": mode, "rows": rows}
         self.save()
 

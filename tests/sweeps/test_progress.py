@@ -39,6 +39,19 @@ def test_entries_are_taken_only_under_their_own_fingerprint(tmp_path):
     assert again.run("mezo-seed0", "k1") is None
 
 
+def test_a_failed_trial_keeps_only_its_error_message(tmp_path):
+    traceback = ("Traceback (most recent call last):\n  File \"/home/someone/env/ray/tune/trial.py\", line 9\n"
+                 "    raise exc\nray.exceptions.RayTaskError(ValueError): ray::_trainable()\n"
+                 "ValueError: loss is nan at step 12. Fix: lower optimizer.lr\n")
+    progress = Progress.load(tmp_path / "p.json")
+    progress.record_sweep("tune-stp", "k", "eval_accuracy", "max", [{"optimizer.lr": 1.0, "error": traceback},
+                                                                     {"optimizer.lr": 0.1, "error": None}])
+    rows = Progress.load(tmp_path / "p.json").sweep("tune-stp", "k")["rows"]
+    assert rows == [{"optimizer.lr": 1.0, "error": "ValueError: loss is nan at step 12. Fix: lower optimizer.lr"},
+                    {"optimizer.lr": 0.1, "error": None}]
+    assert "/home/" not in (tmp_path / "p.json").read_text()
+
+
 @pytest.mark.parametrize("text, message", [("{not json", "is unreadable"), ('{"version": 99}', "has version 99"),
                                            ("[1, 2]", "has version 'list'")])
 def test_a_foreign_progress_file_is_refused_and_kept(tmp_path, text, message):
