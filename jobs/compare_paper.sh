@@ -34,7 +34,7 @@
 # 9 trials and 5 reruns 1 hour 42 minutes (10-12 minutes a trial or run), ZO-signSGD's 7 trials and 5 reruns
 # 1 hour 18 minutes, S2P option 1's 1 hour 15 minutes, S2P option 4's 9 trials and 5 reruns (2026-12-05)
 # 1 hour 22 minutes (about 10 minutes a trial or run), AdamW's 7 trials and 5 reruns 1 hour 11 minutes,
-# so (a') with its 8 rules about 9-10 hours.
+# SGD's 1 hour 7 minutes; (a') with its 8 rules took about 10 hours in parts.
 # Before 2026-12-03 every tuning trial reported to Tune every 50 steps and waited for Tune's controller
 # each time, which made a CNN trial about 3x slower; the timings of (c) below are from then.
 # (c) measured: a low-rank Rotten Tomatoes trial or run of 15,000 steps took 191-243 s (about 15 ms a
