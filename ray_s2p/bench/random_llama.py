@@ -8,7 +8,9 @@ set ``dtype`` (``fp32``, ``bf16``, ``fp16``; default ``bf16``): the model is bui
 that dtype directly, so a 1 B model never holds a 4 GB fp32 copy.
 
 Batches: ``task.batch_size`` sequences of ``task.max_length`` random token ids per
-(step, shard), drawn from a generator seeded by (seed, step, shard); the loss is the
+(step, shard), drawn from a generator seeded by (seed, step, shard); under
+``cluster.batch_scaling: strong`` shard s of N takes its N-th of the step's shard-0
+batch instead, so the shards together hold what one replica draws. The loss is the
 mean next-token cross-entropy from fp32 logits. ``task.eval_size`` sequences are held out.
 Named in a config as ``task.name: ray_s2p.bench.random_llama:build``.
 """
@@ -46,6 +48,10 @@ class RandomLlamaTask:
         ValueError: an unknown option or dtype, named with the fix.
     """
 
+    # Examples one data shard draws per train batch; None means task.batch_size. The replica engine sets
+    # a share of task.batch_size under cluster.batch_scaling: strong (eval batches keep task.batch_size).
+    train_batch_size: int | None = None
+
     def __init__(self, cfg: TaskConfig, seed: int) -> None:
         opts = dict(cfg.options)
         unknown = set(opts) - set(LLAMA_1B) - {"dtype"}
@@ -77,7 +83,11 @@ class RandomLlamaTask:
         return torch.randint(1, self.spec["vocab_size"], (count, self.cfg.max_length), generator=gen)
 
     def train_batch(self, step: int, shard: int, num_shards: int) -> Batch:
-        return {"input_ids": self._tokens(self.cfg.batch_size, _TRAIN, step, shard)}
+        if self.train_batch_size is None:  # weak scaling: every shard its own task.batch_size sequences
+            return {"input_ids": self._tokens(self.cfg.batch_size, _TRAIN, step, shard)}
+        # Strong scaling: this shard's slice of the batch one replica (shard 0 of 1) draws at this step.
+        b = self.train_batch_size
+        return {"input_ids": self._tokens(self.cfg.batch_size, _TRAIN, step, 0)[shard * b:(shard + 1) * b]}
 
     def prepare(self, model: torch.nn.Module, batch: Batch, trainable: list[str]) -> Batch:
         return batch

@@ -4,10 +4,15 @@ Recovery and replay re-ask a replica for the batch of an old step, so a batch
 may depend on nothing else: no global RNG, no iterator state. The train order
 is a fresh permutation per epoch, drawn from a ``torch.Generator`` seeded with
 ``mix_seed(seed, TAG, epoch)``. Step k (1-based, the driver's numbering) covers
-the global positions ``[(k-1) G, k G)`` with ``G = batch_size * num_shards``;
-shard s takes the slice ``[(k-1) G + s B, (k-1) G + (s+1) B)``. Position p is
-example ``perm(epoch = p // n)[p % n]``, so a batch may straddle two epochs and
-every example is seen once per epoch whatever the shard count.
+the global positions ``[(k-1) G, k G)`` with ``G = B * num_shards``, B the
+examples one shard draws; shard s takes the slice ``[(k-1) G + s B, (k-1) G + (s+1) B)``.
+Position p is example ``perm(epoch = p // n)[p % n]``, so a batch may straddle two
+epochs and every example is seen once per epoch whatever the shard count.
+
+B comes from ``shard_batch_size`` (``cluster.batch_scaling``): under weak scaling it is
+``task.batch_size``, so a group's batch G grows with its shards; under strong scaling it
+is ``task.batch_size / num_shards``, so G is ``task.batch_size`` and the shards of step k
+together draw exactly the batch one replica draws at step k.
 
 The train / validation / test split (``split_rows``) is drawn from ``task.split_seed``
 alone, so every run seed sees the same examples; the run seed orders the batches.
@@ -135,6 +140,28 @@ def train_positions(num_examples: int, batch_size: int, *, seed: int, step: int,
         mask = epochs == epoch
         out[mask] = seeded_permutation(num_examples, seed, _EPOCH, epoch if reshuffle else 0)[within[mask]]
     return out
+
+
+def shard_batch_size(batch_size: int, shards: int, scaling: str) -> int:
+    """Examples one data shard draws per step under ``cluster.batch_scaling``.
+
+    ``weak``: every shard draws ``batch_size`` (``task.batch_size``). ``strong``: ``batch_size`` is the
+    group's batch, split evenly among its ``shards``, so that ``train_positions`` gives shard s of step k
+    the positions ``[(k-1) batch_size + s b, (k-1) batch_size + (s+1) b)`` with ``b = batch_size / shards``:
+    together exactly the batch a single replica draws at step k.
+
+    Raises:
+        ValueError: an unknown scaling, or ``strong`` with ``batch_size`` not divisible by ``shards``
+            (``RunConfig`` refuses such a config before any replica starts).
+    """
+    if scaling == "weak":
+        return batch_size
+    if scaling != "strong":
+        raise ValueError(f"cluster.batch_scaling {scaling!r} is unknown. Fix: use weak or strong")
+    if shards < 1 or batch_size % shards:
+        raise ValueError(f"cluster.batch_scaling strong: task.batch_size {batch_size} does not split evenly among "
+                         f"{shards} data shards. Fix: use a task.batch_size divisible by the shards per group, or weak")
+    return batch_size // shards
 
 
 def eval_positions(num_examples: int, batch_size: int, shard: int, num_shards: int) -> list[torch.Tensor]:

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from ..config import FIRST_ORDER, RunConfig
+from ..config import FIRST_ORDER, ConfigError, RunConfig
+from ..data.batching import shard_batch_size
 from ..files import fsync_tree, replace_dir
 from ..storage_fs import StoragePath, file_size, location, staged_dir, upload_tree
 from ..tasks.base import EvalTotals, Task
@@ -25,6 +26,7 @@ from ..zo.weight_decay import decay_exempt
 from .checkpoint import CheckpointError, CheckpointRecord, load_checkpoint, read_checkpoint, save_checkpoint
 from .digest import model_digest
 from .environment import numerics_environment
+from .layout import Layout
 from .messages import ProbeReply, ProbeRequest, Update
 from .storage import probe_storage
 
@@ -64,6 +66,26 @@ def noise_threads(config: RunConfig, device: torch.device) -> int:
     return config.cluster.noise_threads or max(1, torch.get_num_threads())
 
 
+def use_shard_batch_size(task: Task, config: RunConfig) -> None:
+    """Set the examples per train batch of a data shard: the task's ``train_batch_size`` (None: ``task.batch_size``).
+
+    Weak scaling and one-shard layouts (direction mode, first-order runs) set None, so they draw exactly the
+    batches they always drew; strong sets ``task.batch_size / shards``. Eval batches keep ``task.batch_size``.
+
+    Raises:
+        ConfigError: strong scaling splits the batch, and the task has no ``train_batch_size``.
+    """
+    size = shard_batch_size(config.task.batch_size, Layout.from_config(config).shards, config.cluster.batch_scaling)
+    share = None if size == config.task.batch_size else size
+    if hasattr(task, "train_batch_size"):
+        setattr(task, "train_batch_size", share)  # not in the Task protocol: user tasks may lack it
+    elif share is not None:
+        raise ConfigError(f"config field 'cluster.batch_scaling': strong needs {size} examples per data shard, and "
+                          f"the task {type(task).__name__} (task.name {config.task.name!r}) has no train_batch_size "
+                          f"attribute. Fix: use weak, or give the task a train_batch_size (None: task.batch_size) "
+                          f"that its train_batch draws")
+
+
 class ReplicaEngine:
     """Holds one replica's task, model and direction space.
 
@@ -81,6 +103,7 @@ class ReplicaEngine:
         self.config = config
         self.replica = replica
         self.task = task if task is not None else build_task(config.task, config.seed)
+        use_shard_batch_size(self.task, config)
         self.model = self.task.build_model()
         self.model.eval()  # no dropout: the loss must be a function of the parameters
         weights = WEIGHT_DTYPES[config.precision.weights]

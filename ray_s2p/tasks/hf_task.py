@@ -31,6 +31,9 @@ class HFTextTask:
     anatomy_select: ClassVar[Callable | None] = None
     cfg: TaskConfig
     seed: int
+    # Examples one data shard draws per train batch; None means task.batch_size. The replica engine sets
+    # a share of task.batch_size under cluster.batch_scaling: strong (eval batches keep task.batch_size).
+    train_batch_size: int | None = None
 
     def _init_shared(self) -> None:
         self.cache = FeatureCache(int(self.cfg.options.get("feature_cache_mb", 256)) << 20)
@@ -52,8 +55,8 @@ class HFTextTask:
 
     def train_batch(self, step: int, shard: int, num_shards: int) -> Batch:
         """The batch of (step, shard): a pure function of the arguments and the seed."""
-        rows = train_positions(len(self.data.train), self.cfg.batch_size, seed=self.seed, step=step, shard=shard,
-                               num_shards=num_shards, reshuffle=self.cfg.reshuffle)
+        rows = train_positions(len(self.data.train), self.train_batch_size or self.cfg.batch_size, seed=self.seed,
+                               step=step, shard=shard, num_shards=num_shards, reshuffle=self.cfg.reshuffle)
         return self.data.train.take(rows)
 
     def eval_batches(self, shard: int, num_shards: int) -> Iterator[Batch]:

@@ -25,6 +25,10 @@ from .precision import match_weights
 class BlobsTask:
     """num_labels Gaussian blobs in ``features`` dimensions, classified by a 2-layer MLP."""
 
+    # Examples one data shard draws per train batch; None means task.batch_size. The replica engine sets
+    # a share of task.batch_size under cluster.batch_scaling: strong (eval batches keep task.batch_size).
+    train_batch_size: int | None = None
+
     def __init__(self, cfg: TaskConfig, seed: int) -> None:
         opts = dict(cfg.options)
         unknown = set(opts) - {"features", "hidden", "train_examples", "noise"}
@@ -69,7 +73,9 @@ class BlobsTask:
         return names
 
     def train_batch(self, step: int, shard: int, num_shards: int) -> Batch:
-        b = self.cfg.batch_size
+        # With b = B / num_shards (strong scaling) the epoch length n // (b * num_shards) and the start
+        # pos * B + shard * b are those of one replica, so the shards split its batch exactly.
+        b = self.train_batch_size or self.cfg.batch_size
         n = self.train_x.shape[0]
         per_epoch = max(1, n // (b * num_shards))
         epoch, pos = divmod(step - 1, per_epoch)

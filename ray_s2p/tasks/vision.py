@@ -50,6 +50,10 @@ _INIT, _LORA = 0x1A9E, 0x1A10
 class ImageClassificationTask(LogitsClassifier):
     """``task.name: image_classification`` (see the module docstring)."""
 
+    # Examples one data shard draws per train batch; None means task.batch_size. The replica engine sets
+    # a share of task.batch_size under cluster.batch_scaling: strong (eval batches keep task.batch_size).
+    train_batch_size: int | None = None
+
     def __init__(self, cfg: TaskConfig, seed: int) -> None:
         check_options(cfg.options, VISION_OPTIONS, "image_classification")
         if cfg.model not in ARCHITECTURES and not (Path(cfg.model).expanduser() / SPEC_FILE).is_file():
@@ -125,8 +129,8 @@ class ImageClassificationTask(LogitsClassifier):
     # ------------------------------------------------------------------ data
     def train_batch(self, step: int, shard: int, num_shards: int) -> Batch:
         """The batch of (step, shard): a pure function of the arguments and the seed."""
-        rows = train_positions(len(self.train), self.cfg.batch_size, seed=self.seed, step=step, shard=shard,
-                               num_shards=num_shards, reshuffle=self.cfg.reshuffle)
+        rows = train_positions(len(self.train), self.train_batch_size or self.cfg.batch_size, seed=self.seed,
+                               step=step, shard=shard, num_shards=num_shards, reshuffle=self.cfg.reshuffle)
         return self.train.take(rows)
 
     def eval_batches(self, shard: int, num_shards: int) -> Iterator[Batch]:
