@@ -54,7 +54,7 @@ TRIALS=5
 ray-s2p compare --config jobs/configs/mnist5k_cnn.yaml --output runs/compare/mnist5k_cnn_v3 \
   --progress docs/results/progress/mnist5k_cnn_v3.json --parallel-runs 2 \
   --optimizers vs2p,mezo,stp,zo_signsgd,s2p_opt1,s2p_opt4,random_search,adamw,sgd \
-  --set cluster.use_ray=false --set cluster.replicas=1 --set task.tiny_width=16 \
+  --set cluster.use_ray=false --set cluster.replicas=1 --set optimizer.tuned_directions=1 --set task.tiny_width=16 \
   --set checkpoint_every=0 --set task.eval_size=500 --set task.test_size=1000 \
   --budget 40000 --trials "$TRIALS" --seeds "$SEEDS" --target 0.5
 
@@ -64,7 +64,7 @@ ray-s2p compare --config jobs/configs/mnist5k_cnn.yaml --output runs/compare/mni
 ray-s2p compare --config jobs/configs/mnist5k_resnet18.yaml --output runs/compare/mnist5k_resnet18_v3 \
   --progress docs/results/progress/mnist5k_resnet18_v3.json --parallel-runs 2 \
   --optimizers vs2p,mezo,stp,zo_signsgd,s2p_opt1,s2p_opt4,adamw,sgd \
-  --set cluster.use_ray=false --set cluster.replicas=1 \
+  --set cluster.use_ray=false --set cluster.replicas=1 --set optimizer.tuned_directions=1 \
   --set checkpoint_every=0 --set task.eval_size=500 --set task.test_size=1000 \
   --budget 12000 --trials "$TRIALS" --seeds "$SEEDS" --target 0.3 --no-ablations
 
@@ -73,7 +73,7 @@ ray-s2p compare --config jobs/configs/mnist5k_resnet18.yaml --output runs/compar
 #     Gaussian directions, 30,000 forward passes per run, every optimizer and the VS2P ablations.
 ray-s2p compare --config jobs/configs/default.yaml --output runs/compare/rt_minilm_v3 \
   --progress docs/results/progress/rt_minilm_v3.json --parallel-runs 2 \
-  --set cluster.use_ray=false --set cluster.replicas=1 --set cluster.mode=direction \
+  --set cluster.use_ray=false --set cluster.replicas=1 --set optimizer.tuned_directions=1 --set cluster.mode=direction \
   --set task.train_size=2048 --set task.eval_size=500 --set task.test_size=1000 \
   --set task.options.feature_cache_mb=1024 --set checkpoint_every=0 --set optimizer.directions=1 \
   --set perturbation.distribution=gaussian \
@@ -82,14 +82,14 @@ ray-s2p compare --config jobs/configs/default.yaml --output runs/compare/rt_mini
 # (c), (d) Low-rank directions (rank 2) on (b) and (a): VS2P and MeZO, the same protocol and budgets.
 ray-s2p compare --config jobs/configs/default.yaml --output runs/compare/rt_minilm_lowrank_v3 \
   --progress docs/results/progress/rt_minilm_lowrank_v3.json --parallel-runs 2 \
-  --set cluster.use_ray=false --set cluster.replicas=1 --set cluster.mode=direction \
+  --set cluster.use_ray=false --set cluster.replicas=1 --set optimizer.tuned_directions=1 --set cluster.mode=direction \
   --set task.train_size=2048 --set task.eval_size=500 --set task.test_size=1000 \
   --set task.options.feature_cache_mb=1024 --set checkpoint_every=0 --set optimizer.directions=1 \
   --set perturbation.distribution=lowrank --optimizers vs2p,mezo --no-ablations \
   --budget 30000 --trials "$TRIALS" --seeds "$SEEDS" --target 0.65
 ray-s2p compare --config jobs/configs/mnist5k_cnn.yaml --output runs/compare/mnist5k_cnn_lowrank_v3 \
   --progress docs/results/progress/mnist5k_cnn_lowrank_v3.json --parallel-runs 2 \
-  --set cluster.use_ray=false --set cluster.replicas=1 --set task.tiny_width=16 \
+  --set cluster.use_ray=false --set cluster.replicas=1 --set optimizer.tuned_directions=1 --set task.tiny_width=16 \
   --set checkpoint_every=0 --set task.eval_size=500 --set task.test_size=1000 \
   --set perturbation.distribution=lowrank --optimizers vs2p,mezo --no-ablations \
   --budget 40000 --trials "$TRIALS" --seeds "$SEEDS" --target 0.5

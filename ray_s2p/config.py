@@ -8,23 +8,13 @@ for config.yaml. Every key, its default and meaning is listed in docs/config.md.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or out of range."""
-
-
-def _require(condition: bool, path: str, problem: str, fix: str) -> None:
-    if not condition:
-        raise ConfigError(f"config field '{path}': {problem}. Fix: {fix}")
-
+from .config_parse import ConfigError, build_section, plain_data, require, set_dotted
 
 EVAL_SPLITS = ("validation", "test")
 
@@ -65,26 +55,26 @@ class TaskConfig:
     options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _require(self.batch_size > 0, "task.batch_size", f"got {self.batch_size}", "use a positive batch size")
-        _require(self.max_length > 1, "task.max_length", f"got {self.max_length}", "use at least 2 tokens")
-        _require(self.eval_size >= 0, "task.eval_size", f"got {self.eval_size}", "use 0 or more")
-        _require(self.test_size >= 0, "task.test_size", f"got {self.test_size}", "use 0 (no test split) or more")
-        _require(0 <= self.split_seed < 2**63, "task.split_seed", f"got {self.split_seed}",
+        require(self.batch_size > 0, "task.batch_size", f"got {self.batch_size}", "use a positive batch size")
+        require(self.max_length > 1, "task.max_length", f"got {self.max_length}", "use at least 2 tokens")
+        require(self.eval_size >= 0, "task.eval_size", f"got {self.eval_size}", "use 0 or more")
+        require(self.test_size >= 0, "task.test_size", f"got {self.test_size}", "use 0 (no test split) or more")
+        require(0 <= self.split_seed < 2**63, "task.split_seed", f"got {self.split_seed}",
                  "use an integer in [0, 2**63)")
-        _require(self.eval_split in EVAL_SPLITS, "task.eval_split", f"unknown split {self.eval_split!r}",
+        require(self.eval_split in EVAL_SPLITS, "task.eval_split", f"unknown split {self.eval_split!r}",
                  "use validation (tuning) or test (final reports)")
-        _require(self.eval_split != "test" or self.test_size > 0, "task.eval_split",
+        require(self.eval_split != "test" or self.test_size > 0, "task.eval_split",
                  "test while task.test_size is 0 (there is no test split)",
                  "set task.test_size to the number of test examples")
-        _require(self.k_shot is None or self.k_shot > 0, "task.k_shot", f"got {self.k_shot}", "use a positive count or null")
-        _require(self.trainable in {"all", "head", "bitfit", "lora", "top_k", "patterns"}, "task.trainable",
+        require(self.k_shot is None or self.k_shot > 0, "task.k_shot", f"got {self.k_shot}", "use a positive count or null")
+        require(self.trainable in {"all", "head", "bitfit", "lora", "top_k", "patterns"}, "task.trainable",
                  f"unknown value {self.trainable!r}", "use one of all, head, bitfit, lora, top_k, patterns")
-        _require(self.trainable != "patterns" or bool(self.patterns), "task.patterns", "empty while trainable=patterns",
+        require(self.trainable != "patterns" or bool(self.patterns), "task.patterns", "empty while trainable=patterns",
                  "list name patterns (fnmatch) of the parameters to train")
-        _require(self.precision in {"fp32", "bf16", "fp16"}, "task.precision", f"unknown value {self.precision!r}",
+        require(self.precision in {"fp32", "bf16", "fp16"}, "task.precision", f"unknown value {self.precision!r}",
                  "use fp32, bf16 or fp16")
-        _require(self.top_k > 0, "task.top_k", f"got {self.top_k}", "use a positive number of layers")
-        _require(self.device_map in (None, "auto", "balanced", "sequential"), "task.device_map",
+        require(self.top_k > 0, "task.top_k", f"got {self.top_k}", "use a positive number of layers")
+        require(self.device_map in (None, "auto", "balanced", "sequential"), "task.device_map",
                  f"got {self.device_map!r}", "use null, auto, balanced or sequential (with cluster.gpus_per_replica > 1)")
 
 
@@ -97,6 +87,9 @@ OPTIMIZERS = ZEROTH_ORDER + FIRST_ORDER
 FIRST_ORDER_PASSES = 3
 # Which parameters weight decay spares (zo/weight_decay.py): bias_norm as MeZO's trainer, or none.
 WEIGHT_DECAY_EXEMPT = ("bias_norm", "none")
+# How a step's move grows with Q, the directions it evaluates (zo/rules/scaling.py): Q / Q_tuned,
+# sqrt(Q / Q_tuned) or 1.
+STEP_SCALINGS = ("linear", "sqrt", "none")
 
 
 @dataclass(frozen=True)
@@ -108,6 +101,8 @@ class OptimizerConfig:
     eta: float = 1.0            # VS2P / S2P option-2 scale
     rho: float = 1e-3           # probe radius
     directions: int = 1         # q directions per replica per step (averaged)
+    step_scaling: str = "linear"  # the step grows with the directions per step Q: linear, sqrt or none
+    tuned_directions: int = 1   # the Q at which lr / eta are meant as written (the step factor is 1 there)
     weight_decay: float = 0.0
     weight_decay_exempt: str = "bias_norm"  # bias_norm (as MeZO: biases and norm weights do not decay) or none
     sign_trick: bool = True     # S2P: reuse the +-rho probes to pick the direction
@@ -132,24 +127,28 @@ class OptimizerConfig:
     max_bad_losses: int = 20    # consecutive non-finite probe losses before the run stops
 
     def __post_init__(self) -> None:
-        _require(self.name in OPTIMIZERS, "optimizer.name", f"unknown optimizer {self.name!r}",
+        require(self.name in OPTIMIZERS, "optimizer.name", f"unknown optimizer {self.name!r}",
                  f"use one of {', '.join(OPTIMIZERS)}")
         for key in ("lr", "eta", "rho", "tau_a", "tau_b", "beta"):
             value = getattr(self, key)
-            _require(value > 0, f"optimizer.{key}", f"must be > 0, got {value}", "use a positive number")
-        _require(self.directions >= 1, "optimizer.directions", f"got {self.directions}", "use 1 or more")
-        _require(self.step_size_option in (1, 2, 3, 4), "optimizer.step_size_option",
+            require(value > 0, f"optimizer.{key}", f"must be > 0, got {value}", "use a positive number")
+        require(self.directions >= 1, "optimizer.directions", f"got {self.directions}", "use 1 or more")
+        require(self.step_scaling in STEP_SCALINGS, "optimizer.step_scaling", f"got {self.step_scaling!r}",
+                 "use linear (the step grows with the directions per step), sqrt, or none (plain q-average)")
+        require(self.tuned_directions >= 1, "optimizer.tuned_directions", f"got {self.tuned_directions}",
+                 "use the directions per step (groups x directions) at which lr / eta were tuned, 1 or more")
+        require(self.step_size_option in (1, 2, 3, 4), "optimizer.step_size_option",
                  f"got {self.step_size_option}", "use 1, 2, 3 or 4")
-        _require(self.weight_decay >= 0, "optimizer.weight_decay", f"got {self.weight_decay}", "use 0 or more")
-        _require(self.weight_decay_exempt in WEIGHT_DECAY_EXEMPT, "optimizer.weight_decay_exempt",
+        require(self.weight_decay >= 0, "optimizer.weight_decay", f"got {self.weight_decay}", "use 0 or more")
+        require(self.weight_decay_exempt in WEIGHT_DECAY_EXEMPT, "optimizer.weight_decay_exempt",
                  f"got {self.weight_decay_exempt!r}",
                  "use bias_norm (biases and norm weights do not decay, as MeZO) or none (every parameter decays)")
-        _require(self.sigma_window >= 2, "optimizer.sigma_window", f"got {self.sigma_window}", "use 2 or more")
-        _require(self.clip in ("soft", "fixed", "none"), "optimizer.clip", f"got {self.clip!r}",
+        require(self.sigma_window >= 2, "optimizer.sigma_window", f"got {self.sigma_window}", "use 2 or more")
+        require(self.clip in ("soft", "fixed", "none"), "optimizer.clip", f"got {self.clip!r}",
                  "use soft, fixed or none")
-        _require(self.sigma_warmup in ("abs_gamma", "skip", "unit"), "optimizer.sigma_warmup",
+        require(self.sigma_warmup in ("abs_gamma", "skip", "unit"), "optimizer.sigma_warmup",
                  f"got {self.sigma_warmup!r}", "use abs_gamma, skip or unit")
-        _require(self.max_bad_losses >= 1, "optimizer.max_bad_losses", f"got {self.max_bad_losses}", "use 1 or more")
+        require(self.max_bad_losses >= 1, "optimizer.max_bad_losses", f"got {self.max_bad_losses}", "use 1 or more")
 
 
 @dataclass(frozen=True)
@@ -163,20 +162,23 @@ class PerturbationConfig:
     lowrank_interval: int = 1         # lazy V: redraw V every this many steps (1: fresh V per direction)
 
     def __post_init__(self) -> None:
-        _require(self.distribution in ("gaussian", "rademacher", "sphere", "table", "lowrank"),
+        require(self.distribution in ("gaussian", "rademacher", "sphere", "table", "lowrank"),
                  "perturbation.distribution", f"got {self.distribution!r}",
                  "use gaussian, rademacher, sphere, table or lowrank")
-        _require(isinstance(self.rank, int) and self.rank >= 1, "perturbation.rank", f"got {self.rank!r}",
+        require(isinstance(self.rank, int) and self.rank >= 1, "perturbation.rank", f"got {self.rank!r}",
                  "use a positive integer (1-4 is typical)")
-        _require(isinstance(self.lowrank_interval, int) and self.lowrank_interval >= 1,
+        require(isinstance(self.lowrank_interval, int) and self.lowrank_interval >= 1,
                  "perturbation.lowrank_interval", f"got {self.lowrank_interval!r}",
                  "use 1 (fresh V with every direction) or more (V kept for that many steps)")
-        _require(self.mechanism in ("hooks", "swap", "naive"), "perturbation.mechanism",
+        require(self.mechanism in ("hooks", "swap", "naive"), "perturbation.mechanism",
                  f"got {self.mechanism!r}", "use hooks, swap or naive")
-        _require(self.table_size >= 1024, "perturbation.table_size", f"got {self.table_size}", "use at least 1024")
+        require(self.table_size >= 1024, "perturbation.table_size", f"got {self.table_size}", "use at least 1024")
 
 
 WEIGHT_PRECISIONS = ("fp32", "bf16", "fp16")
+# Data and hybrid mode: whether task.batch_size is each shard's batch (weak scaling, the effective batch
+# grows with the shards) or the group's batch split among its shards (strong scaling).
+BATCH_SCALINGS = ("weak", "strong")
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,7 @@ class PrecisionConfig:
     weights: str = "fp32"             # fp32, or bf16 / fp16: 2 bytes per parameter, updates rounded stochastically
 
     def __post_init__(self) -> None:
-        _require(self.weights in WEIGHT_PRECISIONS, "precision.weights", f"got {self.weights!r}",
+        require(self.weights in WEIGHT_PRECISIONS, "precision.weights", f"got {self.weights!r}",
                  "use fp32, bf16 or fp16 (task.precision is the forward's autocast, a different setting)")
 
 
@@ -196,6 +198,7 @@ class ClusterConfig:
 
     replicas: int = 2
     mode: str = "direction"          # direction, data, hybrid
+    batch_scaling: str = "weak"      # data/hybrid: weak (task.batch_size per shard) or strong (per group, split)
     groups: int = 1                  # hybrid: number of direction groups (replicas split evenly)
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
@@ -212,22 +215,25 @@ class ClusterConfig:
     placement_strategy: str = "PACK"
 
     def __post_init__(self) -> None:
-        _require(self.replicas >= 1, "cluster.replicas", f"got {self.replicas}", "use 1 or more")
-        _require(self.mode in ("direction", "data", "hybrid"), "cluster.mode", f"got {self.mode!r}",
+        require(self.replicas >= 1, "cluster.replicas", f"got {self.replicas}", "use 1 or more")
+        require(self.mode in ("direction", "data", "hybrid"), "cluster.mode", f"got {self.mode!r}",
                  "use direction, data or hybrid")
-        _require(self.groups >= 1 and self.replicas % self.groups == 0, "cluster.groups",
+        require(self.batch_scaling in BATCH_SCALINGS, "cluster.batch_scaling", f"got {self.batch_scaling!r}",
+                 "use weak (each data shard draws task.batch_size examples) or strong (task.batch_size is "
+                 "split among a group's shards)")
+        require(self.groups >= 1 and self.replicas % self.groups == 0, "cluster.groups",
                  f"{self.groups} does not divide replicas={self.replicas}", "pick groups dividing cluster.replicas")
-        _require(self.noise_threads >= 0, "cluster.noise_threads", f"got {self.noise_threads}",
+        require(self.noise_threads >= 0, "cluster.noise_threads", f"got {self.noise_threads}",
                  "use 0 (as many as torch's threads) or a positive count")
-        _require(self.cpus_per_replica >= 0, "cluster.cpus_per_replica", f"got {self.cpus_per_replica}", "use >= 0")
-        _require(self.gpus_per_replica >= 0, "cluster.gpus_per_replica", f"got {self.gpus_per_replica}", "use >= 0")
-        _require(self.memory_per_replica_gb >= 0, "cluster.memory_per_replica_gb", "negative", "use >= 0 (GiB)")
-        _require(self.step_timeout_s > 0, "cluster.step_timeout_s", f"got {self.step_timeout_s}", "use > 0 seconds")
-        _require(self.startup_timeout_s > 0, "cluster.startup_timeout_s", f"got {self.startup_timeout_s}", "use > 0")
-        _require(self.digest_every >= 0, "cluster.digest_every", f"got {self.digest_every}", "use 0 (end only) or more")
-        _require(self.on_mismatch in ("resync", "abort"), "cluster.on_mismatch", f"got {self.on_mismatch!r}",
+        require(self.cpus_per_replica >= 0, "cluster.cpus_per_replica", f"got {self.cpus_per_replica}", "use >= 0")
+        require(self.gpus_per_replica >= 0, "cluster.gpus_per_replica", f"got {self.gpus_per_replica}", "use >= 0")
+        require(self.memory_per_replica_gb >= 0, "cluster.memory_per_replica_gb", "negative", "use >= 0 (GiB)")
+        require(self.step_timeout_s > 0, "cluster.step_timeout_s", f"got {self.step_timeout_s}", "use > 0 seconds")
+        require(self.startup_timeout_s > 0, "cluster.startup_timeout_s", f"got {self.startup_timeout_s}", "use > 0")
+        require(self.digest_every >= 0, "cluster.digest_every", f"got {self.digest_every}", "use 0 (end only) or more")
+        require(self.on_mismatch in ("resync", "abort"), "cluster.on_mismatch", f"got {self.on_mismatch!r}",
                  "use resync or abort")
-        _require(self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+        require(self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
                  "cluster.placement_strategy", f"got {self.placement_strategy!r}", "use PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
 
 
@@ -249,16 +255,32 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
-        _require(0 <= self.seed < 2**63, "seed", f"got {self.seed}", "use an integer in [0, 2**63)")
-        _require(self.steps > 0, "steps", f"got {self.steps}", "use a positive number of steps")
-        _require(self.eval_every >= 0, "eval_every", f"got {self.eval_every}", "use 0 (end only) or more")
-        _require(self.checkpoint_every >= 0, "checkpoint_every", f"got {self.checkpoint_every}", "use 0 (end only) or more")
-        _require(self.log_every > 0, "log_every", f"got {self.log_every}", "use a positive interval")
+        require(0 <= self.seed < 2**63, "seed", f"got {self.seed}", "use an integer in [0, 2**63)")
+        require(self.steps > 0, "steps", f"got {self.steps}", "use a positive number of steps")
+        require(self.eval_every >= 0, "eval_every", f"got {self.eval_every}", "use 0 (end only) or more")
+        require(self.checkpoint_every >= 0, "checkpoint_every", f"got {self.checkpoint_every}", "use 0 (end only) or more")
+        require(self.log_every > 0, "log_every", f"got {self.log_every}", "use a positive interval")
+        c = self.cluster
+        shards = c.replicas // self.direction_groups
+        require(c.batch_scaling == "weak" or c.mode == "direction" or self.task.batch_size % shards == 0,
+                 "cluster.batch_scaling", f"strong: task.batch_size {self.task.batch_size} does not split evenly "
+                 f"among {shards} data shards", "use a task.batch_size divisible by the shards per group, or weak")
+
+    @property
+    def direction_groups(self) -> int:
+        """Groups of replicas that probe their own directions: every replica (direction mode), one (data),
+        ``cluster.groups`` (hybrid)."""
+        return {"direction": self.cluster.replicas, "data": 1, "hybrid": self.cluster.groups}[self.cluster.mode]
+
+    @property
+    def directions_per_step(self) -> int:
+        """Q, the directions a step evaluates: direction groups x ``optimizer.directions``."""
+        return self.direction_groups * self.optimizer.directions
 
     # ------------------------------------------------------------------ io
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (lists for tuples) for YAML/JSON."""
-        return _plain(dataclasses.asdict(self))
+        return plain_data(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "RunConfig":
@@ -267,103 +289,14 @@ class RunConfig:
         Raises:
             ConfigError: on an unknown key, a wrong type or a bad value.
         """
-        return _build(cls, data or {}, "")
+        return build_section(cls, data or {}, "")
 
     def replace(self, overrides: dict[str, Any]) -> "RunConfig":
         """A copy with dotted-key overrides applied, e.g. {"optimizer.lr": 0.1}."""
         data = self.to_dict()
         for dotted, value in overrides.items():
-            _set_dotted(data, dotted, value)
+            set_dotted(data, dotted, value)
         return RunConfig.from_dict(data)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = data
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            raise ConfigError(f"config field '{dotted}': '{part}' is not a section. Fix: check the key in docs/config.md")
-        node = node[part]
-    node[parts[-1]] = value
-
-
-def _coerce(value: Any, annotation: Any, path: str) -> Any:
-    """Check (and gently coerce) one value against a field annotation."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], path)
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            value = _parse_scalar(value, float, path)
-        return float(value)
-    if annotation is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            value = _parse_scalar(value, int, path)
-        return value
-    if annotation is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        if not isinstance(value, bool):
-            raise ConfigError(f"config field '{path}': expected true or false, got {value!r}. Fix: write true or false")
-        return value
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config field '{path}': expected a string, got {value!r}. Fix: quote the value")
-        return value
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config field '{path}': expected a list, got {value!r}. Fix: write a YAML list")
-        return tuple(_coerce(v, args[0], f"{path}[]") for v in value)
-    if annotation is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config field '{path}': expected a mapping, got {value!r}. Fix: write a YAML mapping")
-        return dict(value)
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config field '{path}': expected a section (mapping), got {value!r}")
-        return _build(annotation, value, path + ".")
-    return value
-
-
-def _parse_scalar(value: Any, kind: type, path: str) -> Any:
-    if isinstance(value, str):
-        try:
-            return kind(float(value)) if kind is int and value.replace(".", "", 1).isdigit() else kind(value)
-        except ValueError:
-            pass
-    name = "an integer" if kind is int else "a number"
-    raise ConfigError(f"config field '{path}': expected {name}, got {value!r}. Fix: write {name}")
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(
-            f"config field '{prefix}{unknown[0]}': unknown key. Fix: remove it or use one of "
-            f"{', '.join(sorted(known))} (see docs/config.md)"
-        )
-    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
-    return cls(**kwargs)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

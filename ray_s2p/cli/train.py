@@ -6,9 +6,12 @@ import argparse
 import json
 import sys
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ..config import FIRST_ORDER, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -29,8 +32,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.address:
         config = config.replace({"cluster.address": args.address})
     print(f"ray-s2p: training {config.task.model} on {config.task.dataset} with {config.optimizer.name}, "
-          f"{config.cluster.replicas} replicas ({config.cluster.mode} mode), {config.steps} steps -> {run_dir}",
-          file=sys.stderr)
+          f"{config.cluster.replicas} replicas ({config.cluster.mode} mode), {config.steps} steps"
+          f"{_scaling_note(config)} -> {run_dir}", file=sys.stderr)
     result = train(config, run_dir, resume=bool(args.resume), overwrite=args.overwrite, verbose=args.verbose)
     s = result.summary
     before, after = s.get("initial_metrics", {}), s.get("final_metrics", {})
@@ -43,6 +46,18 @@ def _train(args: argparse.Namespace) -> int:
     print(f"final digest {result.final_digest}")
     print(f"outputs: {result.run_dir} (final/ model, ledger.parquet, metrics.parquet, summary.json)")
     return 0
+
+
+def _scaling_note(config: "RunConfig") -> str:
+    """", step x4 (16 directions per step, step_scaling linear from 4)" where the step scaling moves the step."""
+    o = config.optimizer
+    if o.name in FIRST_ORDER:
+        return ""
+    from ..zo.rules import StepScaling
+    q = config.directions_per_step
+    factor = StepScaling(o.step_scaling, o.tuned_directions).factor(q)
+    return "" if factor == 1.0 else (f", step x{factor:.3g} ({q} directions per step, step_scaling {o.step_scaling} "
+                                     f"from {o.tuned_directions})")
 
 
 def _parse_sets(items: Sequence[str]) -> list[tuple[str, object]]:

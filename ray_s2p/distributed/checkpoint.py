@@ -75,6 +75,13 @@ def config_fingerprint(config_dict: dict[str, Any]) -> str:
         perturbation.pop("lowrank_interval", None)
         keep["perturbation"] = perturbation
     optimizer = dict(keep.get("optimizer") or {})
+    if optimizer.get("step_scaling", "none") == "none":
+        # Without step scaling (the plain q-average runs used before the keys existed) neither key changes
+        # anything: old checkpoints keep their fingerprint. With scaling both count, whatever the replica
+        # count (a resume with another count is the same run with the step scaled for the new Q).
+        optimizer.pop("step_scaling", None)
+        optimizer.pop("tuned_directions", None)
+        keep["optimizer"] = optimizer
     if not optimizer.get("weight_decay"):
         # Without weight decay the exemption changes nothing: runs from before it existed keep their fingerprint.
         optimizer.pop("weight_decay_exempt", None)

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import FIRST_ORDER, FIRST_ORDER_PASSES, RunConfig
-from ..zo.rules import build_rule
 from ..storage_fs import Location, StoragePath, location, wire
+from ..zo.rules import build_rule
 from .checkpoint import Checkpoint, checkpoint_path, config_fingerprint, latest_checkpoint
 from .environment import agreed, describe, settle
 from .healing import Healer
@@ -77,7 +77,9 @@ class Driver:
         if self.first_order and config.cluster.replicas != 1:
             raise ValueError("optimizer.name: the first-order references (sgd, adamw) run on one replica. "
                              "Fix: --set cluster.replicas=1")
-        self.rule = None if self.first_order else build_rule(config.optimizer, config.steps)
+        # The rule scales every step by the Q it evaluates (zo/rules/scaling.py); Q here only checks the decay.
+        self.rule = None if self.first_order else build_rule(config.optimizer, config.steps,
+                                                             config.directions_per_step)
         # Last: every check above runs before the run directory is touched.
         self.rd = RunDirectory(run_dir, config, resume=resume, overwrite=overwrite)
         self.fingerprint = config_fingerprint(config.to_dict())

@@ -26,9 +26,7 @@ class Layout:
 
     @classmethod
     def from_config(cls, config: RunConfig) -> "Layout":
-        c = config.cluster
-        groups = {"direction": c.replicas, "data": 1, "hybrid": c.groups}[c.mode]
-        return cls(c.replicas, groups, config.optimizer.directions)
+        return cls(config.cluster.replicas, config.direction_groups, config.optimizer.directions)
 
     @property
     def shards(self) -> int:

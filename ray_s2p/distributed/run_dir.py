@@ -16,6 +16,7 @@ import pyarrow as pa
 import yaml
 
 from ..config import ConfigError, RunConfig
+from ..config_history import saved_config
 from ..storage_fs import (Location, StoragePath, location, read_parquet, remove_tree, write_json, write_parquet,
                           write_yaml)
 from ..tasks.base import EvalTotals
@@ -120,7 +121,7 @@ class RunDirectory:
         file = location(path) / "config.yaml"
         if not file.is_file():
             raise ConfigError(f"{str(path)!r} holds no run (config.yaml missing). Fix: point at a run directory")
-        return RunConfig.from_dict(yaml.safe_load(file.read_text()))
+        return saved_config(yaml.safe_load(file.read_text()))
 
     # -------------------------------------------------------------- metrics
     def rebuild_train_rows(self, ledger: "Sequence[LedgerRow]", shards: int, upto: int, ckpt_meta: dict[str, Any],

@@ -51,13 +51,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import RunConfig
+from ..config_history import trajectory_dict
 from ..files import atomic_path, write_text
-from .protocol import (MAX_EXTENSIONS, MIN_EVAL_POINTS, best_index, edge_side, eval_interval, extension, log_grid,
-                       refinement)
 from .progress import FILE_NAME as PROGRESS_FILE
 from .progress import NotRecorded, Progress, fingerprint
-from .reruns import run_seeds
+from .protocol import (MAX_EXTENSIONS, MIN_EVAL_POINTS, best_index, edge_side, eval_interval, extension, log_grid,
+                       refinement)
 from .report import summarise, tuning_summary
+from .reruns import run_seeds
 
 ALL_OPTIMIZERS = ["vs2p", "s2p_opt1", "s2p_opt4", "mezo", "zo_signsgd", "stp", "random_search", "sgd", "adamw"]
 # Names of a rule the list already holds under another name: accepted by --optimizers, never listed by default.
@@ -152,7 +153,7 @@ def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget:
         # Trials evaluate once, at the end: tuning reads only the final validation metric. They report to
         # Tune once too: each report waits for Tune's controller, which made a CNN trial 3x slower.
         points, overrides = grid_points(key, values), {"eval_every": 0, "log_every": trial_steps}
-        inputs = fingerprint({"config": cfg.to_dict(), "points": points, "budget": budget, "trials": overrides})
+        inputs = fingerprint({"config": trajectory_dict(cfg), "points": points, "budget": budget, "trials": overrides})
         done = progress.sweep(label, inputs) if progress is not None and (resume or not train) else None
         if done is None and not train:
             raise NotRecorded(f"{name}: sweep {label} not recorded")

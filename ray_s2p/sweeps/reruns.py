@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from ..config import RunConfig
+from ..config_history import saved_config, trajectory_dict
 from .progress import NotRecorded, Progress, fingerprint
 from .protocol import passes_to_target as interpolated_passes
 
@@ -27,11 +28,12 @@ def finished_run(run_dir: Path, config: RunConfig) -> dict[str, Any] | None:
     import yaml
 
     try:
-        stored = RunConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        stored = saved_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError, yaml.YAMLError):  # absent, unreadable, or a config this version rejects
         return None
-    if stored != config or summary.get("steps_completed") != config.steps:
+    # Compared without the keys that compute nothing different here (a run made before they existed counts).
+    if trajectory_dict(stored) != trajectory_dict(config) or summary.get("steps_completed") != config.steps:
         return None
     return summary
 
@@ -69,7 +71,7 @@ def run_seeds(base: RunConfig, name: str, overrides: dict[str, Any], seeds: list
         run_dir = out / "runs" / f"{name}-seed{seed}"
         rows[seed] = {"variant": name, "seed": seed, "split": "test", "eval_interval": interval,
                       "run_dir": str(run_dir), "error": None, "settings": _settings(overrides)}
-        keys[seed] = fingerprint(cfg.to_dict())
+        keys[seed] = fingerprint(trajectory_dict(cfg))
         done = progress.run(run_dir.name, keys[seed]) if progress is not None and resume else None
         if done is None and resume:
             summary = finished_run(run_dir, cfg)

@@ -77,7 +77,8 @@ class ZerothOrderOptimizer:
                                     lowrank_interval=lowrank_interval, run_seed=seed,
                                     decay_exempt=decay_exempt(model, sel_names, config.weight_decay_exempt))
         self.prober = Prober(model, self.space, mechanism)
-        self.rule = build_rule(config, total_steps)
+        # One process evaluates all of a step's q directions: the step is scaled for Q = q (zo/rules/scaling.py).
+        self.rule = build_rule(config, total_steps, config.directions)
         self.state = self.rule.init()
         self.step_count = 0
         self.ledger: Ledger | None = None

@@ -85,7 +85,8 @@ def test_single_process_optimizer_applies_the_sign_update():
     model = TinyLM()
     ids = torch.randint(0, 50, (8, 5), generator=torch.Generator().manual_seed(1))
     start = [p.detach().clone() for p in model.parameters()]
-    opt = ZerothOrderOptimizer(model, optimizer_config(name="zo_signsgd", lr=STEP, rho=1e-3, directions=2), seed=0)
+    opt = ZerothOrderOptimizer(model, optimizer_config(name="zo_signsgd", lr=STEP, rho=1e-3, directions=2,
+                                                               step_scaling="none"), seed=0)
     record = opt.step(lambda: model(ids).pow(2).mean())
     assert record.decision.sign_step == STEP
     for p, x0 in zip(model.parameters(), start):

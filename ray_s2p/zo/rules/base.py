@@ -10,14 +10,15 @@ stdlib ``math``; this module never imports torch, numpy or ray.
 
 Shared semantics (our design, see docs/method.md):
   * q-averaging: each c_i is divided by the number of directions with finite
-    losses (random search divides by its own b instead).
+    losses (random search divides by its own b instead), then multiplied by the
+    step scaling s(Q) of the Q directions the step evaluated (scaling.py).
   * A direction with any non-finite loss is skipped (c = 0, skipped True),
     leaves the denominator and, when its gamma is non-finite, VS2P's history.
     If no direction has finite losses, nothing moves (param_scale = 1 too).
   * gamma == 0 gives c = 0 (sign(0) = 0); such a direction is not "skipped".
   * argmin between x + a z and x - a z picks +a on a tie (Algorithm 1 always
     moves; the first candidate wins, as Python's min does).
-  * Decoupled weight decay: param_scale = 1 - lr_k * weight_decay for every rule,
+  * Decoupled weight decay: param_scale = 1 - s(Q) * lr_k * weight_decay for every rule,
     with lr_k = cfg.lr * decay (also for eta-scaled rules; reconstructed). Replicas
     apply it to every parameter that ``optimizer.weight_decay_exempt`` does not spare.
 """
@@ -119,12 +120,16 @@ def argmin_coefficient(f_plus: float, f_minus: float, a: float) -> float:
 
 def average_decision(raw: Sequence[Optional[float]], valid: Sequence[bool], gammas: Sequence[Optional[float]],
               step_sizes: Sequence[Optional[float]], sigma: Optional[float], param_scale: float,
-              denominator: Optional[int] = None) -> StepDecision:
-    """Average the per-direction coefficients over the valid directions (q-averaging)."""
+              denominator: Optional[int] = None, scale: float = 1.0) -> StepDecision:
+    """Average the per-direction coefficients over the valid directions (q-averaging), times ``scale``.
+
+    ``scale`` is the step scaling s(Q) (scaling.py): c_i = raw_i * s(Q) / n_valid. With s = 1.0 the
+    product is exact, so a rule at its tuned Q computes bit for bit what the plain average did.
+    """
     n_valid = sum(valid)
     denom = denominator if denominator is not None else n_valid
     keep = [r is not None and ok for r, ok in zip(raw, valid)]
-    coefficients = tuple(r / denom + 0.0 if k else 0.0 for r, k in zip(raw, keep))  # + 0.0 turns -0.0 into 0.0
+    coefficients = tuple(r * scale / denom + 0.0 if k else 0.0 for r, k in zip(raw, keep))  # + 0.0: no -0.0
     return StepDecision(coefficients, tuple(gammas), sigma,
                         tuple(s if ok else None for s, ok in zip(step_sizes, valid)),
                         tuple(not k for k in keep), param_scale if n_valid else 1.0)

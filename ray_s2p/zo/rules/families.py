@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 from ..schedules import Schedule
 from ..transforms import Chain, finite_difference, weight_decay_scale
 from .base import RuleState, StepDecision, all_finite, argmin_coefficient, average_decision, loss_rows
+from .scaling import NO_SCALING, StepScaling
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,9 @@ class GammaRule:
     Probes (rho, -rho); ``transform`` maps each gamma_i to the signed coefficient
     ``-a_k * sign(gamma_i)`` (before averaging). With ``argmin_followup`` the sign
     is not trusted: a second round probes (a_k, -a_k) and the better of x +- a_k z
-    wins (S2P Algorithm 1 with a gamma-dependent a_k).
+    wins (S2P Algorithm 1 with a gamma-dependent a_k). ``scaling`` multiplies the averaged move
+    (and the weight decay) by s(Q); the probes, follow-up radii and the transform's history (VS2P's
+    sigma) stay per direction, so they do not change with Q.
     """
 
     name: str
@@ -30,6 +33,7 @@ class GammaRule:
     argmin_followup: bool = False
     lr: Schedule = Schedule(0.0)
     weight_decay: float = 0.0
+    scaling: StepScaling = NO_SCALING
 
     def init(self) -> RuleState:
         return {"transform": self.transform.init()}
@@ -62,8 +66,9 @@ class GammaRule:
         steps = [None if c is None else abs(c) for c in raw]
         if self.argmin_followup:
             raw = tuple(None if c is None else argmin_coefficient(r[2], r[3], abs(c)) for c, r in zip(raw, rows))
-        scale_x = weight_decay_scale(self.lr(step), self.weight_decay)
-        decision = average_decision(raw, valid, gammas, steps, self.transform.sigma(new_state), scale_x)
+        s = self.scaling.factor(len(rows))
+        scale_x = weight_decay_scale(s * self.lr(step), self.weight_decay)
+        decision = average_decision(raw, valid, gammas, steps, self.transform.sigma(new_state), scale_x, scale=s)
         return decision, {"transform": new_state}
 
 
@@ -76,7 +81,9 @@ class ProbeArgminRule:
     still counts in the q-average. S2P Algorithm 1: argmin{f(x + a z), f(x - a z)},
     radii (a_k, -a_k). a_k = step_size(step). gamma is not defined (no rho probes).
     Reconstructed: with q directions each direction decides on its own and the
-    moves are averaged (not one argmin over all 2q + 1 points).
+    moves are averaged (not one argmin over all 2q + 1 points), then scaled by s(Q):
+    the probes stay at +-a_k, so with linear scaling at Q_t = 1 every direction moves
+    exactly the a_k it probed.
     """
 
     name: str
@@ -84,6 +91,7 @@ class ProbeArgminRule:
     stay: bool
     lr: Schedule = Schedule(0.0)
     weight_decay: float = 0.0
+    scaling: StepScaling = NO_SCALING
 
     def init(self) -> RuleState:
         return {}
@@ -106,5 +114,6 @@ class ProbeArgminRule:
             f_plus, f_minus = row[-2], row[-1]
             stays = self.stay and row[0] <= min(f_plus, f_minus)
             raw.append(None if stays else argmin_coefficient(f_plus, f_minus, a))
-        scale_x = weight_decay_scale(self.lr(step), self.weight_decay)
-        return average_decision(raw, valid, [None] * len(rows), [a] * len(rows), None, scale_x), {}
+        s = self.scaling.factor(len(rows))
+        scale_x = weight_decay_scale(s * self.lr(step), self.weight_decay)
+        return average_decision(raw, valid, [None] * len(rows), [a] * len(rows), None, scale_x, scale=s), {}

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 from ..schedules import Schedule
 from ..transforms import finite_difference, std, weight_decay_scale
 from .base import RuleState, StatelessTwoPoint, StepDecision, average_decision, loss_rows
+from .scaling import NO_SCALING, StepScaling
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,8 @@ class RandomSearchRule(StatelessTwoPoint):
     smallest min(f+, f-) (all if None; ties by direction index), and
     ``c_i = -lr_k / (b sigma_R) * (f+_i - f-_i)`` with sigma_R the population std
     of the 2b kept losses (1.0 if it is 0). The 1/b is this rule's average, so no
-    further division by q. step_sizes are |c_i|; sigma reports sigma_R.
+    further division by q; the step scaling s(Q) multiplies it, with Q every direction
+    probed (not b). step_sizes are |c_i| before s(Q); sigma reports sigma_R.
     """
 
     name: str
@@ -26,6 +28,7 @@ class RandomSearchRule(StatelessTwoPoint):
     lr: Schedule
     top_b: Optional[int] = None
     weight_decay: float = 0.0
+    scaling: StepScaling = NO_SCALING
 
     def update(self, losses: Sequence[Sequence[float]], state: RuleState,
                step: int) -> tuple[StepDecision, RuleState]:
@@ -42,13 +45,14 @@ class RandomSearchRule(StatelessTwoPoint):
             for i in kept:
                 raw[i] = -self.lr(step) / (b * sigma_r) * (rows[i][0] - rows[i][1])
         steps = [None if c is None else abs(c) for c in raw]
-        scale_x = weight_decay_scale(self.lr(step), self.weight_decay)
-        return average_decision(raw, valid, gammas, steps, sigma_r, scale_x, denominator=1), {}
+        s = self.scaling.factor(len(rows))
+        scale_x = weight_decay_scale(s * self.lr(step), self.weight_decay)
+        return average_decision(raw, valid, gammas, steps, sigma_r, scale_x, denominator=1, scale=s), {}
 
 
 def random_search(lr: Schedule, rho: float, top_b: Optional[int] = None,
-                  weight_decay: float = 0.0) -> RandomSearchRule:
+                  weight_decay: float = 0.0, scaling: StepScaling = NO_SCALING) -> RandomSearchRule:
     """Basic random search / ARS (Mania et al. 2018): the best b directions, scaled by 1 / sigma_R."""
     if top_b is not None and top_b < 1:
         raise ValueError(f"random search top_b must be >= 1 or None, got {top_b}")
-    return RandomSearchRule("random_search", rho, lr, top_b, weight_decay)
+    return RandomSearchRule("random_search", rho, lr, top_b, weight_decay, scaling)

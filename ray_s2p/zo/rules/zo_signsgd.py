@@ -26,23 +26,29 @@ from typing import Sequence
 from ..schedules import Schedule
 from ..transforms import finite_difference, weight_decay_scale
 from .base import RuleState, StatelessTwoPoint, StepDecision, all_finite, average_decision, loss_rows
+from .scaling import NO_SCALING, StepScaling
 
 
 @dataclass(frozen=True)
 class ZoSignSgdRule(StatelessTwoPoint):
-    """ZO-signSGD: probes (rho, -rho); c_j = gamma_j / q_valid, sign_step = lr_k (see the module docstring)."""
+    """ZO-signSGD: probes (rho, -rho); c_j = gamma_j / q_valid, sign_step = s(Q) lr_k (see the module docstring).
+
+    The step scaling multiplies the per-coordinate step (and the weight decay), not the coefficients: they
+    are the estimate whose sign is taken, and a scale cannot change a sign.
+    """
 
     name: str
     rho: float
     lr: Schedule
     weight_decay: float = 0.0
+    scaling: StepScaling = NO_SCALING
 
     def update(self, losses: Sequence[Sequence[float]], state: RuleState,
                step: int) -> tuple[StepDecision, RuleState]:
         rows = loss_rows(losses, 2, "f(x+rho z), f(x-rho z)")
         gammas = tuple(finite_difference(r[0], r[1], self.rho) for r in rows)
         valid = [all_finite(r) and g is not None for r, g in zip(rows, gammas)]
-        lr_k = self.lr(step)
+        lr_k = self.scaling.factor(len(rows)) * self.lr(step)
         # The q-average makes g_hat the mean estimate; it cannot change a sign, but it keeps the
         # ledger's coefficients the estimate itself (comparable across q).
         decision = average_decision(list(gammas), valid, gammas, [lr_k] * len(rows), None,
@@ -52,6 +58,7 @@ class ZoSignSgdRule(StatelessTwoPoint):
         return dataclasses.replace(decision, sign_step=lr_k), {}
 
 
-def zo_signsgd(lr: Schedule, rho: float, weight_decay: float = 0.0) -> ZoSignSgdRule:
-    """ZO-signSGD (Liu et al. 2019): x <- (1 - lr_k wd) x - lr_k sign(mean_j gamma_j z_j)."""
-    return ZoSignSgdRule("zo_signsgd", rho, lr, weight_decay)
+def zo_signsgd(lr: Schedule, rho: float, weight_decay: float = 0.0,
+               scaling: StepScaling = NO_SCALING) -> ZoSignSgdRule:
+    """ZO-signSGD (Liu et al. 2019): x <- (1 - s lr_k wd) x - s lr_k sign(mean_j gamma_j z_j), s = s(Q)."""
+    return ZoSignSgdRule("zo_signsgd", rho, lr, weight_decay, scaling)

@@ -1,0 +1,43 @@
+"""What a config written by an earlier version means today, and fingerprints that stay stable.
+
+Keys added after runs and results exist get a value that reproduces what those runs computed.
+``saved_config`` loads a run directory's config.yaml with that value; ``trajectory_dict`` leaves such
+keys out of result fingerprints (sweeps/progress.py) where they change nothing, so recorded results
+are still found. The checkpoint fingerprint (distributed/checkpoint.py) does the same for checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import RunConfig
+
+
+def saved_config(data: dict[str, Any]) -> RunConfig:
+    """A run directory's config.yaml as a ``RunConfig``, keeping the meaning it was written with.
+
+    A config.yaml written before ``optimizer.step_scaling`` existed averaged a step's directions without
+    scaling, so it loads with ``step_scaling: none`` (a resumed old run continues as it started).
+    """
+    optimizer = (data or {}).get("optimizer")
+    if isinstance(optimizer, dict) and "step_scaling" not in optimizer:
+        data = {**data, "optimizer": {**optimizer, "step_scaling": "none"}}
+    return RunConfig.from_dict(data)
+
+
+def trajectory_dict(config: RunConfig) -> dict[str, Any]:
+    """``config.to_dict()`` without the keys that change nothing for this config, for result fingerprints.
+
+    Left out: ``optimizer.step_scaling`` and ``optimizer.tuned_directions`` when the step factor at the
+    config's directions per step is 1 (``none``, or Q = tuned_directions), and ``cluster.batch_scaling``
+    when it is ``weak`` (what data mode did before the key existed). Results recorded before these keys
+    existed (sweeps/progress.py) keep their fingerprints, and a change that does compute something else
+    changes the fingerprint.
+    """
+    data = config.to_dict()
+    o = config.optimizer
+    if o.step_scaling == "none" or config.directions_per_step == o.tuned_directions:
+        del data["optimizer"]["step_scaling"], data["optimizer"]["tuned_directions"]
+    if config.cluster.batch_scaling == "weak":
+        del data["cluster"]["batch_scaling"]
+    return data

@@ -1,0 +1,111 @@
+"""Plain data to validated config dataclasses: the type checks and coercions behind ``RunConfig.from_dict``.
+
+Generic over frozen dataclasses: a value is checked against its field's annotation (numbers, booleans,
+strings, tuples, mappings, nested sections), and every error names the dotted field and the fix.
+``config.py`` declares the sections; this module knows nothing of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+def require(condition: bool, path: str, problem: str, fix: str) -> None:
+    if not condition:
+        raise ConfigError(f"config field '{path}': {problem}. Fix: {fix}")
+
+
+def plain_data(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v) for v in value]
+    return value
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"config field '{dotted}': '{part}' is not a section. Fix: check the key in docs/config.md")
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def coerce(value: Any, annotation: Any, path: str) -> Any:
+    """Check (and gently coerce) one value against a field annotation."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(value, inner[0], path)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            value = parse_scalar(value, float, path)
+        return float(value)
+    if annotation is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            value = parse_scalar(value, int, path)
+        return value
+    if annotation is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise ConfigError(f"config field '{path}': expected true or false, got {value!r}. Fix: write true or false")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config field '{path}': expected a string, got {value!r}. Fix: quote the value")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config field '{path}': expected a list, got {value!r}. Fix: write a YAML list")
+        return tuple(coerce(v, args[0], f"{path}[]") for v in value)
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config field '{path}': expected a mapping, got {value!r}. Fix: write a YAML mapping")
+        return dict(value)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config field '{path}': expected a section (mapping), got {value!r}")
+        return build_section(annotation, value, path + ".")
+    return value
+
+
+def parse_scalar(value: Any, kind: type, path: str) -> Any:
+    if isinstance(value, str):
+        try:
+            return kind(float(value)) if kind is int and value.replace(".", "", 1).isdigit() else kind(value)
+        except ValueError:
+            pass
+    name = "an integer" if kind is int else "a number"
+    raise ConfigError(f"config field '{path}': expected {name}, got {value!r}. Fix: write {name}")
+
+
+def build_section(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"config field '{prefix}{unknown[0]}': unknown key. Fix: remove it or use one of "
+            f"{', '.join(sorted(known))} (see docs/config.md)"
+        )
+    kwargs = {name: coerce(value, hints[name], prefix + name) for name, value in data.items()}
+    return cls(**kwargs)
