@@ -25,6 +25,10 @@ are wall-clock medians unless named otherwise; bytes are bytes):
 - ``precision`` (precision.py): a replica's memory with bf16 weights against fp32 (what
   the model and the method add to the process), for MiniLM and the random 1 B Llama
   (``--cases minilm,llama-1b``).
+- ``speedup`` (speedup.py; only when named: hours of training): steps to a target accuracy
+  S(Q) against the directions per step Q per task preset, resumable from its progress file;
+  its line holds, per task, S per Q (default and tuned), the fit S_inf and Q_c, E(Q) and the
+  targets. Its own options (``SPEEDUP_FLAGS``) are refused for the other benchmarks.
 
 The base config (when no ``--config`` is given) is the default MiniLM
 text_classification job with every parameter trainable, no feature reuse, batch
@@ -40,7 +44,7 @@ import contextlib
 import datetime as _dt
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..config import RunConfig, load_config, parse_override
 from .cluster import bench_recovery, bench_replay, bench_scaling, bench_traffic
@@ -49,6 +53,7 @@ from .driver import CASES as DRIVER_CASES
 from .driver import DEFAULT_CASES, bench_driver
 from .memory import bench_memory
 from .precision import bench_precision
+from .speedup import MEASURED, PHASES, PRESETS, SpeedupOptions, bench_speedup
 from .step import bench_step
 
 # Name -> benchmark, in the order ``ray-s2p bench`` runs them when no name is given.
@@ -58,6 +63,60 @@ BENCHES: dict[str, Callable[[BenchContext], dict[str, Any]]] = {
     "driver": lambda ctx: bench_driver(ctx, tuple(c for c in ctx.cases if c in DRIVER_CASES) or DEFAULT_CASES),
     "precision": bench_precision,
 }
+# Run only when named: a speedup measurement trains for hours, a plain `ray-s2p bench` must not start it.
+BY_NAME_ONLY = ("speedup",)
+# The speedup benchmark's options (SpeedupOptions field -> CLI flag).
+SPEEDUP_FLAGS = {"tasks": "--tasks", "q": "--q", "phase": "--phase", "progress": "--progress", "output": "--output",
+                 "report": "--report", "resume": "--resume", "report_only": "--report-only", "pilot": "--pilot",
+                 "budget": "--budget", "keep_runs": "--keep-runs"}
+
+
+def _items(value: str | Sequence[Any]) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else [str(v) for v in value]
+
+
+def speedup_options(names: Sequence[str], raw: Mapping[str, Any]) -> SpeedupOptions | None:
+    """The speedup benchmark's options from the CLI's values (None or False: not given).
+
+    Args:
+        names: the benchmarks named on the command line.
+        raw: ``SPEEDUP_FLAGS`` field -> value (``tasks`` and ``q`` as "a,b" strings or sequences).
+
+    Returns:
+        The options, or None when ``speedup`` is not among ``names``.
+
+    Raises:
+        ValueError: an option given without ``speedup``, an unknown task, a Q that is not a positive
+            integer, an unknown phase, a budget below 1, or options that exclude each other.
+    """
+    given = {k: v for k, v in raw.items() if v is not None and v is not False}
+    flags = [SPEEDUP_FLAGS[k] for k in given]
+    if "speedup" not in names:
+        if flags:
+            raise ValueError(f"{flags[0]} applies only to the speedup benchmark. Fix: name it "
+                             f"(`ray-s2p bench speedup {flags[0]} ...`) or leave {flags[0]} out")
+        return None
+    if "tasks" in given:
+        tasks = _items(given["tasks"])
+        bad = [t for t in tasks if t not in PRESETS] or ([] if tasks else ["(none)"])
+        if bad:
+            raise ValueError(f"--tasks: unknown task {bad[0]!r}. Fix: choose from {', '.join(PRESETS)}")
+        given["tasks"] = tuple(dict.fromkeys(tasks))
+    if "q" in given:
+        qs = _items(given["q"])
+        bad = [q for q in qs if not (q.isdigit() and int(q) >= 1)] or ([] if qs else ["(none)"])
+        if bad:
+            raise ValueError(f"--q: {bad[0]!r} is not a positive integer. Fix: give directions per step, "
+                             f"e.g. --q 1,2,4")
+        given["q"] = tuple(sorted({int(q) for q in qs}))
+    if given.get("phase", "all") not in ("all", *PHASES):
+        raise ValueError(f"--phase {given['phase']!r}: use {', '.join(PHASES)} or all")
+    if given.get("budget", 1) < 1:
+        raise ValueError(f"--budget {given['budget']}: forward passes per run. Fix: use 1 or more")
+    if given.get("pilot") and ({"q", "phase", "report_only"} & set(given)):
+        raise ValueError("--pilot runs Q = 1 only (m = 1, seed 0, validation). Fix: leave out --q, --phase "
+                         "and --report-only")
+    return SpeedupOptions(**given)
 
 
 def bench_config(config_file: str | None, sets: Sequence[str]) -> tuple[RunConfig, dict[str, Any]]:
@@ -72,32 +131,39 @@ def bench_config(config_file: str | None, sets: Sequence[str]) -> tuple[RunConfi
     return (config.replace(user_sets) if user_sets else config), user_sets
 
 
-def run_one(name: str, ctx: BenchContext) -> dict[str, Any]:
-    """Run one sub-benchmark and return its record (without printing it)."""
-    if name not in BENCHES:
-        raise ValueError(f"unknown benchmark {name!r}; use {', '.join(BENCHES)}")
-    body = BENCHES[name](ctx)
+def run_one(name: str, ctx: BenchContext, speedup: SpeedupOptions | None = None) -> dict[str, Any]:
+    """Run one sub-benchmark and return its record (without printing it); ``speedup``: that benchmark's options."""
+    table = {**BENCHES, "speedup": lambda c: bench_speedup(speedup or SpeedupOptions(), c.user_sets, log)}
+    if name not in table:
+        raise ValueError(f"unknown benchmark {name!r}; use {', '.join(table)}")
+    body = table[name](ctx)
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return {"bench": name, "time": stamp, "machine": machine_info(), **body}
 
 
 def run_benches(names: Sequence[str], *, results: str | Path = "bench_results.jsonl", config_file: str | None = None,
                 sets: Sequence[str] = (), steps: int | None = None, repeats: int = 5,
-                cases: Sequence[str] = ()) -> int:
-    """Run the named sub-benchmarks (all when empty) in order; one JSON line each.
+                cases: Sequence[str] = (), speedup: Mapping[str, Any] | SpeedupOptions | None = None) -> int:
+    """Run the named sub-benchmarks (all but ``BY_NAME_ONLY`` when empty) in order; one JSON line each.
 
-    A failing benchmark is reported on stderr and the others still run.
+    A failing benchmark is reported on stderr and the others still run. ``speedup``: that benchmark's
+    options (``SpeedupOptions``, or the CLI's values as ``speedup_options`` takes them).
 
     Returns:
         0 when every benchmark produced its line, 1 otherwise.
 
     Raises:
-        ValueError: an unknown name, or non-positive --steps / --repeats.
+        ValueError: an unknown name, non-positive --steps / --repeats, a speedup option without
+            ``speedup`` or a bad one, or --config with ``speedup`` (its presets name their configs).
     """
     chosen = list(names) or list(BENCHES)
-    unknown = [n for n in chosen if n not in BENCHES]
+    unknown = [n for n in chosen if n not in BENCHES and n not in BY_NAME_ONLY]
     if unknown:
-        raise ValueError(f"unknown benchmark {unknown[0]!r}. Fix: choose from {', '.join(BENCHES)}")
+        raise ValueError(f"unknown benchmark {unknown[0]!r}. Fix: choose from {', '.join([*BENCHES, *BY_NAME_ONLY])}")
+    options = speedup if isinstance(speedup, SpeedupOptions) else speedup_options(chosen, speedup or {})
+    if "speedup" in chosen and config_file is not None:
+        raise ValueError(f"--config: the speedup benchmark's presets ({', '.join(MEASURED)}, tiny) name their own "
+                         f"config files. Fix: leave --config out (--set still applies to every preset)")
     if steps is not None and steps < 2:
         raise ValueError(f"--steps {steps}: the step time is a difference between steps. Fix: use --steps 2 or more")
     if repeats < 1:
@@ -112,7 +178,7 @@ def run_benches(names: Sequence[str], *, results: str | Path = "bench_results.js
         for name in chosen:
             log(f"ray-s2p bench: {name} ...")
             try:
-                emit(run_one(name, ctx), results, stream=out)
+                emit(run_one(name, ctx, options), results, stream=out)
             except Exception as exc:  # one broken benchmark must not hide the others' numbers
                 failed.append(name)
                 log(f"ray-s2p bench {name}: error: {type(exc).__name__}: {exc}")

@@ -1,0 +1,397 @@
+"""``ray-s2p bench speedup``: steps to a target accuracy S(Q) against the directions per step Q.
+
+Q direction-mode replicas with one direction each compute bit for bit what one in-process replica
+with ``optimizer.directions = Q`` computes, so every run is the latter (``FIXED``). Per task (``PRESETS``):
+
+- one forward-pass budget P for every Q: the run with Q directions gets B(Q) = ceil(P / passes per
+  step) steps (2 Q for the two-point rules), evaluated about ``EVALS_PER_RUN`` times
+  (``eval_every = max(1, B(Q) // 25)``);
+- the step size is the preset's Q = 1 value (eta_1 or lr_1, the key ``sweeps/tune.py``
+  ``step_size_key`` names) times a multiplier m, with ``optimizer.step_scaling: linear`` and
+  ``optimizer.tuned_directions: 1``, so m = 1 is the untuned default at every Q;
+- phase ``tune``: m in ``MULTIPLIERS`` on the validation split, seed ``TUNE_SEED``; the pick is the m
+  with the fewest steps to the target, else the best final validation accuracy (speedup_fit.py);
+- phase ``default``: m = 1 on the test split, seeds ``SEEDS``; phase ``tuned``: the pick, the same
+  seeds (the same runs when the pick is m = 1).
+
+Every finished run is recorded at once in a JSON progress file (``SpeedupProgress``) under (task, Q, m,
+seed, split) and a fingerprint of its config dict: its evaluation curve (step, forward passes, wall
+seconds, accuracy) and final numbers. ``--resume`` skips every run recorded with the fingerprint it would
+have now (a changed preset, budget or --set reruns). S(Q) is computed from the curves at every summary,
+with the preset's current target. Run directories are removed once recorded unless ``--keep-runs``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import RunConfig, load_config
+from ..files import write_text
+from ..sweeps.progress import fingerprint
+from ..sweeps.tune import grid_points, passes_per_step, step_size_key
+from .common import log as log_line
+from .speedup_fit import json_number, run_steps, summarise_task
+from .speedup_report import compact_summary, pilot_lines, run_line, write_report
+
+REPO = Path(__file__).resolve().parents[2]
+Q_VALUES = (1, 2, 4, 8, 16, 32, 64)
+MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
+SEEDS = (0, 1, 2)
+TUNE_SEED = 0
+EVALS_PER_RUN = 25
+PHASES = ("tune", "default", "tuned")
+DEFAULT_PROGRESS = "docs/results/progress/speedup.json"
+DEFAULT_OUTPUT = "runs/speedup"
+DEFAULT_REPORT = "docs/results/speedup.md"
+VERSION = 1
+
+# What every run fixes, over the preset and --set: one in-process replica evaluating Q directions (what
+# Q direction-mode replicas compute), no periodic checkpoint or digest (one replica, nothing to compare),
+# and the step scaling that makes m = 1 the untuned default at every Q.
+FIXED: dict[str, Any] = {"cluster.use_ray": False, "cluster.replicas": 1, "cluster.mode": "direction",
+                         "checkpoint_every": 0, "progress": False, "tensorboard": False, "cluster.digest_every": 0,
+                         "optimizer.step_scaling": "linear", "optimizer.tuned_directions": 1}
+# Keys the protocol sets per run; a --set of them would be silently replaced, so it is refused.
+PROTOCOL_KEYS = {"steps", "eval_every", "log_every", "seed", "optimizer.directions", "task.eval_split"}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One task: ``config_file`` (relative to the repository root) with ``overrides`` (the user's --set wins
+    over them, ``FIXED`` over both); ``step_size`` eta_1 or lr_1 (the value at Q = 1 of the key
+    ``step_size_key`` names); ``budget`` P, forward passes per run at every Q; ``target`` the accuracy S(Q)
+    counts steps to (None until set from the Q = 1 pilot); ``about`` one line for the report."""
+
+    config_file: str
+    overrides: dict[str, Any]
+    step_size: float
+    budget: int
+    target: float | None
+    about: str
+
+
+RT_DATA = {"task.train_size": 2048, "task.eval_size": 500, "task.test_size": 1000,
+           "task.options.feature_cache_mb": 1024}
+# PILOT: P (forward passes per run) and the target accuracy of each measured task are set from its
+# pilot run at Q = 1 (`ray-s2p bench speedup --pilot --tasks NAME`), before any measured run: the target
+# one that Q = 1 reaches well inside P, so that Q with lower efficiency still reach it. The budgets
+# below are the optimizer comparison's (docs/benchmarks.md (c) and (a)) until then; a target of None
+# refuses the measured phases (tune, default, tuned) of that task.
+BUDGETS = {"rt_head": 30_000, "mnist_cnn": 40_000, "minilm_top": 30_000, "tiny": 160}
+TARGETS: dict[str, float | None] = {"rt_head": None, "mnist_cnn": None, "minilm_top": None, "tiny": 0.9}
+
+PRESETS: dict[str, Preset] = {
+    # (c) of docs/benchmarks.md: pooler + head (148 k parameters) on cached features, low-rank
+    # directions; eta 5.54 is VS2P's tuned value there at one direction per step.
+    "rt_head": Preset("jobs/configs/default.yaml", {**RT_DATA, "perturbation.distribution": "lowrank"},
+                      5.54, BUDGETS["rt_head"], TARGETS["rt_head"],
+                      "MiniLM pooler + head on Rotten Tomatoes, cached features, low-rank directions (rank 2)"),
+    # (a): the width-16 CNN (14 k parameters), Gaussian directions; eta 9.79 is VS2P's tuned value there.
+    "mnist_cnn": Preset("jobs/configs/mnist5k_cnn.yaml",
+                        {"task.tiny_width": 16, "task.eval_size": 500, "task.test_size": 1000,
+                         "perturbation.distribution": "gaussian"},
+                        9.79, BUDGETS["mnist_cnn"], TARGETS["mnist_cnn"],
+                        "MNIST-5k, CNN of width 16, Gaussian directions"),
+    # The top encoder layer, pooler and head (1,923,074 parameters) move; the five frozen layers below run
+    # once per example (feature reuse). eta: (b)'s tuned 5.54 (the head alone, Gaussian directions), kept
+    # after a scan at Q = 1 (3,000 passes, validation, seed 0): 0.43 (5.54 scaled by 1/d) and 1.5 stayed at
+    # the start accuracy 0.576, 5.54 rose to 0.60, 22 wandered between 0.50 and 0.58.
+    "minilm_top": Preset("jobs/configs/default.yaml",
+                         {**RT_DATA, "task.trainable": "top_k", "task.top_k": 1, "task.feature_reuse": True,
+                          "perturbation.distribution": "gaussian"},
+                         5.54, BUDGETS["minilm_top"], TARGETS["minilm_top"],
+                         "MiniLM top encoder layer + pooler + head on Rotten Tomatoes, Gaussian directions"),
+    # The smoke preset (tests, a first try): a synthetic task, a few seconds per run.
+    "tiny": Preset("jobs/configs/smoke.yaml", {"task.eval_size": 128, "task.test_size": 128}, 2.0,
+                   BUDGETS["tiny"], TARGETS["tiny"], "synthetic blobs, 2-layer MLP (smoke preset)"),
+}
+MEASURED = ("rt_head", "mnist_cnn", "minilm_top")
+
+
+def run_key(task: str, q: int, m: float, seed: int, split: str) -> str:
+    """The progress file's key of one run, e.g. ``rt_head/q4/m0.5/seed0/validation``."""
+    return f"{task}/q{q}/m{m:g}/seed{seed}/{split}"
+
+
+class SpeedupProgress:
+    """The finished runs in one JSON file, saved atomically after every new run; one run per line, so a
+    commit of the file shows which runs a part added."""
+
+    def __init__(self, path: str | Path, runs: dict[str, dict[str, Any]] | None = None) -> None:
+        self.path = Path(path)
+        self.runs = runs or {}
+
+    @classmethod
+    def load(cls, path: str | Path) -> SpeedupProgress:
+        """The progress in ``path``; empty when the file does not exist.
+
+        Raises:
+            ValueError: the file is unreadable or not a speedup progress file of this version.
+        """
+        path = Path(path)
+        if not path.exists():
+            return cls(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--progress {str(path)!r} is unreadable ({exc}). Fix: restore it, or move it away "
+                             f"to start the benchmark from the beginning") from exc
+        if not isinstance(data, dict) or data.get("benchmark") != "speedup" or data.get("version") != VERSION:
+            raise ValueError(f"--progress {str(path)!r} is not a speedup progress file of version {VERSION}. "
+                             f"Fix: name another file with --progress")
+        return cls(path, dict(data.get("runs", {})))
+
+    def get(self, key: str, fp: str) -> dict[str, Any] | None:
+        """The run ``key`` if it was recorded from a config with fingerprint ``fp``."""
+        entry = self.runs.get(key)
+        return entry if entry is not None and entry.get("fingerprint") == fp else None
+
+    def record(self, key: str, entry: dict[str, Any]) -> None:
+        """Keep a finished run and save the file."""
+        self.runs[key] = entry
+        lines = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v, sort_keys=True, allow_nan=False)}"
+                            for k, v in sorted(self.runs.items()))
+        write_text(self.path, f'{{"benchmark": "speedup", "version": {VERSION}, "runs": {{\n{lines}\n}}}}\n')
+
+
+@dataclass
+class SpeedupOptions:
+    """What one ``ray-s2p bench speedup`` call runs (the CLI's options)."""
+
+    tasks: tuple[str, ...] = MEASURED
+    q: tuple[int, ...] = Q_VALUES
+    phase: str = "all"
+    progress: str = DEFAULT_PROGRESS
+    output: str = DEFAULT_OUTPUT
+    report: str = DEFAULT_REPORT
+    resume: bool = False
+    report_only: bool = False
+    pilot: bool = False
+    budget: int | None = None
+    keep_runs: bool = False
+
+
+@dataclass
+class Speedup:
+    """Runs a part of the benchmark (``options``; ``sets``: the user's --set, over every preset) and
+    summarises what is recorded; progress lines go to ``log``."""
+
+    options: SpeedupOptions
+    sets: dict[str, Any] = field(default_factory=dict)
+    log: Callable[[str], None] = log_line
+    trained: int = 0
+    reused: int = 0
+
+    def __post_init__(self) -> None:
+        refused = sorted(k for k in self.sets if k in PROTOCOL_KEYS or k in FIXED)
+        if refused:
+            raise ValueError(f"--set {refused[0]}: the speedup benchmark sets this key itself for every run. "
+                             f"Fix: leave it out (budget: --budget; Q: --q)")
+        self.progress = SpeedupProgress.load(self.options.progress)
+        self._bases: dict[str, RunConfig] = {}
+        self._done_now: set[str] = set()
+
+    # ------------------------------------------------------------ configs
+    def base(self, task: str) -> RunConfig:
+        """The preset's config with --set and ``FIXED`` (cached)."""
+        if task not in self._bases:
+            preset = PRESETS[task]
+            path = Path(preset.config_file)
+            path = path if path.is_absolute() or path.is_file() else REPO / path
+            if not path.is_file():
+                raise FileNotFoundError(f"speedup preset {task}: config {preset.config_file!r} not found under "
+                                        f"{REPO}. Fix: run from a checkout of the repository")
+            base = load_config(path).replace({**preset.overrides, **self.sets, **FIXED})
+            key = step_size_key(base)[0]
+            if key in self.sets:
+                raise ValueError(f"--set {key}: the step size of preset {task} is its eta_1/lr_1 times the tuning "
+                                 f"multiplier. Fix: change the preset's step_size instead")
+            self._bases[task] = base
+        return self._bases[task]
+
+    def budget(self, task: str) -> int:
+        return self.options.budget if self.options.budget is not None else PRESETS[task].budget
+
+    def config(self, task: str, q: int, m: float, seed: int, split: str) -> RunConfig:
+        """The run's config: B(Q) = ceil(P / passes per step) steps, ~25 evaluations, eta_1 * m."""
+        base = self.base(task)
+        key = step_size_key(base)[0]
+        value = PRESETS[task].step_size * m
+        if key == "optimizer.smooth_l0":  # S2P option 4's step falls with its smoothness L: m divides L
+            value = PRESETS[task].step_size / m
+        cfg = base.replace({**grid_points(key, [value])[0], "optimizer.directions": q, "seed": seed,
+                            "task.eval_split": split})
+        steps = max(1, math.ceil(self.budget(task) / passes_per_step(cfg)))
+        every = max(1, steps // EVALS_PER_RUN)
+        return cfg.replace({"steps": steps, "eval_every": every, "log_every": every})
+
+    # ------------------------------------------------------------ runs
+    def ensure(self, task: str, q: int, m: float, seed: int, split: str) -> dict[str, Any]:
+        """The recorded run (reused under --resume, or once trained in this call), else train and record it."""
+        cfg = self.config(task, q, m, seed, split)
+        key, fp = run_key(task, q, m, seed, split), fingerprint(cfg.to_dict())
+        entry = self.progress.get(key, fp)
+        if entry is not None and (self.options.resume or key in self._done_now):
+            self.reused += 1
+            return entry
+        run_dir = Path(self.options.output) / task / key.split("/", 1)[1].replace("/", "-")
+        entry = train_run(cfg, run_dir, keep=self.options.keep_runs)
+        size_key = step_size_key(cfg)[0]
+        entry.update(fingerprint=fp, task=task, q=q, m=m, seed=seed, split=split, budget=self.budget(task),
+                     step_size_key=size_key, step_size=getattr(cfg.optimizer, size_key.split(".", 1)[1]))
+        self.progress.record(key, entry)
+        self._done_now.add(key)
+        self.trained += 1
+        self.log(run_line(entry, run_steps(entry, PRESETS[task].target)))
+        return entry
+
+    def run_part(self) -> None:
+        """Train what ``options`` selects (pilot: Q = 1, m = 1, seed 0 on validation, with its curve printed).
+
+        Raises:
+            ValueError: a measured phase of a task whose target is not set.
+        """
+        opts = self.options
+        phases = PHASES if opts.phase == "all" else (opts.phase,)
+        for task in opts.tasks:
+            target = PRESETS[task].target
+            if opts.pilot:
+                self.log(pilot_lines(task, self.ensure(task, 1, 1.0, TUNE_SEED, "validation"), target, TUNE_SEED))
+                continue
+            if target is None:
+                raise ValueError(f"speedup preset {task}: no target accuracy set. Fix: run `ray-s2p bench speedup "
+                                 f"--pilot --tasks {task}` and set TARGETS[{task!r}] in ray_s2p/bench/speedup.py "
+                                 f"before any measured run")
+            for q in opts.q:
+                if "tune" in phases:
+                    for m in MULTIPLIERS:
+                        self.ensure(task, q, m, TUNE_SEED, "validation")
+                if "default" in phases:
+                    for seed in SEEDS:
+                        self.ensure(task, q, 1.0, seed, "test")
+                if "tuned" in phases:
+                    m = self.pick(task, q, self.table(task, [q])[0])
+                    if m is None:
+                        self.log(f"speedup {task} Q={q}: tuned phase skipped, the tuning runs are not all "
+                                 f"recorded. Fix: run --phase tune --q {q} first")
+                        continue
+                    for seed in SEEDS:
+                        self.ensure(task, q, m, seed, "test")
+
+    # ------------------------------------------------------------ what is recorded
+    def table(self, task: str, q_values: Any) -> tuple[dict[tuple[int, float, int, str], dict[str, Any]], list[str]]:
+        """(the runs of ``task`` recorded with today's configs, one line per Q naming the runs still missing)."""
+        table: dict[tuple[int, float, int, str], dict[str, Any]] = {}
+        missing: list[str] = []
+        for q in q_values:
+            wanted = [("tuning", m, TUNE_SEED, "validation") for m in MULTIPLIERS] + \
+                [("default", 1.0, s, "test") for s in SEEDS]
+            found = [(name, self._lookup(task, q, m, seed, split, table)) for name, m, seed, split in wanted]
+            pick = self.pick(task, q, table)
+            if pick is None:
+                found.append(("tuned (no pick yet)", "absent"))
+            elif pick != 1.0:
+                found += [("tuned", self._lookup(task, q, pick, s, "test", table)) for s in SEEDS]
+            absent = [name for name, hit in found if hit != "ok"]
+            stale = sum(hit == "stale" for _, hit in found)
+            if absent:
+                missing.append(f"{task} Q={q}: " + ", ".join(f"{n} x{absent.count(n)}" for n in dict.fromkeys(absent))
+                               + (f" ({stale} recorded with another config: rerun)" if stale else ""))
+        return table, missing
+
+    def pick(self, task: str, q: int, table: Any) -> float | None:
+        """The tuned multiplier at Q from the recorded tuning runs in ``table`` (None until all are there)."""
+        return summarise_task(table, PRESETS[task].target, [q], SEEDS, MULTIPLIERS, TUNE_SEED)["rows"][0]["pick"]
+
+    def _lookup(self, task: str, q: int, m: float, seed: int, split: str, table: dict) -> str:
+        key = run_key(task, q, m, seed, split)
+        entry = self.progress.get(key, fingerprint(self.config(task, q, m, seed, split).to_dict()))
+        if entry is not None:
+            table[(q, float(m), seed, split)] = entry
+            return "ok"
+        return "stale" if key in self.progress.runs else "absent"
+
+    def summaries(self) -> dict[str, dict[str, Any]]:
+        """Per selected task: speedup_fit.summarise_task of what is recorded, its preset and what is missing."""
+        out = {}
+        for task in self.options.tasks:
+            table, missing = self.table(task, self.options.q)
+            preset = PRESETS[task]
+            out[task] = summary = summarise_task(table, preset.target, self.options.q, SEEDS, MULTIPLIERS, TUNE_SEED)
+            summary.update(missing=missing, budget=self.budget(task), about=preset.about, step_size=preset.step_size,
+                           config_file=preset.config_file, step_size_key=step_size_key(self.base(task))[0])
+            for row in summary["rows"]:  # B(Q) of today's preset, also where nothing is recorded yet
+                row["steps"] = self.config(task, row["q"], 1.0, SEEDS[0], "test").steps
+        return out
+
+
+def bench_speedup(options: SpeedupOptions, sets: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """The body of the ``speedup`` JSON line: train the selected part (none with ``report_only``), then
+    summarise every selected task from the progress file; ``report_only`` also writes the report.
+
+    Raises:
+        ValueError: a bad --set, an unreadable progress file, or a measured phase without a target.
+    """
+    if options.pilot:  # the pilot runs and summarises Q = 1 only
+        options = dataclasses.replace(options, q=(1,))
+    job = Speedup(options, sets, log)
+    if not options.report_only:
+        job.run_part()
+    summaries = job.summaries()
+    for line in (ln for s in summaries.values() for ln in s["missing"] if not options.pilot):
+        log(f"speedup: not recorded yet: {line}")
+    written = [str(p) for p in write_report(summaries, options.report, MULTIPLIERS)] if options.report_only else []
+    part = {**dataclasses.asdict(options), "trained": job.trained, "reused": job.reused, "written": written}
+    return {"part": part, "tasks": {task: compact_summary(s) for task, s in summaries.items()}}
+
+
+def train_run(cfg: RunConfig, run_dir: Path, keep: bool = False) -> dict[str, Any]:
+    """Train one run in-process and return its progress entry (curve, final numbers, error, seconds).
+
+    A run the driver stops (``TrainingError``: non-finite losses, e.g. a step size that diverges) is a
+    result, recorded with its error and never reaching the target; any other exception propagates.
+    """
+    from ..distributed.driver import train
+    from ..distributed.run_state import TrainingError
+
+    start = time.perf_counter()
+    summary: dict[str, Any] = {}
+    error = None
+    try:
+        summary = train(cfg, run_dir, overwrite=True, log=lambda message: None).summary
+    except TrainingError as exc:
+        error = " ".join(str(exc).split())[:300]
+    seconds = time.perf_counter() - start
+    curve = read_curve(run_dir / "metrics.parquet")
+    if not keep:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    final, initial = summary.get("final_metrics") or {}, summary.get("initial_metrics") or {}
+    return {"steps": cfg.steps, "eval_every": cfg.eval_every, "curve": curve, "error": error,
+            "run_seconds": round(seconds, 3),
+            "recorded": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "final": {"accuracy": final.get("eval_accuracy"), "loss": json_number(final.get("eval_loss")),
+                      "initial_accuracy": initial.get("eval_accuracy"),
+                      "forward_passes": summary.get("forward_passes"),
+                      "wall_seconds": summary.get("wall_seconds"), "steps_completed": summary.get("steps_completed")}}
+
+
+def read_curve(path: Path) -> list[list[float | None]]:
+    """[step, forward passes, wall seconds, accuracy] of every evaluation in a metrics.parquet ([] if absent)."""
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (OSError, ValueError):  # a run stopped before its first flush
+        return []
+    return [[r["step"], r["forward_passes"], round(float(r["wall_seconds"] or 0.0), 3),
+             json_number(r.get("eval_accuracy"))]
+            for r in sorted((r for r in rows if r["kind"] == "eval"), key=lambda r: r["step"])]
+
