@@ -53,7 +53,7 @@ from .driver import CASES as DRIVER_CASES
 from .driver import DEFAULT_CASES, bench_driver
 from .memory import bench_memory
 from .precision import bench_precision
-from .speedup import MEASURED, PHASES, PRESETS, SpeedupOptions, bench_speedup
+from .speedup import MEASURED, NAMED_PHASES, PHASES, PRESETS, SpeedupOptions, bench_speedup
 from .step import bench_step
 
 # Name -> benchmark, in the order ``ray-s2p bench`` runs them when no name is given.
@@ -109,8 +109,8 @@ def speedup_options(names: Sequence[str], raw: Mapping[str, Any]) -> SpeedupOpti
             raise ValueError(f"--q: {bad[0]!r} is not a positive integer. Fix: give directions per step, "
                              f"e.g. --q 1,2,4")
         given["q"] = tuple(sorted({int(q) for q in qs}))
-    if given.get("phase", "all") not in ("all", *PHASES):
-        raise ValueError(f"--phase {given['phase']!r}: use {', '.join(PHASES)} or all")
+    if given.get("phase", "all") not in ("all", *PHASES, *NAMED_PHASES):
+        raise ValueError(f"--phase {given['phase']!r}: use {', '.join(PHASES + NAMED_PHASES)} or all")
     if given.get("budget", 1) < 1:
         raise ValueError(f"--budget {given['budget']}: forward passes per run. Fix: use 1 or more")
     if given.get("pilot") and ({"q", "phase", "report_only"} & set(given)):

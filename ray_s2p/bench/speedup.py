@@ -24,22 +24,20 @@ with the preset's current target. Run directories are removed once recorded unle
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import json
 import math
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from ..config import RunConfig, load_config
-from ..files import write_text
 from ..sweeps.progress import fingerprint
 from ..sweeps.tune import grid_points, passes_per_step, step_size_key
 from .common import log as log_line
-from .speedup_fit import json_number, run_steps, summarise_task
+from .common import machine_info
+from .speedup_fit import group, run_steps, summarise_task
 from .speedup_report import compact_summary, pilot_lines, run_line, write_report
+from .speedup_runs import SpeedupProgress, run_key, train_run
 
 REPO = Path(__file__).resolve().parents[2]
 Q_VALUES = (1, 2, 4, 8, 16, 32, 64)
@@ -48,10 +46,14 @@ SEEDS = (0, 1, 2)
 TUNE_SEED = 0
 EVALS_PER_RUN = 25
 PHASES = ("tune", "default", "tuned")
+# Only when named: "data" trains Q = 1 on an N-fold batch (what N data-mode replicas with weak batch
+# scaling compute) for every N > 1 of --q; "wall" times Ray replicas and needs a quiet machine.
+NAMED_PHASES = ("data", "wall")
+WALL_RAY_STEPS = 40      # steps of each timed Ray run (1 and 2 replicas)
+WALL_TIME_REPEATS = 2    # 1 against 2 Ray replicas to the target, alternating, this many times
 DEFAULT_PROGRESS = "docs/results/progress/speedup.json"
 DEFAULT_OUTPUT = "runs/speedup"
 DEFAULT_REPORT = "docs/results/speedup.md"
-VERSION = 1
 
 # What every run fixes, over the preset and --set: one in-process replica evaluating Q directions (what
 # Q direction-mode replicas compute), no periodic checkpoint or digest (one replica, nothing to compare),
@@ -117,52 +119,6 @@ PRESETS: dict[str, Preset] = {
 MEASURED = ("rt_head", "mnist_cnn", "minilm_top")
 
 
-def run_key(task: str, q: int, m: float, seed: int, split: str) -> str:
-    """The progress file's key of one run, e.g. ``rt_head/q4/m0.5/seed0/validation``."""
-    return f"{task}/q{q}/m{m:g}/seed{seed}/{split}"
-
-
-class SpeedupProgress:
-    """The finished runs in one JSON file, saved atomically after every new run; one run per line, so a
-    commit of the file shows which runs a part added."""
-
-    def __init__(self, path: str | Path, runs: dict[str, dict[str, Any]] | None = None) -> None:
-        self.path = Path(path)
-        self.runs = runs or {}
-
-    @classmethod
-    def load(cls, path: str | Path) -> SpeedupProgress:
-        """The progress in ``path``; empty when the file does not exist.
-
-        Raises:
-            ValueError: the file is unreadable or not a speedup progress file of this version.
-        """
-        path = Path(path)
-        if not path.exists():
-            return cls(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"--progress {str(path)!r} is unreadable ({exc}). Fix: restore it, or move it away "
-                             f"to start the benchmark from the beginning") from exc
-        if not isinstance(data, dict) or data.get("benchmark") != "speedup" or data.get("version") != VERSION:
-            raise ValueError(f"--progress {str(path)!r} is not a speedup progress file of version {VERSION}. "
-                             f"Fix: name another file with --progress")
-        return cls(path, dict(data.get("runs", {})))
-
-    def get(self, key: str, fp: str) -> dict[str, Any] | None:
-        """The run ``key`` if it was recorded from a config with fingerprint ``fp``."""
-        entry = self.runs.get(key)
-        return entry if entry is not None and entry.get("fingerprint") == fp else None
-
-    def record(self, key: str, entry: dict[str, Any]) -> None:
-        """Keep a finished run and save the file."""
-        self.runs[key] = entry
-        lines = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v, sort_keys=True, allow_nan=False)}"
-                            for k, v in sorted(self.runs.items()))
-        write_text(self.path, f'{{"benchmark": "speedup", "version": {VERSION}, "runs": {{\n{lines}\n}}}}\n')
-
-
 @dataclass
 class SpeedupOptions:
     """What one ``ray-s2p bench speedup`` call runs (the CLI's options)."""
@@ -221,9 +177,12 @@ class Speedup:
     def budget(self, task: str) -> int:
         return self.options.budget if self.options.budget is not None else PRESETS[task].budget
 
-    def config(self, task: str, q: int, m: float, seed: int, split: str) -> RunConfig:
-        """The run's config: B(Q) = ceil(P / passes per step) steps, ~25 evaluations, eta_1 * m."""
+    def config(self, task: str, q: int, m: float, seed: int, split: str, shards: int = 1) -> RunConfig:
+        """The run's config: B(Q) = ceil(P / passes per step) steps, ~25 evaluations, eta_1 * m; with
+        ``shards`` > 1 the batch is ``shards`` times the preset's (weak data mode; the steps of Q = 1)."""
         base = self.base(task)
+        if shards > 1:
+            base = base.replace({"task.batch_size": base.task.batch_size * shards})
         key = step_size_key(base)[0]
         value = PRESETS[task].step_size * m
         if key == "optimizer.smooth_l0":  # S2P option 4's step falls with its smoothness L: m divides L
@@ -235,10 +194,10 @@ class Speedup:
         return cfg.replace({"steps": steps, "eval_every": every, "log_every": every})
 
     # ------------------------------------------------------------ runs
-    def ensure(self, task: str, q: int, m: float, seed: int, split: str) -> dict[str, Any]:
+    def ensure(self, task: str, q: int, m: float, seed: int, split: str, shards: int = 1) -> dict[str, Any]:
         """The recorded run (reused under --resume, or once trained in this call), else train and record it."""
-        cfg = self.config(task, q, m, seed, split)
-        key, fp = run_key(task, q, m, seed, split), fingerprint(cfg.to_dict())
+        cfg = self.config(task, q, m, seed, split, shards)
+        key, fp = run_key(task, q, m, seed, split, shards), fingerprint(cfg.to_dict())
         entry = self.progress.get(key, fp)
         if entry is not None and (self.options.resume or key in self._done_now):
             self.reused += 1
@@ -246,7 +205,7 @@ class Speedup:
         run_dir = Path(self.options.output) / task / key.split("/", 1)[1].replace("/", "-")
         entry = train_run(cfg, run_dir, keep=self.options.keep_runs)
         size_key = step_size_key(cfg)[0]
-        entry.update(fingerprint=fp, task=task, q=q, m=m, seed=seed, split=split, budget=self.budget(task),
+        entry.update(fingerprint=fp, task=task, q=q, m=m, seed=seed, split=split, budget=self.budget(task), shards=shards,
                      step_size_key=size_key, step_size=getattr(cfg.optimizer, size_key.split(".", 1)[1]))
         self.progress.record(key, entry)
         self._done_now.add(key)
@@ -262,6 +221,10 @@ class Speedup:
         """
         opts = self.options
         phases = PHASES if opts.phase == "all" else (opts.phase,)
+        if "wall" in phases:
+            for task in opts.tasks:
+                self.wall(task)
+            return
         for task in opts.tasks:
             target = PRESETS[task].target
             if opts.pilot:
@@ -286,6 +249,26 @@ class Speedup:
                         continue
                     for seed in SEEDS:
                         self.ensure(task, q, m, seed, "test")
+                if "data" in phases and q > 1:
+                    for seed in SEEDS:
+                        self.ensure(task, 1, 1.0, seed, "test", shards=q)
+
+    def wall(self, task: str) -> dict[str, Any]:
+        """The wall-clock side of ``task`` (speedup_wall.py) from its recorded S(Q), recorded under
+        ``TASK/wall``: Ray step times, T_p and u(N), the model, the projection, 1 against 2 Ray replicas."""
+        from .speedup_wall import measure_task
+
+        summary = self.summaries(tasks=(task,))[task]
+        s_of_q = {r["q"]: r["default"]["S_mean"] for r in summary["rows"] if r["default"]["complete"]}
+        cfg = self.config(task, 1, 1.0, TUNE_SEED, "validation")
+        self.log(f"speedup {task}: wall clock (S(Q) of {sorted(s_of_q)})")
+        shards = tuple(n for n in self.options.q if n > 1 and cfg.task.batch_size % n == 0)
+        result = measure_task(cfg, s_of_q, PRESETS[task].target, ray_steps=WALL_RAY_STEPS, repeats=5,
+                              shards=shards, time_repeats=WALL_TIME_REPEATS, log=self.log)
+        entry = json.loads(json.dumps({**result, "s_of_q": s_of_q, "machine": machine_info()}, default=float))
+        self.progress.record(f"{task}/wall", {**entry, "fingerprint": fingerprint(cfg.to_dict())})
+        self.trained += 1
+        return entry
 
     # ------------------------------------------------------------ what is recorded
     def table(self, task: str, q_values: Any) -> tuple[dict[tuple[int, float, int, str], dict[str, Any]], list[str]]:
@@ -320,10 +303,11 @@ class Speedup:
             return "ok"
         return "stale" if key in self.progress.runs else "absent"
 
-    def summaries(self) -> dict[str, dict[str, Any]]:
-        """Per selected task: speedup_fit.summarise_task of what is recorded, its preset and what is missing."""
+    def summaries(self, tasks: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
+        """Per selected task: speedup_fit.summarise_task of what is recorded, its preset and what is missing;
+        with the weak data-mode runs (``data``: N -> seed group) and the wall-clock entry (``wall``)."""
         out = {}
-        for task in self.options.tasks:
+        for task in tasks or self.options.tasks:
             table, missing = self.table(task, self.options.q)
             preset = PRESETS[task]
             out[task] = summary = summarise_task(table, preset.target, self.options.q, SEEDS, MULTIPLIERS, TUNE_SEED)
@@ -331,6 +315,17 @@ class Speedup:
                            config_file=preset.config_file, step_size_key=step_size_key(self.base(task))[0])
             for row in summary["rows"]:  # B(Q) of today's preset, also where nothing is recorded yet
                 row["steps"] = self.config(task, row["q"], 1.0, SEEDS[0], "test").steps
+            data: dict[tuple[int, float, int, str], dict[str, Any]] = {}
+            for n in (n for n in self.options.q if n > 1):
+                for seed in SEEDS:
+                    key = run_key(task, 1, 1.0, seed, "test", n)
+                    fp = fingerprint(self.config(task, 1, 1.0, seed, "test", n).to_dict())
+                    if self.progress.get(key, fp) is not None:
+                        data[(n, 1.0, seed, "test")] = self.progress.get(key, fp)
+            summary["data"] = {n: group(data, n, 1.0, SEEDS, "test", preset.target)
+                               for n in sorted({k[0] for k in data})}
+            wall_fp = fingerprint(self.config(task, 1, 1.0, TUNE_SEED, "validation").to_dict())
+            summary["wall"] = self.progress.get(f"{task}/wall", wall_fp)
         return out
 
 
@@ -352,47 +347,3 @@ def bench_speedup(options: SpeedupOptions, sets: dict[str, Any], log: Callable[[
     written = [str(p) for p in write_report(summaries, options.report, MULTIPLIERS)] if options.report_only else []
     part = {**dataclasses.asdict(options), "trained": job.trained, "reused": job.reused, "written": written}
     return {"part": part, "tasks": {task: compact_summary(s) for task, s in summaries.items()}}
-
-
-def train_run(cfg: RunConfig, run_dir: Path, keep: bool = False) -> dict[str, Any]:
-    """Train one run in-process and return its progress entry (curve, final numbers, error, seconds).
-
-    A run the driver stops (``TrainingError``: non-finite losses, e.g. a step size that diverges) is a
-    result, recorded with its error and never reaching the target; any other exception propagates.
-    """
-    from ..distributed.driver import train
-    from ..distributed.run_state import TrainingError
-
-    start = time.perf_counter()
-    summary: dict[str, Any] = {}
-    error = None
-    try:
-        summary = train(cfg, run_dir, overwrite=True, log=lambda message: None).summary
-    except TrainingError as exc:
-        error = " ".join(str(exc).split())[:300]
-    seconds = time.perf_counter() - start
-    curve = read_curve(run_dir / "metrics.parquet")
-    if not keep:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    final, initial = summary.get("final_metrics") or {}, summary.get("initial_metrics") or {}
-    return {"steps": cfg.steps, "eval_every": cfg.eval_every, "curve": curve, "error": error,
-            "run_seconds": round(seconds, 3),
-            "recorded": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "final": {"accuracy": final.get("eval_accuracy"), "loss": json_number(final.get("eval_loss")),
-                      "initial_accuracy": initial.get("eval_accuracy"),
-                      "forward_passes": summary.get("forward_passes"),
-                      "wall_seconds": summary.get("wall_seconds"), "steps_completed": summary.get("steps_completed")}}
-
-
-def read_curve(path: Path) -> list[list[float | None]]:
-    """[step, forward passes, wall seconds, accuracy] of every evaluation in a metrics.parquet ([] if absent)."""
-    import pyarrow.parquet as pq
-
-    try:
-        rows = pq.read_table(path).to_pylist()
-    except (OSError, ValueError):  # a run stopped before its first flush
-        return []
-    return [[r["step"], r["forward_passes"], round(float(r["wall_seconds"] or 0.0), 3),
-             json_number(r.get("eval_accuracy"))]
-            for r in sorted((r for r in rows if r["kind"] == "eval"), key=lambda r: r["step"])]
-

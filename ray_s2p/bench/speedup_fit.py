@@ -58,13 +58,13 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 @dataclass(frozen=True)
 class Fit:
-    """S(Q) = a + b / Q fitted by least squares, read as S_inf (1 + Q_c / Q).
+    """S(Q) = a + b / Q fitted by relative least squares, read as S_inf (1 + Q_c / Q).
 
     Attributes:
         a: the intercept, S_inf (steps with unlimited directions per step).
         b: the slope in 1/Q.
         q_c: b / a, the Q at which S is twice S_inf (None when a <= 0).
-        r2: coefficient of determination of the fit on its points.
+        r2: coefficient of determination of the fit on its points, in the fit's relative weights.
         points: the Q values fitted.
         meaningful: whether S_inf and Q_c can be read off (>= 3 points, a > 0, b > 0).
         note: why not, when not.
@@ -83,7 +83,11 @@ class Fit:
 
 
 def fit_speedup(s_by_q: Mapping[int, float]) -> Fit:
-    """Least-squares fit of S = a + b / Q over the given (Q, seed-mean S) points.
+    """Least-squares fit of S = a + b / Q over the given (Q, seed-mean S) points, each weighted by 1 / S^2.
+
+    S spans two decades between Q = 1 and Q = 64; in plain least squares the few largest S (and their
+    seed noise) would decide the fit alone. Weighted by 1 / S^2 every point's relative error counts the
+    same, which is how the steps of a noisy measurement scatter.
 
     Args:
         s_by_q: Q -> seed-mean steps to target (only Q whose runs all reached it).
@@ -99,12 +103,14 @@ def fit_speedup(s_by_q: Mapping[int, float]) -> Fit:
                    f"{len(qs)} Q reached the target in every seed; the fit needs {MIN_FIT_POINTS}")
     x = [1.0 / q for q in qs]
     y = [float(s_by_q[q]) for q in qs]
-    mx, my = statistics.fmean(x), statistics.fmean(y)
-    sxx = sum((xi - mx) ** 2 for xi in x)
-    b = sum((xi - mx) * (yi - my) for xi, yi in zip(x, y)) / sxx
+    w = [1.0 / yi ** 2 if yi > 0 else 0.0 for yi in y]
+    sw = sum(w) or 1.0
+    mx, my = sum(wi * xi for wi, xi in zip(w, x)) / sw, sum(wi * yi for wi, yi in zip(w, y)) / sw
+    sxx = sum(wi * (xi - mx) ** 2 for wi, xi in zip(w, x))
+    b = sum(wi * (xi - mx) * (yi - my) for wi, xi, yi in zip(w, x, y)) / sxx
     a = my - b * mx
-    ss_tot = sum((yi - my) ** 2 for yi in y)
-    ss_res = sum((yi - (a + b * xi)) ** 2 for xi, yi in zip(x, y))
+    ss_tot = sum(wi * (yi - my) ** 2 for wi, yi in zip(w, y))
+    ss_res = sum(wi * (yi - (a + b * xi)) ** 2 for wi, xi, yi in zip(w, x, y))
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else None
     q_c = b / a if a > 0 else None
     if len(qs) < MIN_FIT_POINTS:

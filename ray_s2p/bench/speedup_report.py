@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 
 from ..files import atomic_path, write_text
 from .speedup_fit import E4_MIN, E16_MIN, RATIO_MAX, RATIO_UP_TO_Q
+from .speedup_wall_report import plot_replicas, wall_section
 
 
 def fmt(value: float | None, spec: str = ".4f") -> str:
@@ -158,6 +159,12 @@ def markdown(summaries: Mapping[str, Mapping[str, Any]], figure: str, multiplier
             "the target; error bars one standard deviation; dotted, the ideal S(1) / Q.", ""]
     for task, s in summaries.items():
         out += task_section(task, s, multipliers)
+    out += ["## Wall clock: what N replicas cost per step, and how soon they reach the target", "",
+            "![speed-up against replicas](" + figure.replace("_steps.png", "_replicas.png") + ")", "",
+            "Figure: the projected time-to-target speed-up S(1) T(1) / (S(N) T(N)) per task (S measured, T "
+            "modelled from timed components), the measured 2-replica runs as stars, and the linear speed-up.", ""]
+    for task, s in summaries.items():
+        out += wall_section(task, s)
     missing = [line for s in summaries.values() for line in s.get("missing", [])]
     out += ["## What is missing", ""] + ([f"- {line}" for line in missing] or ["Nothing: every run is recorded."])
     return "\n".join(out) + "\n"
@@ -218,10 +225,11 @@ def write_report(summaries: Mapping[str, Mapping[str, Any]], path: str | Path,
     """Write the markdown report at ``path`` and its figure beside it (``<stem>_steps.png``).
 
     Returns:
-        [the markdown path, the figure path].
+        [the markdown path, the S(Q) figure, the speed-up figure].
     """
     path = Path(path)
     figure = path.with_name(f"{path.stem}_steps.png")
     plot_steps(summaries, figure)
+    replicas = plot_replicas(summaries, path.with_name(f"{path.stem}_replicas.png"))
     write_text(path, markdown(summaries, figure.name, multipliers))
-    return [path, figure]
+    return [path, figure, replicas]

@@ -21,6 +21,7 @@ Steps to a target S(Q) (speedup.py) say how many steps N replicas need with one 
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 import tempfile
 from pathlib import Path
@@ -61,8 +62,13 @@ def step_times(config: RunConfig, steps: int, log: Callable[[str], None]) -> dic
     return out
 
 
-def engine_costs(config: RunConfig, repeats: int, at: Sequence[int] = UPDATE_AT) -> dict[str, Any]:
-    """T_p and u(N) on one in-process engine with one thread (what one replica of ``ray_config`` does)."""
+def engine_costs(config: RunConfig, repeats: int, at: Sequence[int] = UPDATE_AT,
+                 shards: Sequence[int] = ()) -> dict[str, Any]:
+    """T_p and u(N) on one in-process engine with one thread (what one replica of ``ray_config`` does).
+
+    ``shards``: also T_p on a batch of ``task.batch_size / n`` examples for each n (``probe_seconds_shard``),
+    what a replica of n data-mode replicas with strong batch scaling probes.
+    """
     import torch
 
     before = torch.get_num_threads()
@@ -73,9 +79,19 @@ def engine_costs(config: RunConfig, repeats: int, at: Sequence[int] = UPDATE_AT)
         rho = config.optimizer.rho
         counter = itertools.count(1)
 
-        def probe() -> None:
-            k = next(counter)
-            engine.probe(ProbeRequest(k, (mix_seed(BENCH_SEED, k),), (rho, -rho), 0, 1, None))
+        def probe_of(eng: ReplicaEngine) -> Callable[[], None]:
+            def probe() -> None:
+                k = next(counter)
+                eng.probe(ProbeRequest(k, (mix_seed(BENCH_SEED, k),), (rho, -rho), 0, 1, None))
+            return probe
+        probe = probe_of(engine)
+        batch = config.task.batch_size
+        shard_probe = {}
+        for n in shards:  # a strong-scaling shard's batch: the same engine work on B / n examples
+            small = ReplicaEngine(config.replace({"cluster.use_ray": False, "cluster.replicas": 1,
+                                                  "cluster.threads_per_replica": 1,
+                                                  "task.batch_size": max(1, batch // n)}), 0)
+            shard_probe[n] = median_seconds(probe_of(small), repeats, small.device)
 
         def update_of(n: int) -> Callable[[], None]:
             calls = itertools.count()
@@ -85,7 +101,7 @@ def engine_costs(config: RunConfig, repeats: int, at: Sequence[int] = UPDATE_AT)
                 apply_update(engine.space, [(mix_seed(BENCH_SEED, 11, k, j), 1e-9 * (-1) ** j) for j in range(n)],
                              step=1)
             return update
-        return {"probe_seconds": median_seconds(probe, repeats, engine.device),
+        return {"probe_seconds": median_seconds(probe, repeats, engine.device), "probe_seconds_shard": shard_probe,
                 "update_seconds_at": {n: median_seconds(update_of(n), max(1, min(repeats, 3)), engine.device)
                                       for n in at},
                 "trainable_parameters": engine.space.dim}
@@ -149,8 +165,54 @@ def time_to_target(config: RunConfig, target: float, steps_one: int, repeats: in
                 log(f"  time to {target}: {replicas} Ray replica(s), {steps} steps (repeat {rep + 1})")
                 result = train(cfg, Path(tmp) / f"r{replicas}-{rep}", log=log)
                 runs[replicas].append(wall_to_target(Path(result.run_dir), target))
-    reached = [(a, b) for a, b in zip(runs[1], runs[2]) if a is not None and b is not None]
+    # A run already at the target when it starts (0 s) gives no ratio: only pairs that both had to train count.
+    reached = [(a, b) for a, b in zip(runs[1], runs[2]) if a and b]
     ratios = [a / b for a, b in reached]
     return {"target": target, "seconds_one": runs[1], "seconds_two": runs[2], "speedups": ratios,
             "speedup_median": statistics.median(ratios) if ratios else None,
             "speedup_range": [min(ratios), max(ratios)] if ratios else None}
+
+
+def mode_times(s_of_q: dict[int, float], s_weak: dict[int, float], costs: dict[str, Any],
+               model: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Modelled seconds to the target of N replicas in each mode, from measured steps and step costs.
+
+    - direction: S(Q = N) steps of T(N) = T_p + u(N) + t_d;
+    - data, weak scaling (each replica draws task.batch_size, the batch grows N-fold, Q = 1): the measured
+      S_weak(N) steps of T_p + u(1) + t_d;
+    - data, strong scaling (the batch split N ways, Q = 1): the computation of one replica, S(1) steps, of
+      T_p(B / N) + u(1) + t_d.
+    """
+    t_d, u = model["driver_seconds"], costs["update_seconds_at"]
+    tp, shard = costs["probe_seconds"], costs.get("probe_seconds_shard", {})
+    out: dict[int, dict[str, Any]] = {}
+    for n in sorted(set(s_of_q) | set(s_weak)):
+        if n < 2:
+            continue
+        row: dict[str, Any] = {}
+        if n in s_of_q and n in model["seconds_per_step"]:
+            row["direction"] = s_of_q[n] * model["seconds_per_step"][n]
+        if n in s_weak:
+            row["data_weak"] = s_weak[n] * (tp + u[1] + t_d)
+        if 1 in s_of_q and n in shard:
+            row["data_strong"] = s_of_q[1] * (shard[n] + u[1] + t_d)
+        if row:
+            row["first"] = min(row, key=row.get)
+            out[n] = row
+    return out
+
+
+def measure_task(config: RunConfig, s_of_q: dict[int, float], target: float, *, ray_steps: int, repeats: int,
+                 shards: Sequence[int], time_repeats: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """The wall-clock side of one task: Ray step times, engine costs, the model, the projection, and (with a
+    measured S(1)) 1 against 2 Ray replicas timed to ``target``. Needs a quiet machine and 2 CPUs for Ray."""
+    log("  engine costs (T_p, u(N))")
+    costs = engine_costs(config, repeats, shards=shards)
+    measured = step_times(config, ray_steps, log)
+    model = step_model(costs, measured)
+    out = {"ray_seconds_per_step": measured, "costs": costs, "model": model,
+           "projection": projection(s_of_q, model["seconds_per_step"])}
+    if 1 in s_of_q and time_repeats > 0:  # 1.5 S(1) steps for one replica: room past its mean
+        out["time_to_target"] = time_to_target(config, target, math.ceil(1.5 * s_of_q[1]), time_repeats, log)
+    return out
+

@@ -51,9 +51,12 @@ def _speedup_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tasks", metavar="A,B", help=f"presets, any of {', '.join(PRESETS)} "
                                                   f"(default: {','.join(MEASURED)})")
     g.add_argument("--q", metavar="1,2,4", help=f"directions per step (default: {','.join(map(str, Q_VALUES))})")
-    g.add_argument("--phase", choices=("tune", "default", "tuned", "all"),
+    g.add_argument("--phase", choices=("tune", "default", "tuned", "all", "data", "wall"),
                    help="tune: step-size multipliers on validation; default: m = 1 on test, seeds 0-2; "
-                        "tuned: the picked multiplier on test; all (default): the three, Q by Q")
+                        "tuned: the picked multiplier on test; all (default): the three, Q by Q; "
+                        "data: Q = 1 on an N-fold batch for each N > 1 of --q (N data-mode replicas, weak "
+                        "batch scaling); wall: Ray step times, the step-cost model, the projected speed-up "
+                        "and 1 against 2 Ray replicas timed to the target (run it on a quiet machine)")
     g.add_argument("--progress", metavar="FILE.json", help=f"progress file (default: {DEFAULT_PROGRESS})")
     g.add_argument("--output", metavar="DIR",
                    help=f"run directories, removed once recorded (default: {DEFAULT_OUTPUT})")

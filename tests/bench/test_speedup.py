@@ -7,8 +7,9 @@ import json
 import pytest
 
 import ray_s2p.distributed.driver as driver_module
-from ray_s2p.bench.speedup import MULTIPLIERS, SEEDS, Speedup, SpeedupOptions, SpeedupProgress, run_key
+from ray_s2p.bench.speedup import MULTIPLIERS, SEEDS, Speedup, SpeedupOptions
 from ray_s2p.bench.speedup_fit import E4_MIN, efficiency, fit_speedup, pick_multiplier, steps_to_target, summarise_task
+from ray_s2p.bench.speedup_runs import SpeedupProgress, run_key
 from ray_s2p.cli import main as cli
 
 
@@ -20,6 +21,13 @@ def test_fit_recovers_s_inf_and_q_c_from_exact_values():
     assert fit.a == pytest.approx(s_inf, rel=1e-12) and fit.q_c == pytest.approx(q_c, rel=1e-12)
     assert fit.r2 == pytest.approx(1.0) and fit.points == (1, 2, 4, 8, 16, 32, 64)
     assert fit.as_dict()["s_inf"] == fit.a
+
+
+def test_fit_weights_relative_errors_so_one_noisy_large_s_does_not_decide_it():
+    # True S = 5 + 100 / Q, but Q = 1 measured 150 instead of 105. Plain least squares in 1/Q gives
+    # S = -8.7 + 153.2 / Q (no saturation at all); weighted by 1 / S^2 the fit keeps a positive S_inf.
+    fit = fit_speedup({1: 150.0, 2: 55.0, 4: 30.0, 8: 17.5})
+    assert fit.meaningful and 0 < fit.a < 5 and 100 < fit.b < 150
 
 
 @pytest.mark.parametrize("points, words", [

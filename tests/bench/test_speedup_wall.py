@@ -59,3 +59,56 @@ def test_time_to_target_runs_one_and_two_ray_replicas(ray_session):
     out = time_to_target(cfg, target=1.01, steps_one=8, repeats=1, log=lambda m: None)  # accuracy never > 1
     assert out["seconds_one"] == [None] and out["seconds_two"] == [None]
     assert out["speedups"] == [] and out["speedup_median"] is None
+
+
+def test_mode_times_pick_the_mode_that_reaches_the_target_first():
+    # T_p = 0.04, u(1) = 0.01, u(2) = 0.012, t_d = 0.01; T_p(B/2) = 0.025.
+    # direction: S(2) 600 x (0.04 + 0.012 + 0.01) = 37.2; weak: 800 x 0.06 = 48; strong: 1000 x 0.045 = 45.
+    from ray_s2p.bench.speedup_wall import mode_times
+    costs = {"probe_seconds": 0.04, "update_seconds_at": {1: 0.01, 2: 0.012}, "probe_seconds_shard": {2: 0.025}}
+    model = {"driver_seconds": 0.01, "seconds_per_step": {1: 0.06, 2: 0.062}}
+    rows = mode_times({1: 1000.0, 2: 600.0}, {2: 800.0}, costs, model)
+    assert rows[2]["direction"] == pytest.approx(37.2)
+    assert rows[2]["data_weak"] == pytest.approx(48.0)
+    assert rows[2]["data_strong"] == pytest.approx(45.0)
+    assert rows[2]["first"] == "direction"
+
+
+def test_data_and_wall_phases_on_the_tiny_preset_and_their_report(tmp_path, ray_session, monkeypatch):
+    # The data phase trains Q = 1 on a 2-fold batch (2 data-mode replicas, weak batch scaling); the wall
+    # phase times Ray replicas and records one entry; --report-only renders both from the progress file.
+    import dataclasses
+
+    from ray_s2p.bench import speedup
+    from ray_s2p.bench.speedup import SEEDS, Speedup, SpeedupOptions
+    from ray_s2p.bench.speedup_report import write_report
+    from ray_s2p.bench.speedup_runs import SpeedupProgress, run_key
+    # A target every seed of the short tiny runs reaches (they end between 0.55 and 0.95), short Ray runs.
+    monkeypatch.setitem(speedup.PRESETS, "tiny", dataclasses.replace(speedup.PRESETS["tiny"], target=0.5))
+    monkeypatch.setattr(speedup, "WALL_RAY_STEPS", 4)
+    monkeypatch.setattr(speedup, "WALL_TIME_REPEATS", 1)
+
+    progress = tmp_path / "p.json"
+    opts = dict(tasks=("tiny",), q=(1, 2), progress=str(progress), output=str(tmp_path / "runs"), budget=80,
+                resume=True)
+    logs: list[str] = []
+    for phase in ("default", "data", "wall"):
+        Speedup(SpeedupOptions(phase=phase, **opts), {}, logs.append).run_part()
+    runs = SpeedupProgress.load(progress).runs
+    for seed in SEEDS:
+        entry = runs[run_key("tiny", 1, 1.0, seed, "test", 2)]
+        assert entry["shards"] == 2 and entry["steps"] == 40  # the steps of Q = 1, on a 2-fold batch
+    wall = runs["tiny/wall"]
+    assert set(wall["ray_seconds_per_step"]) == {"1", "2"} and wall["model"]["driver_seconds"] >= 0
+    assert "1" in wall["projection"] and wall["projection"]["1"]["speedup"] == pytest.approx(1.0)
+    assert set(wall["s_of_q"]) == {"1", "2"}
+    assert len(wall["time_to_target"]["seconds_one"]) == 1 and len(wall["time_to_target"]["seconds_two"]) == 1
+    job = Speedup(SpeedupOptions(phase="all", **opts), {}, logs.append)
+    summaries = job.summaries()
+    assert summaries["tiny"]["data"][2]["runs"] == 3 and summaries["tiny"]["wall"] is not None
+    paths = write_report(summaries, tmp_path / "speedup.md", (0.25, 0.5, 1.0, 2.0, 4.0))
+    text = paths[0].read_text()
+    assert "### tiny: wall clock" in text and "Model T(N) = T_p + u(N) + t_d" in text
+    assert "Target: projected speed-up >= 6x at N = 8: n/a (S not measured)" in text
+    assert "| N | direction | data, weak batch scaling | data, strong batch scaling | first |" in text
+    assert paths[2].name == "speedup_replicas.png" and paths[2].stat().st_size > 1000

@@ -65,3 +65,12 @@ def test_sqrt_scaling_in_a_run_is_what_the_ledger_says(tmp_path):
         # MeZO: c = -lr gamma * sqrt(4) / 4 = -lr gamma / 2 (lr 0.05 from the smoke config)
         assert math.isclose(row["coefficient"], -0.05 * row["gamma"] / 2, rel_tol=1e-12)
     assert replay_run(tmp_path / "run", bitwise=True).digest == result.final_digest
+
+
+def test_first_order_references_ignore_the_step_scaling(tmp_path):
+    # SGD runs on one replica with its own lr: the zeroth-order scaling keys change nothing there.
+    common = {"steps": 5, "checkpoint_every": 0, "eval_every": 0, "cluster.replicas": 1, "optimizer.name": "sgd",
+              "optimizer.directions": 4}
+    a = train(RunConfig.from_dict(smoke_dict(**common, **{"optimizer.tuned_directions": 1})), tmp_path / "a", **QUIET)
+    b = train(RunConfig.from_dict(smoke_dict(**common, **{"optimizer.step_scaling": "none"})), tmp_path / "b", **QUIET)
+    assert a.final_digest == b.final_digest
