@@ -22,7 +22,8 @@ def fmt(value: float | None, spec: str = ".4f") -> str:
 
 def run_line(entry: Mapping[str, Any], s: float | None) -> str:
     """One line per trained run: what it was, its steps and seconds, final accuracy and S."""
-    line = (f"speedup {entry['task']} Q={entry['q']} m={entry['m']:g} seed {entry['seed']} {entry['split']}: "
+    data = f" data x{entry['shards']}" if entry.get("shards", 1) > 1 else ""  # weak data mode, N-fold batch
+    line = (f"speedup {entry['task']} Q={entry['q']}{data} m={entry['m']:g} seed {entry['seed']} {entry['split']}: "
             f"{entry['steps']:,} steps in {entry['run_seconds']:.1f} s, final {fmt(entry['final'].get('accuracy'))}, "
             f"S {fmt(s, ',.1f') if s is not None else 'not reached'}")
     return line + (f", error: {entry['error']}" if entry.get("error") else "")

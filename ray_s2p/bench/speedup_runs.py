@@ -64,12 +64,13 @@ class SpeedupProgress:
         """Keep a finished run and save the file.
 
         Two parts may run at once on one file (two one-thread processes on a 2-core machine): under an
-        exclusive lock the file is read again and the runs another process recorded meanwhile are kept.
+        exclusive lock the file is read again, and what it holds wins over this process's copy (another
+        process may have recorded a run again since this one loaded the file); only ``key`` is new.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-            self.runs = {**SpeedupProgress.load(self.path).runs, **self.runs, key: entry}
+            self.runs = {**self.runs, **SpeedupProgress.load(self.path).runs, key: entry}
             lines = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v, sort_keys=True, allow_nan=False)}"
                                 for k, v in sorted(self.runs.items()))
             write_text(self.path, f'{{"benchmark": "speedup", "version": {VERSION}, "runs": {{\n{lines}\n}}}}\n')

@@ -112,3 +112,16 @@ def test_data_and_wall_phases_on_the_tiny_preset_and_their_report(tmp_path, ray_
     assert "Target: projected speed-up >= 6x at N = 8: n/a (S not measured)" in text
     assert "| N | direction | data, weak batch scaling | data, strong batch scaling | first |" in text
     assert paths[2].name == "speedup_replicas.png" and paths[2].stat().st_size > 1000
+
+
+def test_two_processes_recording_into_one_progress_file_keep_each_others_runs(tmp_path):
+    # Each part holds the file as it was when it started; a run the other part recorded again since
+    # must not be written back in its old version.
+    from ray_s2p.bench.speedup_runs import SpeedupProgress
+    path = tmp_path / "p.json"
+    SpeedupProgress.load(path).record("a", {"fingerprint": "old"})
+    first, second = SpeedupProgress.load(path), SpeedupProgress.load(path)  # both hold "a" = old
+    first.record("a", {"fingerprint": "new"})   # recorded again (e.g. after a config change)
+    second.record("b", {"fingerprint": "b"})
+    runs = SpeedupProgress.load(path).runs
+    assert runs == {"a": {"fingerprint": "new"}, "b": {"fingerprint": "b"}}
