@@ -49,7 +49,7 @@ PHASES = ("tune", "default", "tuned")
 # Only when named: "data" trains Q = 1 on an N-fold batch (what N data-mode replicas with weak batch
 # scaling compute) for every N > 1 of --q; "wall" times Ray replicas and needs a quiet machine.
 NAMED_PHASES = ("data", "wall")
-WALL_RAY_STEPS = 40      # steps of each timed Ray run (1 and 2 replicas)
+WALL_RAY_STEPS = 200     # steps of each timed Ray run (1 and 2 replicas), timed over the last quarter
 WALL_TIME_REPEATS = 2    # 1 against 2 Ray replicas to the target, alternating, this many times
 DEFAULT_PROGRESS = "docs/results/progress/speedup.json"
 DEFAULT_OUTPUT = "runs/speedup"
