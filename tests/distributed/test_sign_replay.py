@@ -30,8 +30,9 @@ def test_signsgd_run_keeps_replicas_identical_learns_and_replays_bit_for_bit(tmp
     assert replay_run(tmp_path / "s").digest == result.final_digest
     ledger = pq.read_table(tmp_path / "s" / "ledger.parquet").to_pylist()
     assert len(ledger) == cfg.steps * 2
-    assert {r["sign_step"] for r in ledger} == {0.01}  # what replay needs to redo the sign update
-    assert {r["param_scale"] for r in ledger} == {1 - 0.01 * 0.5}
+    # What replay needs to redo the sign update: lr 0.01 scaled by s(Q) = 2 (2 replicas, linear step scaling).
+    assert {r["sign_step"] for r in ledger} == {0.02}
+    assert {r["param_scale"] for r in ledger} == {1 - 0.02 * 0.5}
     mezo_dir = tmp_path / "m"
     train(RunConfig.from_dict(smoke_dict(**{"optimizer.name": "mezo"})), mezo_dir, log=lambda m: None)
     assert {r["sign_step"] for r in pq.read_table(mezo_dir / "ledger.parquet").to_pylist()} == {None}
