@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..files import atomic_path, write_text
+from ..files import write_text
 from .speedup_fit import E4_MIN, E16_MIN, RATIO_MAX, RATIO_UP_TO_Q
-from .speedup_wall_report import plot_replicas, wall_section
+from .speedup_wall_report import plot_replicas, save_png, wall_section
 
 
 def fmt(value: float | None, spec: str = ".4f") -> str:
@@ -214,11 +214,7 @@ def plot_steps(summaries: Mapping[str, Mapping[str, Any]], output: str | Path) -
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, frameon=False)
-    fig.tight_layout()
-    output = Path(output)
-    with atomic_path(output) as tmp:
-        fig.savefig(tmp, format="png")
-    return output
+    return save_png(fig, output)
 
 
 def write_report(summaries: Mapping[str, Mapping[str, Any]], path: str | Path,

@@ -127,6 +127,11 @@ def plot_replicas(summaries: Mapping[str, Mapping[str, Any]], output: str | Path
     ax.set_ylabel("time-to-target speed-up over 1 replica")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, frameon=False)
+    return save_png(fig, output)
+
+
+def save_png(fig: Any, output: str | Path) -> Path:
+    """Lay out a matplotlib figure and write it as a PNG at ``output``, atomically."""
     fig.tight_layout()
     output = Path(output)
     with atomic_path(output) as tmp:
