@@ -50,7 +50,7 @@ PHASES = ("tune", "default", "tuned")
 # scaling compute) for every N > 1 of --q; "wall" times Ray replicas and needs a quiet machine.
 NAMED_PHASES = ("data", "wall")
 WALL_RAY_STEPS = 200     # steps of each timed Ray run (1 and 2 replicas), timed over the last quarter
-WALL_TIME_REPEATS = 2    # 1 against 2 Ray replicas to the target, alternating, this many times
+WALL_TIME_REPEATS = 3    # 1 against 2 Ray replicas to the target, alternating, seeds 0, 1, 2
 DEFAULT_PROGRESS = "docs/results/progress/speedup.json"
 DEFAULT_OUTPUT = "runs/speedup"
 DEFAULT_REPORT = "docs/results/speedup.md"

@@ -153,25 +153,27 @@ def time_to_target(config: RunConfig, target: float, steps_one: int, repeats: in
 
     Each run gets ``steps_one / replicas`` steps (the benchmark's B(1) and B(2): the same budget and decay
     horizon as the runs S(Q) was measured with) and 25 evaluations; runs alternate 1, 2, 1, 2, ... so both
-    see the same machine.
+    see the same machine. Repeat r runs seed ``config.seed + r`` at both replica counts: one seed repeated
+    would only time the same trajectory's crossing again, while S(Q) is an average over seeds.
     """
     ensure_ray()
     runs: dict[int, list[float | None]] = {1: [], 2: []}
+    seeds = [config.seed + rep for rep in range(repeats)]
     with tempfile.TemporaryDirectory(prefix="ray-s2p-speedup-") as tmp:
-        for rep in range(repeats):
+        for rep, seed in enumerate(seeds):
             for replicas in (1, 2):
                 steps = max(1, steps_one // replicas)
                 cfg = ray_config(config, replicas, {"steps": steps, "eval_every": max(1, steps // 25),
                                                     "log_every": max(1, steps // 25), "checkpoint_every": 0,
                                                     "progress": False, "cluster.digest_every": 0,
-                                                    "task.eval_split": "validation"})
-                log(f"  time to {target}: {replicas} Ray replica(s), {steps} steps (repeat {rep + 1})")
+                                                    "task.eval_split": "validation", "seed": seed})
+                log(f"  time to {target}: {replicas} Ray replica(s), {steps} steps (seed {seed})")
                 result = train(cfg, Path(tmp) / f"r{replicas}-{rep}", log=log)
                 runs[replicas].append(wall_to_target(Path(result.run_dir), target))
     # A run already at the target when it starts (0 s) gives no ratio: only pairs that both had to train count.
     reached = [(a, b) for a, b in zip(runs[1], runs[2]) if a and b]
     ratios = [a / b for a, b in reached]
-    return {"target": target, "seconds_one": runs[1], "seconds_two": runs[2], "speedups": ratios,
+    return {"target": target, "seeds": seeds, "seconds_one": runs[1], "seconds_two": runs[2], "speedups": ratios,
             "speedup_median": statistics.median(ratios) if ratios else None,
             "speedup_range": [min(ratios), max(ratios)] if ratios else None}
 

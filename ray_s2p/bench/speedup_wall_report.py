@@ -67,10 +67,12 @@ def wall_section(task: str, s: Mapping[str, Any]) -> list[str]:
         med = ttt.get("speedup_median")
         verdict = "n/a" if med is None else ("met" if med >= MEASURED_TARGET else "**missed**")
         rng = ttt.get("speedup_range")
+        # Entries recorded before each pair got its own seed have no "seeds": they repeat one trajectory.
+        seeds = (f", seeds {', '.join(map(str, ttt['seeds']))}" if "seeds" in ttt else ", one seed repeated")
         out += ["", f"Measured, 1 against 2 Ray replicas, the same config, wall-clock seconds (replica start-up "
                 f"excluded, evaluations included) to validation accuracy {ttt['target']}: 1 replica {ones} s; "
                 f"2 replicas {twos} s; speed-up {_f(med, '.2f')} (median of {len(ttt['speedups'])} alternating "
-                f"pairs, range {_f(rng[0], '.2f') if rng else 'n/a'}-{_f(rng[1], '.2f') if rng else 'n/a'}). "
+                f"pairs{seeds}, range {_f(rng[0], '.2f') if rng else 'n/a'}-{_f(rng[1], '.2f') if rng else 'n/a'}). "
                 f"Target >= {MEASURED_TARGET}x: {verdict}."]
     return out + [""] + mode_section(s)
 

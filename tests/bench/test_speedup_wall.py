@@ -56,8 +56,9 @@ def test_engine_costs_time_every_update_size():
 
 def test_time_to_target_runs_one_and_two_ray_replicas(ray_session):
     cfg = RunConfig.from_dict(smoke_dict(**{"task.eval_size": 64}))
-    out = time_to_target(cfg, target=1.01, steps_one=8, repeats=1, log=lambda m: None)  # accuracy never > 1
-    assert out["seconds_one"] == [None] and out["seconds_two"] == [None]
+    out = time_to_target(cfg, target=1.01, steps_one=8, repeats=2, log=lambda m: None)  # accuracy never > 1
+    assert out["seeds"] == [cfg.seed, cfg.seed + 1]  # each repeat a new trajectory
+    assert out["seconds_one"] == [None, None] and out["seconds_two"] == [None, None]
     assert out["speedups"] == [] and out["speedup_median"] is None
 
 
