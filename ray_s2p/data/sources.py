@@ -33,6 +33,7 @@ import datasets
 import numpy as np
 import torch
 
+from ..errors import RayS2PError
 from ..zo.directions import mix_seed
 
 BUNDLED_TEXT = ("rotten_tomatoes", "bbc_news", "synthetic_text")
@@ -41,7 +42,7 @@ LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zip")
 
 
-class DataError(ValueError):
+class DataError(RayS2PError, ValueError):
     """A data set cannot be used as configured (missing file or column, empty, bad labels)."""
 
 

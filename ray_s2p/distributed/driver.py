@@ -6,7 +6,7 @@ One step, in the order ``Driver.run`` calls the phases (each a method below):
    and answers with a ``ProbeReply`` of loss scalars (engine.py ``ReplicaEngine.probe``,
    run by replica.py's pools);
 2. decide (``_decide``): the step rule (zo/rules/) turns the losses into (seed,
-   coefficient) pairs; they become ledger rows (ledger.py) and the pending update;
+   coefficient) pairs; they become ledger rows (zo/ledger.py) and the pending update;
 3. apply (``_apply``): replicas apply the pending update, at the latest with the next
    step's request, earlier when a later phase needs the current parameters;
 4. verify (``_verify``): every ``cluster.digest_every`` steps the replicas' digests must agree;
@@ -36,14 +36,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import FIRST_ORDER, FIRST_ORDER_PASSES, RunConfig
-from ..storage_fs import Location, StoragePath, location, wire
+from ..config import FIRST_ORDER, FIRST_ORDER_PASSES, ConfigError, RunConfig
+from ..storage_fs import Location, StoragePath, for_replica, location
+from ..zo.environment import agreed, describe, settle
+from ..zo.ledger import Ledger, ledger_rows
 from ..zo.rules import build_rule
 from .checkpoint import Checkpoint, checkpoint_path, config_fingerprint, latest_checkpoint
-from .environment import agreed, describe, settle
 from .healing import Healer
 from .layout import Layout
-from .ledger import Ledger, ledger_rows
 from .messages import ProbeReply, ProbeRequest, Update
 from .replica import LocalPool, RayPool, ReplicaFailure, quiet_libraries
 from .run_dir import RunDirectory, aggregate_eval
@@ -75,7 +75,7 @@ class Driver:
         self.layout = Layout.from_config(config)
         self.first_order = config.optimizer.name in FIRST_ORDER
         if self.first_order and config.cluster.replicas != 1:
-            raise ValueError("optimizer.name: the first-order references (sgd, adamw) run on one replica. "
+            raise ConfigError("optimizer.name: the first-order references (sgd, adamw) run on one replica. "
                              "Fix: --set cluster.replicas=1")
         # The rule scales every step by the Q it evaluates (zo/rules/scaling.py); Q here only checks the decay.
         self.rule = None if self.first_order else build_rule(config.optimizer, config.steps,
@@ -129,7 +129,7 @@ class Driver:
         """The state to start from: step 0, or a resumed run's newest checkpoint and its ledger."""
         # Replica 0 checks the tensor file's sha256 where it reads it; the driver reads only state.json.
         ckpt = latest_checkpoint(self.rd.checkpoints, self.fingerprint, lambda path: pool.call(
-            "verify_checkpoint", [(wire(path), self.fingerprint)], replicas=[0],
+            "verify_checkpoint", [(for_replica(path), self.fingerprint)], replicas=[0],
             timeout=max(600.0, self.config.cluster.startup_timeout_s))[0], log=self.log) if self.rd.resumed else None
         start_step = ckpt.step if ckpt is not None else 0
         rule_state = ckpt.rule_state.get("rule") if ckpt is not None else None
@@ -218,7 +218,7 @@ class Driver:
         self.rd.flush_metrics()
         steps_run = max(1, cfg.steps - state.start_step)
         # Replica 0 writes final/ into the run directory itself and answers with file names and sizes.
-        self.healer.call(pool, state, "write_final", [(wire(self.rd.path),)], replicas=[0],
+        self.healer.call(pool, state, "write_final", [(for_replica(self.rd.path),)], replicas=[0],
                          timeout=max(600.0, cfg.cluster.step_timeout_s))
         summary = self.rd.write_summary(
             final_digest=digests[0], steps_completed=cfg.steps, wall_seconds=elapsed,
@@ -263,8 +263,8 @@ class Driver:
         # A dead replica is replaced, caught up to step - 1 and sent its request again (healing.py).
         replies = self.healer.call(pool, state, "probe", [(q,) for q in requests])
         losses = self._group_losses(replies, width)
-        sent = sum(q.wire_bytes() for q in requests)
-        received = sum(r.wire_bytes() for r in replies)
+        sent = sum(q.json_bytes() for q in requests)
+        received = sum(r.json_bytes() for r in replies)
         passes = sum(len(r.losses) * width for r in replies)
         return losses, sent, received, passes
 
@@ -351,7 +351,7 @@ class Driver:
         # Replica 0 dying while it writes is replaced at `step` and writes again; a half-written .ckpt.*
         # directory is never renamed into place.
         record = self.healer.call(pool, state, "save_checkpoint",
-                                  [(step, wire(self.rd.checkpoints), rule, meta)], replicas=[0],
+                                  [(step, for_replica(self.rd.checkpoints), rule, meta)], replicas=[0],
                                   timeout=max(600.0, self.config.cluster.step_timeout_s))[0]
         state.ckpt = Checkpoint(step, rule, dict(meta, digest=record.digest, params_sha256=record.params_sha256),
                                 checkpoint_path(self.rd.checkpoints, step))

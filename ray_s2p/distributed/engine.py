@@ -21,11 +21,11 @@ from ..files import fsync_tree, replace_dir
 from ..storage_fs import StoragePath, file_size, location, staged_dir, upload_tree
 from ..tasks.base import EvalTotals, Task
 from ..zo.directions import DirectionSpace, NoiseTable, apply_update, select_parameters
+from ..zo.environment import numerics_environment
 from ..zo.probes import Prober
 from ..zo.weight_decay import decay_exempt
 from .checkpoint import CheckpointError, CheckpointRecord, load_checkpoint, read_checkpoint, save_checkpoint
 from .digest import model_digest
-from .environment import numerics_environment
 from .layout import Layout
 from .messages import ProbeReply, ProbeRequest, Update
 from .storage import probe_storage
@@ -78,7 +78,7 @@ def use_shard_batch_size(task: Task, config: RunConfig) -> None:
     size = shard_batch_size(config.task.batch_size, Layout.from_config(config).shards, config.cluster.batch_scaling)
     share = None if size == config.task.batch_size else size
     if hasattr(task, "train_batch_size"):
-        setattr(task, "train_batch_size", share)  # not in the Task protocol: user tasks may lack it
+        task.train_batch_size = share  # not in the Task protocol: user tasks may lack it
     elif share is not None:
         raise ConfigError(f"config field 'cluster.batch_scaling': strong needs {size} examples per data shard, and "
                           f"the task {type(task).__name__} (task.name {config.task.name!r}) has no train_batch_size "
@@ -252,12 +252,12 @@ class ReplicaEngine:
         optimizer's state when the checkpoint has it."""
         missing = [n for n in self.space.names if n not in tensors]
         if missing:
-            raise ValueError(f"checkpoint lacks parameter {missing[0]!r}; it belongs to another config")
+            raise CheckpointError(f"checkpoint lacks parameter {missing[0]!r}; it belongs to another config")
         with torch.no_grad():
             for n, p in zip(self.space.names, self.space.params):
                 src = tensors[n]
                 if tuple(src.shape) != tuple(p.shape):
-                    raise ValueError(f"checkpoint parameter {n!r} has shape {tuple(src.shape)}, model has "
+                    raise CheckpointError(f"checkpoint parameter {n!r} has shape {tuple(src.shape)}, model has "
                                      f"{tuple(p.shape)}; it belongs to another config")
                 p.copy_(src.to(p.device, p.dtype))
         if self._first_order is not None:
@@ -273,7 +273,7 @@ class ReplicaEngine:
                 state.setdefault(name, {})[item] = value
         unknown = sorted(set(state) - set(self.space.names))
         if unknown:
-            raise ValueError(f"checkpoint has optimizer state for {unknown[0]!r}, which is not trainable here; "
+            raise CheckpointError(f"checkpoint has optimizer state for {unknown[0]!r}, which is not trainable here; "
                              f"it belongs to another config")
         self._first_order.state.clear()
         for n, p in zip(self.space.names, self.space.params):
@@ -342,7 +342,7 @@ class ReplicaEngine:
                 "applied_step": self.applied_step, "environment": self.environment()}
 
     def environment(self) -> dict[str, Any]:
-        """Device, kernels and torch build of this replica's arithmetic (distributed/environment.py)."""
+        """Device, kernels and torch build of this replica's arithmetic (zo/environment.py)."""
         return numerics_environment(self.device, self.config.perturbation.distribution, self.config.precision.weights)
 
 

@@ -24,9 +24,9 @@ import time
 from typing import Any, Callable, Sequence
 
 from ..config import RunConfig
-from ..storage_fs import wire
+from ..storage_fs import for_replica
+from ..zo.ledger import Ledger, updates_by_step
 from .checkpoint import Checkpoint
-from .ledger import Ledger, updates_by_step
 from .replica import LocalPool, RayPool, ReplicaFailure
 from .run_state import RunState, TrainingError
 
@@ -113,7 +113,7 @@ class Healer:
         sends only its path), then replays the ledger (no forward passes)."""
         if ckpt is not None and ckpt.step > 0:
             # Absolute paths or URIs: a replica's working directory need not be the driver's.
-            _named_call(pool, "load_checkpoint", [(wire(ckpt.path), self.fingerprint)] * len(replicas),
+            _named_call(pool, "load_checkpoint", [(for_replica(ckpt.path), self.fingerprint)] * len(replicas),
                         replicas, max(600.0, self.config.cluster.startup_timeout_s))
         start = ckpt.step if ckpt is not None else 0
         updates = [u for u in updates_by_step(ledger.rows) if start < u[0] <= upto]

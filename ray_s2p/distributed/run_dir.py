@@ -17,18 +17,27 @@ import yaml
 
 from ..config import ConfigError, RunConfig
 from ..config_history import saved_config
-from ..storage_fs import (Location, StoragePath, location, read_parquet, remove_tree, write_json, write_parquet,
-                          write_yaml)
+from ..errors import RayS2PError
+from ..storage_fs import (
+    Location,
+    StoragePath,
+    location,
+    read_parquet,
+    remove_tree,
+    write_json,
+    write_parquet,
+    write_yaml,
+)
 from ..tasks.base import EvalTotals
 
 if TYPE_CHECKING:
-    from .ledger import LedgerRow
+    from ..zo.ledger import LedgerRow
 
 METRIC_COLUMNS = ["step", "kind", "loss", "eval_loss", "eval_accuracy", "eval_macro_f1", "forward_passes",
                   "wall_seconds", "bytes_sent", "bytes_received", "skipped_directions", "eval_split"]
 
 
-class RunDirectoryError(ValueError):
+class RunDirectoryError(RayS2PError, ValueError):
     """The output directory cannot be used as asked."""
 
 
@@ -232,11 +241,11 @@ class RunDirectory:
             self._writer.close()
         return fields
 
-    def progress(self, start: int) -> "Progress":
-        return Progress(self.config.steps, start, self.config.progress)
+    def progress(self, start: int) -> "ProgressBar":
+        return ProgressBar(self.config.steps, start, self.config.progress)
 
 
-class Progress:
+class ProgressBar:
     """A tqdm bar with step, loss, eval metric and steps/s (tqdm prints steps/s itself)."""
 
     def __init__(self, total: int, start: int, enabled: bool) -> None:

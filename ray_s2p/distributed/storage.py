@@ -21,12 +21,13 @@ import socket
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-from ..storage_fs import Location, StoragePath, location, remove_tree, wire, write_text
+from ..errors import RayS2PError
+from ..storage_fs import Location, StoragePath, for_replica, location, remove_tree, write_text
 
 CHECK_DIR = ".storage-check"  # a dot name: temporary, removed after the check (docs/ledger.md)
 
 
-class StorageError(RuntimeError):
+class StorageError(RayS2PError, RuntimeError):
     """The run directory is not reachable, or not the same directory, from every replica."""
 
 
@@ -89,7 +90,7 @@ def check_storage(pool: _Pool, directory: str | Location, timeout: float | None 
     token = os.urandom(16).hex()  # not the run's RNG: only tells this check's directory apart from any other
     write_text(check / "driver.token", token)
     try:
-        answers = pool.call("check_storage", [(wire(root), token)] * pool.size, timeout=timeout)
+        answers = pool.call("check_storage", [(for_replica(root), token)] * pool.size, timeout=timeout)
         problems = [f"replica {a['replica']} on host {a['host']}: {a['error']}" for a in answers if a["error"]]
         for a in answers:
             if a["error"] is None:

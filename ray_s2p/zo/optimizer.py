@@ -23,7 +23,7 @@ from .rules import StepDecision, build_rule
 from .weight_decay import decay_exempt
 
 if TYPE_CHECKING:
-    from ..distributed.ledger import Ledger
+    from .ledger import Ledger
 
 
 def optimizer_config(**fields: Any) -> OptimizerConfig:
@@ -83,9 +83,9 @@ class ZerothOrderOptimizer:
         self.step_count = 0
         self.ledger: Ledger | None = None
         if ledger_path is not None:
-            # The ledger file format is the distributed trainer's (distributed/ledger.py, no Ray in it);
-            # imported only when asked for, so the math here needs neither pyarrow nor the trainer.
-            from ..distributed.ledger import Ledger
+            # The distributed trainer's ledger format (ledger.py here, no Ray in it); imported only when
+            # asked for, so the math needs no pyarrow.
+            from .ledger import Ledger
             self.ledger = Ledger(ledger_path)
 
     def step(self, closure: Callable[[], torch.Tensor]) -> StepRecord:
@@ -120,7 +120,7 @@ class ZerothOrderOptimizer:
         decision, self.state = self.rule.update(losses, self.state, k)
         apply_update(self.space, list(zip(seeds, decision.coefficients)), decision.param_scale, k, decision.sign_step)
         if self.ledger is not None:
-            from ..distributed.ledger import ledger_rows
+            from .ledger import ledger_rows
             self.ledger.extend(ledger_rows(k, seeds, radii, losses, decision))
         finite = [v for row in losses for v in row if v == v and abs(v) != float("inf")]
         mean = sum(finite) / len(finite) if finite else float("nan")

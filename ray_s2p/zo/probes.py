@@ -33,7 +33,6 @@ from .directions import DirectionSpace
 from .lowrank import add_output_delta, supports_output_delta
 from .reads import ReadRecorder, check_no_aliasing, owners
 
-
 # Layers whose forward reads their parameters without returning a view of them, so a perturbed copy
 # can be overwritten once their forward has returned.
 COPYING_LAYERS = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm, torch.nn.Conv1d, torch.nn.Conv2d)

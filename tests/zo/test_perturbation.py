@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ray_s2p.distributed.digest import model_digest
-from ray_s2p.zo.directions import DirectionSpace, NoiseTable, apply_update, mix_seed, select_parameters
 from ray_s2p.zo import noise
+from ray_s2p.zo.directions import DirectionSpace, NoiseTable, apply_update, mix_seed, select_parameters
 from ray_s2p.zo.probes import Prober
 
 

@@ -1,0 +1,30 @@
+"""A replica's error reaches the user as one line when it is a project error, and as a bug otherwise."""
+
+from __future__ import annotations
+
+import pytest
+
+from ray_s2p.config import ConfigError
+from ray_s2p.distributed.replica import ReplicaError, _remote_error
+
+
+class Refuses:
+    def __init__(self, error: Exception | None) -> None:
+        if error is not None:
+            raise error
+
+    def run(self, error: Exception) -> None:
+        raise error
+
+
+@pytest.mark.parametrize("where", ["start", "method"])
+@pytest.mark.parametrize("error, expected", [(ConfigError("task.options.x: unknown. Fix: drop it"), ReplicaError),
+                                             (ZeroDivisionError("division by zero"), RuntimeError)])
+def test_a_project_error_inside_a_replica_is_a_replica_error_and_anything_else_a_bug(ray_session, where, error,
+                                                                                      expected):
+    ray = ray_session
+    actor = ray.remote(Refuses).remote(error if where == "start" else None)
+    with pytest.raises(ray.exceptions.RayError) as caught:
+        ray.get(actor.run.remote(error), timeout=120)
+    assert _remote_error(caught.value) is expected
+    ray.kill(actor)
