@@ -130,7 +130,7 @@ class Driver:
         # Replica 0 checks the tensor file's sha256 where it reads it; the driver reads only state.json.
         ckpt = latest_checkpoint(self.rd.checkpoints, self.fingerprint, lambda path: pool.call(
             "verify_checkpoint", [(for_replica(path), self.fingerprint)], replicas=[0],
-            timeout=max(600.0, self.config.cluster.startup_timeout_s))[0], log=self.log) if self.rd.resumed else None
+            timeout=self.config.cluster.model_load_timeout_s)[0], log=self.log) if self.rd.resumed else None
         start_step = ckpt.step if ckpt is not None else 0
         rule_state = ckpt.rule_state.get("rule") if ckpt is not None else None
         if rule_state is None and self.rule is not None:
@@ -219,7 +219,7 @@ class Driver:
         steps_run = max(1, cfg.steps - state.start_step)
         # Replica 0 writes final/ into the run directory itself and answers with file names and sizes.
         self.healer.call(pool, state, "write_final", [(for_replica(self.rd.path),)], replicas=[0],
-                         timeout=max(600.0, cfg.cluster.step_timeout_s))
+                         timeout=cfg.cluster.model_io_timeout_s)
         summary = self.rd.write_summary(
             final_digest=digests[0], steps_completed=cfg.steps, wall_seconds=elapsed,
             bytes_sent_per_step=state.bytes_sent / steps_run, bytes_received_per_step=state.bytes_received / steps_run,
@@ -334,7 +334,7 @@ class Driver:
         if self.config.task.eval_size == 0:
             return {}
         totals = self.healer.call(pool, state, "evaluate", [(r, pool.size) for r in range(pool.size)],
-                                  timeout=max(600.0, self.config.cluster.step_timeout_s))
+                                  timeout=self.config.cluster.model_io_timeout_s)
         return aggregate_eval(totals)
 
     def _checkpoint(self, pool: LocalPool | RayPool, state: RunState, step: int) -> None:
@@ -352,7 +352,7 @@ class Driver:
         # directory is never renamed into place.
         record = self.healer.call(pool, state, "save_checkpoint",
                                   [(step, for_replica(self.rd.checkpoints), rule, meta)], replicas=[0],
-                                  timeout=max(600.0, self.config.cluster.step_timeout_s))[0]
+                                  timeout=self.config.cluster.model_io_timeout_s)[0]
         state.ckpt = Checkpoint(step, rule, dict(meta, digest=record.digest, params_sha256=record.params_sha256),
                                 checkpoint_path(self.rd.checkpoints, step))
 

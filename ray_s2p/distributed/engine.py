@@ -20,10 +20,10 @@ from ..data.batching import shard_batch_size
 from ..files import fsync_tree, replace_dir
 from ..storage_fs import StoragePath, file_size, location, staged_dir, upload_tree
 from ..tasks.base import EvalTotals, Task
-from ..zo.directions import DirectionSpace, NoiseTable, apply_update, select_parameters
+from ..zo.directions import DirectionSpace, apply_update
 from ..zo.environment import numerics_environment
 from ..zo.probes import Prober
-from ..zo.weight_decay import decay_exempt
+from ..zo.space import build_space as space_from_config
 from .checkpoint import CheckpointError, CheckpointRecord, load_checkpoint, read_checkpoint, save_checkpoint
 from .digest import model_digest
 from .layout import Layout
@@ -34,36 +34,14 @@ from .storage import probe_storage
 # "optimizer_state/<parameter name>/<state key>", saved beside the parameters so a resumed run continues
 # with its moments instead of restarting them.
 OPTIMIZER_STATE_PREFIX = "optimizer_state/"
-_TABLES: dict[tuple[int, str], NoiseTable] = {}
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision.weights
 
 
-def noise_table(size: int, device: torch.device) -> NoiseTable:
-    """One shared table per (size, device) per process: replicas in one process share it."""
-    key = (size, str(device))
-    if key not in _TABLES:
-        _TABLES[key] = NoiseTable(size, device=device)
-    return _TABLES[key]
-
-
 def build_space(model: torch.nn.Module, names: list[str], config: RunConfig) -> DirectionSpace:
-    """The direction space of a model's trainable parameters under the config's perturbation settings."""
-    names, params = select_parameters(model, names)
-    table = None
-    if config.perturbation.distribution == "table":
-        table = noise_table(config.perturbation.table_size, params[0].device)
-    p = config.perturbation
-    return DirectionSpace(names, params, p.distribution, table, noise_threads(config, params[0].device),
-                          rank=p.rank, lowrank_interval=p.lowrank_interval, run_seed=config.seed,
-                          decay_exempt=decay_exempt(model, names, config.optimizer.weight_decay_exempt))
-
-
-def noise_threads(config: RunConfig, device: torch.device) -> int:
-    """Threads for making noise: on a GPU one (kernels run asynchronously already); on a CPU
-    ``cluster.noise_threads``, or torch's thread count when that is 0 (a generator call uses one core)."""
-    if device.type != "cpu":
-        return 1
-    return config.cluster.noise_threads or max(1, torch.get_num_threads())
+    """The direction space of a model's trainable parameters under the run's perturbation settings."""
+    return space_from_config(model, names, config.perturbation, seed=config.seed,
+                             weight_decay_exempt=config.optimizer.weight_decay_exempt,
+                             threads=config.cluster.noise_threads)
 
 
 def use_shard_batch_size(task: Task, config: RunConfig) -> None:

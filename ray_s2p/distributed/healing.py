@@ -114,7 +114,7 @@ class Healer:
         if ckpt is not None and ckpt.step > 0:
             # Absolute paths or URIs: a replica's working directory need not be the driver's.
             _named_call(pool, "load_checkpoint", [(for_replica(ckpt.path), self.fingerprint)] * len(replicas),
-                        replicas, max(600.0, self.config.cluster.startup_timeout_s))
+                        replicas, self.config.cluster.model_load_timeout_s)
         start = ckpt.step if ckpt is not None else 0
         updates = [u for u in updates_by_step(ledger.rows) if start < u[0] <= upto]
         if updates:

@@ -27,12 +27,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..config import DISTRIBUTIONS
 from .factors import FactorStreams
 from .lowrank import add_lowrank, materialise
 from .noise import NoiseTable, chunk_bounds, draw, fill_chunk, mix_seed
 from .rounding import HALF_DTYPES, stochastic_round
 
-DISTRIBUTIONS = ("gaussian", "rademacher", "sphere", "table", "lowrank")
 Job = tuple[int, Callable[[], None]]  # (cost in elements, work); jobs touch disjoint memory
 _IN_WORKER = threading.local()
 INLINE_MAX_NUMEL = 1 << 16  # jobs with fewer elements in all run on the calling thread
