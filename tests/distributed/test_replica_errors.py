@@ -5,16 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ray_s2p.config import ConfigError
-from ray_s2p.distributed.replica import ReplicaError, _remote_error
-
-
-class Refuses:
-    def __init__(self, error: Exception | None) -> None:
-        if error is not None:
-            raise error
-
-    def run(self, error: Exception) -> None:
-        raise error
+from ray_s2p.distributed.replica import ReplicaError, _remote_error, _root_cause
 
 
 @pytest.mark.parametrize("where", ["start", "method"])
@@ -22,9 +13,18 @@ class Refuses:
                                              (ZeroDivisionError("division by zero"), RuntimeError)])
 def test_a_project_error_inside_a_replica_is_a_replica_error_and_anything_else_a_bug(ray_session, where, error,
                                                                                       expected):
+    class Refuses:  # defined here so that Ray ships it by value (workers cannot import a test module)
+        def __init__(self, error: Exception | None) -> None:
+            if error is not None:
+                raise error
+
+        def run(self, error: Exception) -> None:
+            raise error
+
     ray = ray_session
     actor = ray.remote(Refuses).remote(error if where == "start" else None)
     with pytest.raises(ray.exceptions.RayError) as caught:
         ray.get(actor.run.remote(error), timeout=120)
+    assert _root_cause(caught.value).endswith(f"{type(error).__name__}: {error}")  # the replica's own error
     assert _remote_error(caught.value) is expected
     ray.kill(actor)
