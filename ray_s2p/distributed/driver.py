@@ -16,7 +16,8 @@ One step, in the order ``Driver.run`` calls the phases (each a method below):
    digest the driver hands it (checkpoint.py); the metrics are flushed (run_dir.py).
 
 A replica that dies or hangs in any phase, 1 and 3-6 and the final export alike, is replaced,
-caught up from checkpoint + ledger and asked again for its part of that phase (healing.py).
+caught up from checkpoint + ledger and asked again for its part of that phase (healing.py). A
+first-order reference has no ledger: its replica's failure stops the run with the resume to use.
 
 Tensors never pass through the driver: replica 0 writes checkpoints and ``final/``,
 replicas load checkpoints from the run directory themselves, and the driver keeps
@@ -116,7 +117,8 @@ class Driver:
             self._start(pool, state)
             progress = self.rd.progress(state.start_step)
             for step in range(state.start_step + 1, self.config.steps + 1):
-                outcome = self._first_order_step(pool, step) if self.first_order else self._zo_step(pool, state, step)
+                outcome = (self._first_order_step(pool, state, step) if self.first_order
+                           else self._zo_step(pool, state, step))
                 self._record(state, step, outcome)
                 self._between_steps(pool, state, step)
                 progress.update(step, outcome.loss, state.last_eval)
@@ -297,9 +299,10 @@ class Driver:
                 out.append([sum(m.losses[i][j] for m in members) / len(members) for j in range(width)])
         return out
 
-    def _first_order_step(self, pool: LocalPool | RayPool, step: int) -> StepOutcome:
-        """The backprop reference: one replica, nothing on the wire but the loss."""
-        loss = pool.call("first_order_step", [(step, 0, 1)])[0]
+    def _first_order_step(self, pool: LocalPool | RayPool, state: RunState, step: int) -> StepOutcome:
+        """The backprop reference: one replica, nothing on the wire but the loss. A failure stops the run
+        (``Healer.recover``: nothing to catch a replacement up from)."""
+        loss = self.healer.call(pool, state, "first_order_step", [(step, 0, 1)])[0]
         return StepOutcome(loss, 0, 0, FIRST_ORDER_PASSES, 0)
 
     # ------------------------------------- phases 3-6: apply, verify, evaluate, checkpoint

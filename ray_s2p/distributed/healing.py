@@ -16,6 +16,11 @@ forward passes. That is the right point in every phase:
 
 So a phase redone on a replacement sees exactly the parameters the dead replica had, and the run ends at
 the digest of an undisturbed run.
+
+A first-order reference (sgd, adamw) writes no ledger: its steps live only in its replica's parameters
+and optimizer state, so a replacement could only go back to the newest checkpoint and carry on from a
+stale point. Its failures are not healed: the run stops with a ``TrainingError`` that names the resume,
+which continues from that checkpoint exactly (tests/distributed/test_ray_trainer.py).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Sequence
 
-from ..config import RunConfig
+from ..config import FIRST_ORDER, RunConfig
 from ..storage_fs import for_replica
 from ..zo.ledger import Ledger, updates_by_step
 from .checkpoint import Checkpoint
@@ -84,7 +89,18 @@ class Healer:
 
     def recover(self, pool: LocalPool | RayPool, failed: list[int], state: RunState, reason: str) -> None:
         """Replace ``failed`` and catch them up to ``state.decided``; a replacement that fails too is replaced
-        again (each failure counts toward ``cluster.max_replica_failures``)."""
+        again (each failure counts toward ``cluster.max_replica_failures``).
+
+        Raises:
+            TrainingError: the run is a first-order reference (nothing to catch a replacement up from), or
+                the failures exceed ``cluster.max_replica_failures``.
+        """
+        name = self.config.optimizer.name
+        if name in FIRST_ORDER:
+            newest = f"step {state.ckpt.step}" if state.ckpt is not None else "step 0 (no checkpoint yet)"
+            raise TrainingError(f"{reason}. The first-order reference ({name}) writes no "
+                                f"ledger, so a new replica cannot be caught up to this step. Fix: continue from the "
+                                f"newest checkpoint, {newest}, with `ray-s2p train --resume RUN_DIR`")
         started = time.perf_counter()
         while failed:
             self.failures += len(failed)

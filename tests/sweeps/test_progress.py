@@ -10,6 +10,7 @@ import pytest
 
 from conftest import smoke_dict
 from ray_s2p.config import RunConfig
+from ray_s2p.errors import RayS2PError
 from ray_s2p.sweeps import reruns as reruns_module
 from ray_s2p.sweeps.compare import compare
 from ray_s2p.sweeps.progress import CompareProgress, fingerprint
@@ -57,9 +58,9 @@ def test_a_failed_trial_keeps_only_its_error_message(tmp_path):
 def test_a_foreign_progress_file_is_refused_and_kept(tmp_path, text, message):
     path = tmp_path / "progress.json"
     path.write_text(text)
-    with pytest.raises(ValueError, match=message + r".*Fix: .*move it away"):
+    with pytest.raises(RayS2PError, match=message + r".*Fix: .*move it away"):
         CompareProgress.load(path)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(RayS2PError, match=message):
         compare(RunConfig.from_dict(smoke_dict(**{"task.test_size": 64})), tmp_path, variants=["mezo"], budget=20,
                 trials=1, seeds=[0], target=0.5, ablations=False)
     assert path.read_text() == text
