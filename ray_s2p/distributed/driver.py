@@ -46,6 +46,7 @@ from .checkpoint import Checkpoint, checkpoint_path, config_fingerprint, latest_
 from .healing import Healer
 from .layout import Layout
 from .messages import ProbeReply, ProbeRequest, Update
+from .pool import PoolFactory, ReplicaPool
 from .replica import LocalPool, RayPool, ReplicaFailure, quiet_libraries
 from .run_dir import RunDirectory, aggregate_eval
 from .run_state import RunState, StepOutcome, TrainingError, TrainResult
@@ -64,12 +65,16 @@ class Driver:
         resume: continue from the newest valid checkpoint in ``run_dir``.
         report: optional callback(metrics dict, checkpoint dir or None), e.g. for Ray Tune.
         log: where messages go.
+        pool: builds the replicas from the config (default: ``LocalPool``, or ``RayPool`` with
+            ``cluster.use_ray``; Ray is initialised first either way): a pool of your own, e.g. one that
+            records or injects faults.
     """
 
     def __init__(self, config: RunConfig, run_dir: str | Path | StoragePath, *, resume: bool = False,
                  overwrite: bool = False, report: Callable[[dict[str, Any], Path | None], None] | None = None,
-                 log: Callable[[str], None] = print, verbose: bool = False) -> None:
+                 log: Callable[[str], None] = print, verbose: bool = False, pool: PoolFactory | None = None) -> None:
         self.config = config
+        self.pool_factory = pool
         self.report = report
         self.log = log
         self.verbose = verbose  # replicas' library output on the console (else RUN_DIR/logs/replica-N.log)
@@ -127,7 +132,7 @@ class Driver:
         finally:
             pool.shutdown()
 
-    def _open(self, pool: LocalPool | RayPool, infos: list[dict[str, Any]]) -> RunState:
+    def _open(self, pool: ReplicaPool, infos: list[dict[str, Any]]) -> RunState:
         """The state to start from: step 0, or a resumed run's newest checkpoint and its ledger."""
         # Replica 0 checks the tensor file's sha256 where it reads it; the driver reads only state.json.
         ckpt = latest_checkpoint(self.rd.checkpoints, self.fingerprint, lambda path: pool.call(
@@ -155,10 +160,10 @@ class Driver:
                         forward_passes=self.rd.previous_forward_passes(start_step),
                         wall_before=self.rd.previous_wall_seconds() if self.rd.resumed else 0.0)
 
-    def _start_pool(self) -> LocalPool | RayPool:
+    def _start_pool(self) -> ReplicaPool:
         if not self.config.cluster.use_ray:
             with quiet_libraries(not self.verbose):  # in-process replicas share the driver's console
-                return LocalPool(self.config)
+                return (self.pool_factory or LocalPool)(self.config)
         import logging
 
         import ray
@@ -166,9 +171,11 @@ class Driver:
             # Ray's own start-up lines only with --verbose; its warnings and errors always.
             ray.init(address=self.config.cluster.address or None, include_dashboard=False, log_to_driver=True,
                      logging_level=logging.INFO if self.verbose else logging.WARNING)
+        if self.pool_factory is not None:
+            return self.pool_factory(self.config)
         return RayPool(self.config, log=self.log, quiet=not self.verbose)
 
-    def _start(self, pool: LocalPool | RayPool, state: RunState) -> None:
+    def _start(self, pool: ReplicaPool, state: RunState) -> None:
         """Restore a resumed run's replicas, and evaluate the starting point (once per run)."""
         initial = self.rd.initial_eval()
         if initial is None:
@@ -191,7 +198,7 @@ class Driver:
         self.rd.record_step(step, outcome.loss, state.forward_passes, state.wall, outcome.sent, outcome.received,
                             outcome.skipped)
 
-    def _between_steps(self, pool: LocalPool | RayPool, state: RunState, step: int) -> None:
+    def _between_steps(self, pool: ReplicaPool, state: RunState, step: int) -> None:
         """The periodic phases after a step: verify, evaluate, checkpoint, flush, report."""
         cfg = self.config
         if cfg.cluster.digest_every and step % cfg.cluster.digest_every == 0:
@@ -209,7 +216,7 @@ class Driver:
         if self.report is not None and step != cfg.steps and (saved is not None or step % cfg.log_every == 0):
             self.report(self.rd.report_row(step), saved)
 
-    def _finish(self, pool: LocalPool | RayPool, state: RunState) -> TrainResult:
+    def _finish(self, pool: ReplicaPool, state: RunState) -> TrainResult:
         """Final evaluation and digest check, summary.json, and the final model from replica 0."""
         cfg = self.config
         final_eval = self._evaluate(pool, state)
@@ -236,7 +243,7 @@ class Driver:
         return TrainResult(self.rd.path, digests[0], cfg.steps, summary)
 
     # ------------------------------------------------ phase 1-2: probe, decide
-    def _zo_step(self, pool: LocalPool | RayPool, state: RunState, step: int) -> StepOutcome:
+    def _zo_step(self, pool: ReplicaPool, state: RunState, step: int) -> StepOutcome:
         """Probe round (and follow-up round, if the rule has one), then the rule's decision."""
         assert self.rule is not None
         lay = self.layout
@@ -259,7 +266,7 @@ class Driver:
         loss, skipped = self._decide(state, step, seeds, radii, losses)
         return StepOutcome(loss, sent, received, passes, skipped)
 
-    def _probe_round(self, pool: LocalPool | RayPool, state: RunState, step: int, requests: list[ProbeRequest],
+    def _probe_round(self, pool: ReplicaPool, state: RunState, step: int, requests: list[ProbeRequest],
                      width: int) -> tuple[list[list[float]], int, int, int]:
         """One fan-out of probe requests: (losses per direction, bytes sent, bytes received, forward passes)."""
         # A dead replica is replaced, caught up to step - 1 and sent its request again (healing.py).
@@ -299,19 +306,19 @@ class Driver:
                 out.append([sum(m.losses[i][j] for m in members) / len(members) for j in range(width)])
         return out
 
-    def _first_order_step(self, pool: LocalPool | RayPool, state: RunState, step: int) -> StepOutcome:
+    def _first_order_step(self, pool: ReplicaPool, state: RunState, step: int) -> StepOutcome:
         """The backprop reference: one replica, nothing on the wire but the loss. A failure stops the run
         (``Healer.recover``: nothing to catch a replacement up from)."""
         loss = self.healer.call(pool, state, "first_order_step", [(step, 0, 1)])[0]
         return StepOutcome(loss, 0, 0, FIRST_ORDER_PASSES, 0)
 
     # ------------------------------------- phases 3-6: apply, verify, evaluate, checkpoint
-    def _apply(self, pool: LocalPool | RayPool, state: RunState) -> None:
+    def _apply(self, pool: ReplicaPool, state: RunState) -> None:
         """Apply the pending update now (replicas ignore an update they already applied)."""
         if state.pending is not None:
             self.healer.call(pool, state, "apply", [(state.pending,)] * pool.size)
 
-    def _verify(self, pool: LocalPool | RayPool, state: RunState) -> list[str]:
+    def _verify(self, pool: ReplicaPool, state: RunState) -> list[str]:
         """Every replica's digest must equal replica 0's; heal (resync) or abort as configured."""
         self._apply(pool, state)
         digests = self.healer.call(pool, state, "digest", [()] * pool.size)
@@ -331,7 +338,7 @@ class Driver:
             self.rd.count_resync()
         return digests
 
-    def _evaluate(self, pool: LocalPool | RayPool, state: RunState) -> dict[str, float]:
+    def _evaluate(self, pool: ReplicaPool, state: RunState) -> dict[str, float]:
         """Held-out metrics of the current parameters, the eval set split among the replicas."""
         self._apply(pool, state)
         if self.config.task.eval_size == 0:
@@ -340,7 +347,7 @@ class Driver:
                                   timeout=self.config.cluster.model_io_timeout_s)
         return aggregate_eval(totals)
 
-    def _checkpoint(self, pool: LocalPool | RayPool, state: RunState, step: int) -> None:
+    def _checkpoint(self, pool: ReplicaPool, state: RunState, step: int) -> None:
         """Replica 0 writes its trainable tensors with the rule state and the ledger digest of ``step``;
         the driver sends and receives only those scalars, digests and the path."""
         self._apply(pool, state)
@@ -381,8 +388,9 @@ def replicas_up(infos: list[dict[str, Any]], places: list[dict[str, Any]], env: 
 
 def train(config: RunConfig, run_dir: str | Path | StoragePath, *, resume: bool = False, overwrite: bool = False,
           report: Callable[[dict[str, Any], Path | None], None] | None = None,
-          log: Callable[[str], None] = print, verbose: bool = False, filesystem: Any = None) -> TrainResult:
+          log: Callable[[str], None] = print, verbose: bool = False, filesystem: Any = None,
+          pool: PoolFactory | None = None) -> TrainResult:
     """Train (or resume) a run; see ``Driver``. ``filesystem``: a pyarrow FileSystem that ``run_dir`` is a path
     in (as Ray's ``RunConfig(storage_filesystem=...)``); None: a local path, or a URI resolved by pyarrow.fs."""
     return Driver(config, location(run_dir, filesystem), resume=resume, overwrite=overwrite, report=report, log=log,
-                  verbose=verbose).run()
+                  verbose=verbose, pool=pool).run()

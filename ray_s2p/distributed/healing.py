@@ -32,7 +32,8 @@ from ..config import FIRST_ORDER, RunConfig
 from ..storage_fs import for_replica
 from ..zo.ledger import Ledger, updates_by_step
 from .checkpoint import Checkpoint
-from .replica import LocalPool, RayPool, ReplicaFailure
+from .pool import ReplicaMethod, ReplicaPool
+from .replica import ReplicaFailure
 from .run_state import RunState, TrainingError
 
 
@@ -52,7 +53,7 @@ class Healer:
         self.failures = 0
         self.recoveries: list[float] = []  # seconds from a failure to its replacements being caught up
 
-    def call(self, pool: LocalPool | RayPool, state: RunState, method: str, args: Sequence[tuple],
+    def call(self, pool: ReplicaPool, state: RunState, method: ReplicaMethod, args: Sequence[tuple],
              replicas: Sequence[int] | None = None, timeout: float | None = None) -> list[Any]:
         """``pool.call`` that survives replica failures: the failed replicas are replaced, caught up to the
         last decided step and asked again (their own ``args`` only); the others' answers are kept.
@@ -87,7 +88,7 @@ class Healer:
                 self.recover(pool, todo, state, f"{method!r} failed: {failure.reason}")
         return [answers[r] for r in idx]
 
-    def recover(self, pool: LocalPool | RayPool, failed: list[int], state: RunState, reason: str) -> None:
+    def recover(self, pool: ReplicaPool, failed: list[int], state: RunState, reason: str) -> None:
         """Replace ``failed`` and catch them up to ``state.decided``; a replacement that fails too is replaced
         again (each failure counts toward ``cluster.max_replica_failures``).
 
@@ -117,13 +118,13 @@ class Healer:
                 failed, reason = list(again.failed), f"a replacement failed while catching up: {again.reason}"
         self.recoveries.append(time.perf_counter() - started)
 
-    def replace_and_catch_up(self, pool: LocalPool | RayPool, replicas: list[int], state: RunState) -> None:
+    def replace_and_catch_up(self, pool: ReplicaPool, replicas: list[int], state: RunState) -> None:
         """New actors for ``replicas``, restored to the last decided step (raises ReplicaFailure if one fails)."""
         for r in replicas:
             pool.replace(r)
         self.restore(pool, replicas, state.ckpt, state.ledger, state.decided)
 
-    def restore(self, pool: LocalPool | RayPool, replicas: list[int], ckpt: Checkpoint | None, ledger: Ledger,
+    def restore(self, pool: ReplicaPool, replicas: list[int], ckpt: Checkpoint | None, ledger: Ledger,
                 upto: int) -> None:
         """Bring replicas to step ``upto``: each loads the checkpoint from the run directory itself (the driver
         sends only its path), then replays the ledger (no forward passes)."""
@@ -137,7 +138,7 @@ class Healer:
             _named_call(pool, "replay", [(updates,)] * len(replicas), replicas, self.config.cluster.startup_timeout_s)
 
 
-def _named_call(pool: LocalPool | RayPool, method: str, args: Sequence[tuple], replicas: list[int],
+def _named_call(pool: ReplicaPool, method: ReplicaMethod, args: Sequence[tuple], replicas: list[int],
                 timeout: float) -> list[Any]:
     """``pool.call`` whose ReplicaFailure says which call failed (for the one log line of the recovery)."""
     try:

@@ -20,6 +20,7 @@ from ..config import RunConfig
 from ..errors import RayS2PError
 from .engine import ReplicaEngine
 from .messages import Traffic
+from .pool import ReplicaMethod, check_method
 
 
 class ClusterError(RayS2PError, RuntimeError):
@@ -55,7 +56,8 @@ class ReplicaHost:
         os.environ["RAY_S2P_REPLICA"] = str(replica)  # one actor per process: lets user tasks know their index
         self.engine = ReplicaEngine(cfg, replica)
 
-    def call(self, method: str, *args: Any) -> Any:
+    def call(self, method: ReplicaMethod, *args: Any) -> Any:
+        check_method(method)
         return getattr(self.engine, method)(*args)
 
     def pid(self) -> int:
@@ -149,8 +151,9 @@ class LocalPool:
     def size(self) -> int:
         return len(self.engines)
 
-    def call(self, method: str, args: Sequence[tuple], replicas: Sequence[int] | None = None,
+    def call(self, method: ReplicaMethod, args: Sequence[tuple], replicas: Sequence[int] | None = None,
              timeout: float | None = None) -> list[Any]:
+        check_method(method)
         idx = list(range(self.size)) if replicas is None else list(replicas)
         results = [getattr(self.engines[r], method)(*a) for r, a in zip(idx, args)]
         self.traffic.record(method, list(args), results)  # what would cross a process boundary
@@ -244,12 +247,13 @@ class RayPool:
     def size(self) -> int:
         return len(self.actors)
 
-    def call(self, method: str, args: Sequence[tuple], replicas: Sequence[int] | None = None,
+    def call(self, method: ReplicaMethod, args: Sequence[tuple], replicas: Sequence[int] | None = None,
              timeout: float | None = None) -> list[Any]:
         """Fan out ``method`` to the replicas, then one wait; raise ReplicaFailure on death or timeout."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
+        check_method(method)
         idx = list(range(self.size)) if replicas is None else list(replicas)
         refs = [self.actors[r].call.remote(method, *a) for r, a in zip(idx, args)]
         deadline = time.monotonic() + (timeout if timeout is not None else self.config.cluster.step_timeout_s)

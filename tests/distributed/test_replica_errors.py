@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from ray_s2p.config import ConfigError
-from ray_s2p.distributed.replica import ReplicaError, _remote_error, _root_cause
+from conftest import smoke_dict
+from ray_s2p.config import ConfigError, RunConfig
+from ray_s2p.distributed.engine import ReplicaEngine
+from ray_s2p.distributed.pool import REPLICA_METHODS
+from ray_s2p.distributed.replica import LocalPool, ReplicaError, _remote_error, _root_cause
 
 
 @pytest.mark.parametrize("where", ["start", "method"])
@@ -28,3 +31,12 @@ def test_a_project_error_inside_a_replica_is_a_replica_error_and_anything_else_a
     assert _root_cause(caught.value).endswith(f"{type(error).__name__}: {error}")  # the replica's own error
     assert _remote_error(caught.value) is expected
     ray.kill(actor)
+
+
+
+def test_every_replica_method_the_driver_calls_is_an_engine_method_and_others_are_refused():
+    assert all(callable(getattr(ReplicaEngine, m, None)) for m in REPLICA_METHODS)
+    pool = LocalPool(RunConfig.from_dict(smoke_dict()))
+    with pytest.raises(ValueError, match="'prob' is not a replica method; the pools call info, probe"):
+        pool.call("prob", [()] * pool.size)
+    assert pool.traffic.summary()["messages"] == 0  # refused before anything reached a replica
