@@ -106,8 +106,9 @@ def _eval(args: argparse.Namespace) -> int:
     from ..distributed.checkpoint import latest_checkpoint
     from ..distributed.engine import ReplicaEngine
     from ..distributed.replay import replay_run
-    from ..distributed.run_dir import RunDirectory, aggregate_eval
+    from ..distributed.run_dir import RunDirectory
     from ..storage_fs import for_replica, location, write_json
+    from ..tasks.metrics import eval_metrics
     run_dir = location(args.run)
     config = RunDirectory.load_config(run_dir)
     if config.optimizer.name in FIRST_ORDER:
@@ -120,7 +121,7 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         replayed = replay_run(run_dir, args.step)
         engine, step = replayed.engine, replayed.step
-    metrics = aggregate_eval([engine.evaluate(0, 1)])
+    metrics = eval_metrics([engine.evaluate(0, 1)])
     out = {"step": step, "digest": engine.digest(), **metrics}
     write_json((location(args.storage) if args.storage else run_dir) / "eval.json", out)
     print(json.dumps(out))

@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 from ..config import FIRST_ORDER, FIRST_ORDER_PASSES, ConfigError, RunConfig
 from ..storage_fs import Location, StoragePath, for_replica, location
+from ..tasks.metrics import eval_metrics
 from ..zo.environment import agreed, describe, settle
 from ..zo.ledger import Ledger, ledger_rows
 from ..zo.rules import build_rule
@@ -48,7 +49,7 @@ from .layout import Layout
 from .messages import ProbeReply, ProbeRequest, Update
 from .pool import PoolFactory, ReplicaPool
 from .replica import LocalPool, RayPool, ReplicaFailure, quiet_libraries
-from .run_dir import RunDirectory, aggregate_eval
+from .run_dir import RunDirectory
 from .run_state import RunState, StepOutcome, TrainingError, TrainResult
 from .storage import check_storage
 
@@ -345,7 +346,7 @@ class Driver:
             return {}
         totals = self.healer.call(pool, state, "evaluate", [(r, pool.size) for r in range(pool.size)],
                                   timeout=self.config.cluster.model_io_timeout_s)
-        return aggregate_eval(totals)
+        return eval_metrics(totals)
 
     def _checkpoint(self, pool: ReplicaPool, state: RunState, step: int) -> None:
         """Replica 0 writes its trainable tensors with the rule state and the ledger digest of ``step``;

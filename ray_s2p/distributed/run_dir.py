@@ -28,7 +28,6 @@ from ..storage_fs import (
     write_parquet,
     write_yaml,
 )
-from ..tasks.base import EvalTotals
 
 if TYPE_CHECKING:
     from ..zo.ledger import LedgerRow
@@ -39,27 +38,6 @@ METRIC_COLUMNS = ["step", "kind", "loss", "eval_loss", "eval_accuracy", "eval_ma
 
 class RunDirectoryError(RayS2PError, ValueError):
     """The output directory cannot be used as asked."""
-
-
-def aggregate_eval(parts: list[EvalTotals]) -> dict[str, float]:
-    """Loss, accuracy and macro-F1 from the replicas' evaluation shards."""
-    total = EvalTotals()
-    for part in parts:
-        total = total.merge(part)
-    out: dict[str, float] = {}
-    if total.count:
-        out["eval_loss"] = total.loss_sum / total.count
-    if total.predictions and total.labels:
-        preds, labels = total.predictions, total.labels
-        out["eval_accuracy"] = sum(int(p == y) for p, y in zip(preds, labels)) / len(labels)
-        f1s = []
-        for c in sorted(set(labels) | set(preds)):
-            tp = sum(1 for p, y in zip(preds, labels) if p == c and y == c)
-            fp = sum(1 for p, y in zip(preds, labels) if p == c and y != c)
-            fn = sum(1 for p, y in zip(preds, labels) if p != c and y == c)
-            f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-        out["eval_macro_f1"] = sum(f1s) / len(f1s)
-    return out
 
 
 class RunDirectory:
