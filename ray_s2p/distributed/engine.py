@@ -7,8 +7,6 @@ model from the config, so nothing but messages crosses the process boundary.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,8 +15,7 @@ import torch
 
 from ..config import FIRST_ORDER, ConfigError, RunConfig
 from ..data.batching import shard_batch_size
-from ..files import fsync_tree, replace_dir
-from ..storage_fs import StoragePath, file_size, location, staged_dir, upload_tree
+from ..storage_fs import StoragePath, file_size, location
 from ..tasks.base import EvalTotals, Task
 from ..zo.directions import DirectionSpace, apply_update
 from ..zo.environment import numerics_environment
@@ -28,12 +25,9 @@ from .checkpoint import CheckpointError, CheckpointRecord, load_checkpoint, read
 from .digest import model_digest
 from .layout import Layout
 from .messages import ProbeReply, ProbeRequest, Update
+from .replica_files import checkpoint_tensors, export_final, load_tensors
 from .storage import probe_storage
 
-# Checkpoint keys of a first-order optimizer's per-parameter state (AdamW's moments and step count):
-# "optimizer_state/<parameter name>/<state key>", saved beside the parameters so a resumed run continues
-# with its moments instead of restarting them.
-OPTIMIZER_STATE_PREFIX = "optimizer_state/"
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision.weights
 
 
@@ -155,18 +149,6 @@ class ReplicaEngine:
                 totals = totals.merge(self.task.eval_totals(self.model, to_device(batch, self.device)))
         return totals
 
-    def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint stores: the selected parameters and, for a first-order run, its optimizer's
-        per-parameter state (``OPTIMIZER_STATE_PREFIX`` keys). CPU parameters are written as they are
-        (no copy: a copy of a 13 B model would double the replica's memory while it is saved)."""
-        out = {n: p.detach().to("cpu") for n, p in zip(self.space.names, self.space.params)}
-        if self._first_order is not None:
-            for n, p in zip(self.space.names, self.space.params):
-                for key, value in self._first_order.state.get(p, {}).items():
-                    tensor = value if torch.is_tensor(value) else torch.tensor(value)
-                    out[f"{OPTIMIZER_STATE_PREFIX}{n}/{key}"] = tensor.detach().to("cpu")
-        return out
-
     def save_checkpoint(self, step: int, directory: str | StoragePath, rule_state: dict[str, Any],
                         meta: dict[str, Any], keep: int = 2) -> CheckpointRecord:
         """Write this replica's checkpoint of ``step`` into ``directory`` (the run's checkpoints/), atomically.
@@ -188,7 +170,7 @@ class ReplicaEngine:
         if self.applied_step != step:
             raise RuntimeError(f"replica {self.replica} is at step {self.applied_step}, asked to save step {step}")
         digest = self.digest()
-        path = save_checkpoint(location(directory), step, self._checkpoint_tensors(), rule_state,
+        path = save_checkpoint(location(directory), step, checkpoint_tensors(self.space, self._first_order), rule_state,
                                dict(meta, digest=digest), keep=keep)
         saved = read_checkpoint(path, verify_tensors=False)
         return CheckpointRecord(step, str(path), digest, str(saved.meta["params_sha256"]),
@@ -226,39 +208,10 @@ class ReplicaEngine:
         return ckpt.step
 
     def load_trainable(self, tensors: dict[str, torch.Tensor], applied_step: int) -> None:
-        """Overwrite the selected parameters (checkpoint restore or resync), and a first-order
-        optimizer's state when the checkpoint has it."""
-        missing = [n for n in self.space.names if n not in tensors]
-        if missing:
-            raise CheckpointError(f"checkpoint lacks parameter {missing[0]!r}; it belongs to another config")
-        with torch.no_grad():
-            for n, p in zip(self.space.names, self.space.params):
-                src = tensors[n]
-                if tuple(src.shape) != tuple(p.shape):
-                    raise CheckpointError(f"checkpoint parameter {n!r} has shape {tuple(src.shape)}, model has "
-                                     f"{tuple(p.shape)}; it belongs to another config")
-                p.copy_(src.to(p.device, p.dtype))
-        if self._first_order is not None:
-            self._load_optimizer_state(tensors)
+        """Overwrite the selected parameters (checkpoint restore or resync), and a first-order optimizer's state
+        when the checkpoint has it (replica_files.py); this replica is then at ``applied_step``."""
+        load_tensors(self.space, self._first_order, tensors)
         self.applied_step = applied_step
-
-    def _load_optimizer_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        assert self._first_order is not None
-        state: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith(OPTIMIZER_STATE_PREFIX):
-                name, _, item = key[len(OPTIMIZER_STATE_PREFIX):].rpartition("/")
-                state.setdefault(name, {})[item] = value
-        unknown = sorted(set(state) - set(self.space.names))
-        if unknown:
-            raise CheckpointError(f"checkpoint has optimizer state for {unknown[0]!r}, which is not trainable here; "
-                             f"it belongs to another config")
-        self._first_order.state.clear()
-        for n, p in zip(self.space.names, self.space.params):
-            if n in state:
-                # AdamW keeps its step count on the CPU and its moments beside the parameter.
-                self._first_order.state[p] = {k: v.clone() if k == "step" else v.to(p.device)
-                                              for k, v in state[n].items()}
 
     def replay(self, updates: list[tuple[Any, ...]]) -> None:
         """Apply ledger updates (step, pairs, param_scale[, sign_step]) after ``applied_step``, no forward passes.
@@ -273,41 +226,9 @@ class ReplicaEngine:
         self.task.save_final(self.model, Path(directory))
 
     def write_final(self, run_dir: str | StoragePath) -> dict[str, int]:
-        """Write ``save_final``'s output to ``run_dir/final`` (staged beside it, renamed into place; on a URI
-        or FileSystem written to a local temporary directory first and copied, storage_fs.py).
-
-        Returns:
-            Relative file name -> size in bytes (the files themselves stay where they are written).
-
-        Raises:
-            RuntimeError: the task wrote no files.
-        """
-        root = location(run_dir)
-        if isinstance(root, StoragePath):
-            return self._write_final_to_storage(root)
-        staging = Path(tempfile.mkdtemp(prefix=".final.", dir=root))
-        try:
-            out = staging / "final"
-            self.save_final(out)
-            files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
-            if not files:
-                raise RuntimeError("the task's save_final wrote no files")
-            fsync_tree(out)
-            replace_dir(out, root / "final")
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return files
-
-    def _write_final_to_storage(self, root: StoragePath) -> dict[str, int]:
-        with tempfile.TemporaryDirectory(prefix="ray-s2p-final-") as scratch:
-            out = Path(scratch) / "final"
-            self.save_final(out)
-            files = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
-            if not files:
-                raise RuntimeError("the task's save_final wrote no files")
-            with staged_dir(root / "final", ".final.") as stage:
-                upload_tree(out, stage)
-        return files
+        """Write ``save_final``'s output to ``run_dir/final``, atomically (replica_files.py ``export_final``);
+        returns relative file name -> size in bytes."""
+        return export_final(self.save_final, run_dir)
 
     def check_storage(self, run_dir: str | StoragePath, token: str) -> dict[str, Any]:
         """Whether this replica reads the driver's run directory and can write there (storage.py)."""
