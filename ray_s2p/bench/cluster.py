@@ -49,7 +49,8 @@ from ..distributed.driver import Driver, train
 from ..distributed.engine import ReplicaEngine, build_space
 from ..distributed.messages import ProbeRequest, Update
 from ..errors import RayS2PError
-from ..zo.directions import apply_update, mix_seed
+from ..zo.noise import mix_seed
+from ..zo.update import apply_update
 from .common import BENCH_SEED, BenchContext, config_essentials, log, median_seconds
 
 PROJECT_AT = (8, 64, 512)

@@ -44,7 +44,9 @@ import torch
 from ..config import RunConfig
 from ..distributed.engine import ReplicaEngine, build_space, to_device
 from ..distributed.messages import ProbeRequest, Update
-from ..zo.directions import DirectionSpace, apply_update, mix_seed, select_parameters
+from ..zo.directions import DirectionSpace, select_parameters
+from ..zo.noise import mix_seed
+from ..zo.update import apply_update
 from .common import BENCH_SEED, BenchContext, config_essentials, log, median_seconds, paired_median_seconds
 
 VARIANTS = (("hooks", "gaussian"), ("swap", "gaussian"), ("hooks", "table"), ("swap", "table"),

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from ..config import ConfigError
-from ..zo.directions import mix_seed
+from ..zo.noise import mix_seed
 from .sources import DataError
 
 _SPLIT, _EVAL, _EPOCH = 0x5B1, 0xE7A1, 0xE90C

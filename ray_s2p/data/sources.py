@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import RayS2PError
-from ..zo.directions import mix_seed
+from ..zo.noise import mix_seed
 
 BUNDLED_TEXT = ("rotten_tomatoes", "bbc_news", "synthetic_text")
 BUNDLED_IMAGES = ("mnist5k", "digits", "synthetic_images")

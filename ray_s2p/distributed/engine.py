@@ -17,10 +17,11 @@ from ..config import FIRST_ORDER, ConfigError, RunConfig
 from ..data.batching import shard_batch_size
 from ..storage_fs import StoragePath, file_size, location
 from ..tasks.base import EvalTotals, Task
-from ..zo.directions import DirectionSpace, apply_update
+from ..zo.directions import DirectionSpace
 from ..zo.environment import numerics_environment
 from ..zo.probes import Prober
 from ..zo.space import build_space as space_from_config
+from ..zo.update import apply_update
 from .checkpoint import CheckpointError, CheckpointRecord, load_checkpoint, read_checkpoint, save_checkpoint
 from .digest import model_digest
 from .layout import Layout

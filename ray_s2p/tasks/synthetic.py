@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import TaskConfig
-from ..zo.directions import mix_seed
+from ..zo.noise import mix_seed
 from .base import Batch, EvalTotals
 from .errors import TaskError
 from .precision import match_weights

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from ..config import FIRST_ORDER, ConfigError, OptimizerConfig, PerturbationConfig
-from .directions import apply_update, mix_seed
+from .noise import mix_seed
 from .probes import Prober
 from .rules import StepDecision, build_rule
 from .space import build_space
+from .update import apply_update
 
 if TYPE_CHECKING:
     from .ledger import Ledger
