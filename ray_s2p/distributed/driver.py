@@ -40,10 +40,11 @@ from typing import Any, Callable
 from ..config import FIRST_ORDER, FIRST_ORDER_PASSES, ConfigError, RunConfig
 from ..storage_fs import Location, StoragePath, for_replica, location
 from ..tasks.metrics import eval_metrics
-from ..zo.environment import agreed, describe, settle
+from ..zo.environment import agreed, settle
 from ..zo.ledger import Ledger, ledger_rows
 from ..zo.rules import build_rule
 from .checkpoint import Checkpoint, checkpoint_path, config_fingerprint, latest_checkpoint
+from .console import ProgressBar, replicas_up
 from .healing import Healer
 from .layout import Layout
 from .messages import ProbeReply, ProbeRequest, Update
@@ -121,7 +122,7 @@ class Driver:
             self.log(replicas_up(infos, pool.places(), state.ledger.environment, logs))
             state.started = time.perf_counter()  # wall time counts from the replicas being up, as before a resume
             self._start(pool, state)
-            progress = self.rd.progress(state.start_step)
+            progress = ProgressBar(self.config.steps, state.start_step, self.config.progress)
             for step in range(state.start_step + 1, self.config.steps + 1):
                 outcome = (self._first_order_step(pool, state, step) if self.first_order
                            else self._zo_step(pool, state, step))
@@ -371,20 +372,6 @@ class Driver:
 def ckpt_dir(root: Location, step: int) -> Location | None:
     path = checkpoint_path(root, step)
     return path if path.is_dir() else None
-
-
-def replicas_up(infos: list[dict[str, Any]], places: list[dict[str, Any]], env: dict[str, Any] | None,
-                logs: Path | None) -> str:
-    """One line once the replicas are up: how many, on which nodes, which device, what moves."""
-    nodes: dict[str, int] = {}
-    for place in places:
-        nodes[place["node_ip"]] = nodes.get(place["node_ip"], 0) + 1
-    where = ", ".join(f"{ip}: {n}" for ip, n in nodes.items())
-    first = infos[0]
-    line = (f"{len(infos)} replica{'s' if len(infos) != 1 else ''} up on {len(nodes)} node"
-            f"{'s' if len(nodes) != 1 else ''} ({where}), {describe(env) if env else 'device unknown'}; "
-            f"{first['trainable_parameters']:,} of {first['total_parameters']:,} parameters trainable")
-    return line + (f"; replica output in {logs}" if logs is not None else "")
 
 
 def train(config: RunConfig, run_dir: str | Path | StoragePath, *, resume: bool = False, overwrite: bool = False,

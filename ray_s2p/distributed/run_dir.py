@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -218,33 +217,3 @@ class RunDirectory:
         if self._writer is not None:
             self._writer.close()
         return fields
-
-    def progress(self, start: int) -> "ProgressBar":
-        return ProgressBar(self.config.steps, start, self.config.progress)
-
-
-class ProgressBar:
-    """A tqdm bar with step, loss, eval metric and steps/s (tqdm prints steps/s itself)."""
-
-    def __init__(self, total: int, start: int, enabled: bool) -> None:
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                            file=sys.stderr, mininterval=1.0)
-        self.last = time.perf_counter()
-
-    def update(self, step: int, loss: float, eval_metrics: dict[str, float]) -> None:
-        if self.bar is None:
-            return
-        post = {"loss": f"{loss:.4f}"}
-        if "eval_accuracy" in eval_metrics:
-            post["acc"] = f"{eval_metrics['eval_accuracy']:.3f}"
-        elif "eval_loss" in eval_metrics:
-            post["eval"] = f"{eval_metrics['eval_loss']:.4f}"
-        self.bar.set_postfix(post, refresh=False)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
