@@ -10,13 +10,46 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 
 from .config_parse import ConfigError, build_section, plain_data, require, set_dotted
 
-EVAL_SPLITS = ("validation", "test")
+# Every choice a config offers is declared once here, as a Literal type; its values as a tuple are what the
+# config checks and what the modules that act on the choice (zo/, distributed/) import and check against.
+EvalSplit = Literal["validation", "test"]
+Trainable = Literal["all", "head", "bitfit", "lora", "top_k", "patterns"]
+Autocast = Literal["fp32", "bf16", "fp16"]
+Distribution = Literal["gaussian", "rademacher", "sphere", "table", "lowrank"]
+Mechanism = Literal["hooks", "swap", "naive"]
+SigmaWarmup = Literal["abs_gamma", "skip", "unit"]
+Clip = Literal["soft", "fixed", "none"]
+Decay = Literal["constant", "linear", "cosine", "inverse_sqrt", "step"]
+WeightDecayExempt = Literal["bias_norm", "none"]
+StepScalingKind = Literal["linear", "sqrt", "none"]
+WeightPrecision = Literal["fp32", "bf16", "fp16"]
+Mode = Literal["direction", "data", "hybrid"]
+BatchScaling = Literal["weak", "strong"]
+OnMismatch = Literal["resync", "abort"]
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+EVAL_SPLITS: tuple[str, ...] = get_args(EvalSplit)
+TRAINABLE: tuple[str, ...] = get_args(Trainable)
+AUTOCASTS: tuple[str, ...] = get_args(Autocast)
+DISTRIBUTIONS: tuple[str, ...] = get_args(Distribution)
+MECHANISMS: tuple[str, ...] = get_args(Mechanism)
+SIGMA_WARMUPS: tuple[str, ...] = get_args(SigmaWarmup)
+CLIPS: tuple[str, ...] = get_args(Clip)
+DECAYS: tuple[str, ...] = get_args(Decay)
+MODES: tuple[str, ...] = get_args(Mode)
+ON_MISMATCH: tuple[str, ...] = get_args(OnMismatch)
+PLACEMENT_STRATEGIES: tuple[str, ...] = get_args(PlacementStrategy)
+
+
+def one_of(values: tuple[str, ...]) -> str:
+    """"a, b or c": the values of a choice as a fix names them."""
+    return ", ".join(values[:-1]) + f" or {values[-1]}" if len(values) > 1 else values[0]
 
 
 @dataclass(frozen=True)
@@ -35,18 +68,18 @@ class TaskConfig:
     eval_size: int = 512           # validation examples (what tuning reads)
     test_size: int = 0             # test examples (what final tables report); 0: no test split
     split_seed: int = 0            # fixes the train / validation / test split; never the run seed
-    eval_split: str = "validation"  # the split a run evaluates: validation or test
+    eval_split: EvalSplit = "validation"  # the split a run evaluates: validation or test
     k_shot: int | None = None
     reshuffle: bool = True
     template: str = "{text} It was"
     label_words: tuple[str, ...] = (" terrible", " great")
-    trainable: str = "all"
+    trainable: Trainable = "all"
     top_k: int = 1
     patterns: tuple[str, ...] = ()
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ()
-    precision: str = "fp32"
+    precision: Autocast = "fp32"
     feature_reuse: bool = True
     trust_remote_code: bool = False
     device_map: str | None = None
@@ -67,12 +100,12 @@ class TaskConfig:
                  "test while task.test_size is 0 (there is no test split)",
                  "set task.test_size to the number of test examples")
         require(self.k_shot is None or self.k_shot > 0, "task.k_shot", f"got {self.k_shot}", "use a positive count or null")
-        require(self.trainable in {"all", "head", "bitfit", "lora", "top_k", "patterns"}, "task.trainable",
-                 f"unknown value {self.trainable!r}", "use one of all, head, bitfit, lora, top_k, patterns")
+        require(self.trainable in TRAINABLE, "task.trainable", f"unknown value {self.trainable!r}",
+                 f"use one of {', '.join(TRAINABLE)}")
         require(self.trainable != "patterns" or bool(self.patterns), "task.patterns", "empty while trainable=patterns",
                  "list name patterns (fnmatch) of the parameters to train")
-        require(self.precision in {"fp32", "bf16", "fp16"}, "task.precision", f"unknown value {self.precision!r}",
-                 "use fp32, bf16 or fp16")
+        require(self.precision in AUTOCASTS, "task.precision", f"unknown value {self.precision!r}",
+                 f"use {one_of(AUTOCASTS)}")
         require(self.top_k > 0, "task.top_k", f"got {self.top_k}", "use a positive number of layers")
         require(self.device_map in (None, "auto", "balanced", "sequential"), "task.device_map",
                  f"got {self.device_map!r}", "use null, auto, balanced or sequential (with cluster.gpus_per_replica > 1)")
@@ -86,10 +119,10 @@ OPTIMIZERS = ZEROTH_ORDER + FIRST_ORDER
 # equivalents, the unit in which metrics and equal-budget comparisons count its cost.
 FIRST_ORDER_PASSES = 3
 # Which parameters weight decay spares (zo/weight_decay.py): bias_norm as MeZO's trainer, or none.
-WEIGHT_DECAY_EXEMPT = ("bias_norm", "none")
+WEIGHT_DECAY_EXEMPT: tuple[str, ...] = get_args(WeightDecayExempt)
 # How a step's move grows with Q, the directions it evaluates (zo/rules/scaling.py): Q / Q_tuned,
 # sqrt(Q / Q_tuned) or 1.
-STEP_SCALINGS = ("linear", "sqrt", "none")
+STEP_SCALINGS: tuple[str, ...] = get_args(StepScalingKind)
 
 
 @dataclass(frozen=True)
@@ -101,10 +134,10 @@ class OptimizerConfig:
     eta: float = 1.0            # VS2P / S2P option-2 scale
     rho: float = 1e-3           # probe radius
     directions: int = 1         # q directions per replica per step (averaged)
-    step_scaling: str = "linear"  # the step grows with the directions per step Q: linear, sqrt or none
+    step_scaling: StepScalingKind = "linear"  # the step grows with the directions per step Q: linear, sqrt or none
     tuned_directions: int = 1   # the Q at which lr / eta are meant as written (the step factor is 1 there)
     weight_decay: float = 0.0
-    weight_decay_exempt: str = "bias_norm"  # bias_norm (as MeZO: biases and norm weights do not decay) or none
+    weight_decay_exempt: WeightDecayExempt = "bias_norm"  # bias_norm (as MeZO: biases and norm weights do not decay) or none
     sign_trick: bool = True     # S2P: reuse the +-rho probes to pick the direction
     step_size_option: int = 1   # S2P: 1..4 (paper's options)
     tau_a: float = 3.0
@@ -113,10 +146,10 @@ class OptimizerConfig:
     sigma_window: int = 16
     sigma_ddof: int = 0
     sigma_include_current: bool = False
-    sigma_warmup: str = "abs_gamma"
-    clip: str = "soft"          # VS2P: soft (sigma), fixed, none
+    sigma_warmup: SigmaWarmup = "abs_gamma"
+    clip: Clip = "soft"         # VS2P: soft (sigma), fixed, none
     clip_threshold: float = 1.0
-    decay: str = "constant"
+    decay: Decay = "constant"
     decay_final: float = 0.0
     decay_steps: int | None = None
     smooth_l0: float = 1.0
@@ -144,10 +177,10 @@ class OptimizerConfig:
                  f"got {self.weight_decay_exempt!r}",
                  "use bias_norm (biases and norm weights do not decay, as MeZO) or none (every parameter decays)")
         require(self.sigma_window >= 2, "optimizer.sigma_window", f"got {self.sigma_window}", "use 2 or more")
-        require(self.clip in ("soft", "fixed", "none"), "optimizer.clip", f"got {self.clip!r}",
-                 "use soft, fixed or none")
-        require(self.sigma_warmup in ("abs_gamma", "skip", "unit"), "optimizer.sigma_warmup",
-                 f"got {self.sigma_warmup!r}", "use abs_gamma, skip or unit")
+        require(self.clip in CLIPS, "optimizer.clip", f"got {self.clip!r}", f"use {one_of(CLIPS)}")
+        require(self.sigma_warmup in SIGMA_WARMUPS, "optimizer.sigma_warmup", f"got {self.sigma_warmup!r}",
+                 f"use {one_of(SIGMA_WARMUPS)}")
+        require(self.decay in DECAYS, "optimizer.decay", f"got {self.decay!r}", f"use {one_of(DECAYS)}")
         require(self.max_bad_losses >= 1, "optimizer.max_bad_losses", f"got {self.max_bad_losses}", "use 1 or more")
 
 
@@ -155,37 +188,39 @@ class OptimizerConfig:
 class PerturbationConfig:
     """How directions are generated and applied."""
 
-    distribution: str = "gaussian"   # gaussian, rademacher, sphere, table, lowrank
-    mechanism: str = "hooks"          # hooks (module at a time), swap (whole model), naive (in-place round trip)
+    distribution: Distribution = "gaussian"  # gaussian, rademacher, sphere, table, lowrank
+    mechanism: Mechanism = "hooks"    # hooks (module at a time), swap (whole model), naive (in-place round trip)
     table_size: int = 1 << 24         # floats in the shared noise table (distribution=table)
     rank: int = 2                     # r of the low-rank directions U V^T / sqrt(r) (distribution=lowrank)
     lowrank_interval: int = 1         # lazy V: redraw V every this many steps (1: fresh V per direction)
 
     def __post_init__(self) -> None:
-        require(self.distribution in ("gaussian", "rademacher", "sphere", "table", "lowrank"),
-                 "perturbation.distribution", f"got {self.distribution!r}",
-                 "use gaussian, rademacher, sphere, table or lowrank")
+        require(self.distribution in DISTRIBUTIONS, "perturbation.distribution", f"got {self.distribution!r}",
+                 f"use {one_of(DISTRIBUTIONS)}")
         require(isinstance(self.rank, int) and self.rank >= 1, "perturbation.rank", f"got {self.rank!r}",
                  "use a positive integer (1-4 is typical)")
         require(isinstance(self.lowrank_interval, int) and self.lowrank_interval >= 1,
                  "perturbation.lowrank_interval", f"got {self.lowrank_interval!r}",
                  "use 1 (fresh V with every direction) or more (V kept for that many steps)")
-        require(self.mechanism in ("hooks", "swap", "naive"), "perturbation.mechanism",
-                 f"got {self.mechanism!r}", "use hooks, swap or naive")
+        require(self.mechanism in MECHANISMS, "perturbation.mechanism", f"got {self.mechanism!r}",
+                 f"use {one_of(MECHANISMS)}")
         require(self.table_size >= 1024, "perturbation.table_size", f"got {self.table_size}", "use at least 1024")
 
 
-WEIGHT_PRECISIONS = ("fp32", "bf16", "fp16")
+WEIGHT_PRECISIONS: tuple[str, ...] = get_args(WeightPrecision)
 # Data and hybrid mode: whether task.batch_size is each shard's batch (weak scaling, the effective batch
 # grows with the shards) or the group's batch split among its shards (strong scaling).
-BATCH_SCALINGS = ("weak", "strong")
+BATCH_SCALINGS: tuple[str, ...] = get_args(BatchScaling)
+# Calls that read or write a whole model (checkpoint save, verify and load, evaluation, the final export) get
+# at least this long before the driver gives a replica up, however short the step timeout is.
+MODEL_IO_MIN_S = 600.0
 
 
 @dataclass(frozen=True)
 class PrecisionConfig:
     """The dtype the replicas keep their weights in (``task.precision`` is the forward's autocast)."""
 
-    weights: str = "fp32"             # fp32, or bf16 / fp16: 2 bytes per parameter, updates rounded stochastically
+    weights: WeightPrecision = "fp32"  # fp32, or bf16 / fp16: 2 bytes per parameter, updates rounded stochastically
 
     def __post_init__(self) -> None:
         require(self.weights in WEIGHT_PRECISIONS, "precision.weights", f"got {self.weights!r}",
@@ -197,8 +232,8 @@ class ClusterConfig:
     """Replicas and their resources."""
 
     replicas: int = 2
-    mode: str = "direction"          # direction, data, hybrid
-    batch_scaling: str = "weak"      # data/hybrid: weak (task.batch_size per shard) or strong (per group, split)
+    mode: Mode = "direction"         # direction, data, hybrid
+    batch_scaling: BatchScaling = "weak"  # data/hybrid: weak (task.batch_size per shard) or strong (per group, split)
     groups: int = 1                  # hybrid: number of direction groups (replicas split evenly)
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
@@ -210,14 +245,13 @@ class ClusterConfig:
     step_timeout_s: float = 300.0
     startup_timeout_s: float = 120.0
     digest_every: int = 50
-    on_mismatch: str = "resync"      # resync or abort
+    on_mismatch: OnMismatch = "resync"  # resync or abort
     max_replica_failures: int = 20
-    placement_strategy: str = "PACK"
+    placement_strategy: PlacementStrategy = "PACK"
 
     def __post_init__(self) -> None:
         require(self.replicas >= 1, "cluster.replicas", f"got {self.replicas}", "use 1 or more")
-        require(self.mode in ("direction", "data", "hybrid"), "cluster.mode", f"got {self.mode!r}",
-                 "use direction, data or hybrid")
+        require(self.mode in MODES, "cluster.mode", f"got {self.mode!r}", f"use {one_of(MODES)}")
         require(self.batch_scaling in BATCH_SCALINGS, "cluster.batch_scaling", f"got {self.batch_scaling!r}",
                  "use weak (each data shard draws task.batch_size examples) or strong (task.batch_size is "
                  "split among a group's shards)")
@@ -231,10 +265,20 @@ class ClusterConfig:
         require(self.step_timeout_s > 0, "cluster.step_timeout_s", f"got {self.step_timeout_s}", "use > 0 seconds")
         require(self.startup_timeout_s > 0, "cluster.startup_timeout_s", f"got {self.startup_timeout_s}", "use > 0")
         require(self.digest_every >= 0, "cluster.digest_every", f"got {self.digest_every}", "use 0 (end only) or more")
-        require(self.on_mismatch in ("resync", "abort"), "cluster.on_mismatch", f"got {self.on_mismatch!r}",
-                 "use resync or abort")
-        require(self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
-                 "cluster.placement_strategy", f"got {self.placement_strategy!r}", "use PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+        require(self.on_mismatch in ON_MISMATCH, "cluster.on_mismatch", f"got {self.on_mismatch!r}",
+                 f"use {one_of(ON_MISMATCH)}")
+        require(self.placement_strategy in PLACEMENT_STRATEGIES, "cluster.placement_strategy",
+                 f"got {self.placement_strategy!r}", f"use {one_of(PLACEMENT_STRATEGIES)}")
+
+    @property
+    def model_io_timeout_s(self) -> float:
+        """Timeout of a call that writes, evaluates or exports the model: step_timeout_s, 10 minutes at least."""
+        return max(MODEL_IO_MIN_S, self.step_timeout_s)
+
+    @property
+    def model_load_timeout_s(self) -> float:
+        """Timeout of a call that reads a checkpoint in: startup_timeout_s, 10 minutes at least."""
+        return max(MODEL_IO_MIN_S, self.startup_timeout_s)
 
 
 @dataclass(frozen=True)

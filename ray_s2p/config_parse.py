@@ -12,8 +12,10 @@ import types
 import typing
 from typing import Any
 
+from .errors import RayS2PError
 
-class ConfigError(ValueError):
+
+class ConfigError(RayS2PError, ValueError):
     """A configuration value is missing, unknown or out of range."""
 
 

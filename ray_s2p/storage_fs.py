@@ -36,12 +36,13 @@ import pyarrow.parquet as pq
 import yaml
 
 from . import files
+from .errors import RayS2PError
 
 RENAMING = ("local", "hdfs", "mock")  # pyarrow type names of file systems whose move is an atomic rename
 CHUNK = 1 << 20  # bytes per read when copying or hashing a stream
 
 
-class StorageLocationError(ValueError):
+class StorageLocationError(RayS2PError, ValueError):
     """A storage URI that pyarrow.fs cannot open."""
 
 
@@ -161,7 +162,7 @@ def atomic_mode(filesystem: pafs.FileSystem) -> str:
     return "rename" if fs.type_name in RENAMING else "put"
 
 
-def wire(loc: Location) -> str | StoragePath:
+def for_replica(loc: Location) -> str | StoragePath:
     """What the driver sends a replica: an absolute local path or a URI as a string; a ``StoragePath``
     whose file system was given as an object travels as itself (pyarrow file systems pickle)."""
     if isinstance(loc, StoragePath):

@@ -2,7 +2,8 @@
 
 - zo/ (the math) never imports Ray, not even lazily, and imports without it;
 - the pure trainer modules (ledger, replay, digest, checkpoint, engine) import without Ray;
-- no import cycle between modules of the package (lazy imports included);
+- each folder is a layer that imports only itself and the layers the README's layout table lists above it;
+- no import cycle between modules of the package (lazy and annotation-only imports included);
 - bench/ is imported by nothing outside bench/ and cli/;
 - no module over 400 lines; the first-order names are written in one place;
 - files that docstrings and comments name exist.
@@ -32,13 +33,13 @@ def is_package(path: Path) -> bool:
     return path.name == "__init__.py"
 
 
-def imports_of(path: Path) -> set[str]:
-    """Absolute names of every module ``path`` imports, at any depth of the file (lazy imports too),
-    except those under ``if TYPE_CHECKING:`` (annotations only, never executed)."""
+def imports_of(path: Path, annotations: bool = False) -> set[str]:
+    """Absolute names of every module ``path`` imports, at any depth of the file (lazy imports too);
+    those under ``if TYPE_CHECKING:`` (annotations only, never executed) only with ``annotations``."""
     tree = ast.parse(path.read_text())
     skip: set[int] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if not annotations and isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             skip.update(id(n) for stmt in node.body for n in ast.walk(stmt))
     here = module_name(path).split(".")
     base = here if is_package(path) else here[:-1]
@@ -60,12 +61,30 @@ def imports_of(path: Path) -> set[str]:
     return found
 
 
-def package_graph() -> dict[str, set[str]]:
+def package_graph(annotations: bool = False) -> dict[str, set[str]]:
     names = {module_name(p) for p in MODULES}
     graph = {}
     for path in MODULES:
-        graph[module_name(path)] = {m for m in imports_of(path) if m in names and m != module_name(path)}
+        graph[module_name(path)] = {m for m in imports_of(path, annotations) if m in names and m != module_name(path)}
     return graph
+
+
+def readme_layers() -> list[str]:
+    """The layer order of the README's layout table: "top" for its first row (the modules at the package's
+    top level), then each folder row's name, in the table's order."""
+    rows = re.findall(r"^\| `([\w.]+)(/?)`", (REPO / "README.md").read_text(), re.M)
+    start = next(i for i, (name, _) in enumerate(rows) if name == "config.py")
+    layers = ["top"]
+    for name, slash in rows[start + 1:]:
+        if not slash:
+            break
+        layers.append(name)
+    return layers
+
+
+def layer_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and (PACKAGE / parts[1]).is_dir()) else "top"
 
 
 def test_zo_never_imports_ray_even_lazily():
@@ -76,7 +95,7 @@ def test_zo_never_imports_ray_even_lazily():
 
 def test_zo_and_the_pure_trainer_modules_import_without_ray():
     zo = sorted(module_name(p) for p in MODULES if p.relative_to(PACKAGE).parts[0] == "zo")
-    pure = ["ray_s2p.distributed.ledger", "ray_s2p.distributed.replay", "ray_s2p.distributed.digest",
+    pure = ["ray_s2p.zo.ledger", "ray_s2p.distributed.replay", "ray_s2p.distributed.digest",
             "ray_s2p.distributed.checkpoint", "ray_s2p.distributed.engine", "ray_s2p.distributed.messages"]
     assert "ray_s2p.zo.rules.vs2p" in zo and "ray_s2p.zo.optimizer" in zo
     code = (f"import sys, importlib; [importlib.import_module(m) for m in {zo + pure!r}]; "
@@ -85,8 +104,23 @@ def test_zo_and_the_pure_trainer_modules_import_without_ray():
     assert out.stdout.strip() == "[]"
 
 
+def test_the_readme_lists_every_folder_of_the_package_as_a_layer():
+    folders = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    layers = readme_layers()
+    assert layers[0] == "top" and sorted(layers[1:]) == sorted(folders)
+
+
+def test_each_layer_imports_only_itself_and_the_layers_above_it():
+    order = {name: i for i, name in enumerate(readme_layers())}
+    face = {"ray_s2p", "ray_s2p.__main__"}  # the package face re-exports the public API from every layer
+    offenders = [f"{mod} ({layer_of(mod)}) imports {m} ({layer_of(m)})"
+                 for mod, deps in package_graph(annotations=True).items() if mod not in face
+                 for m in deps if order[layer_of(m)] > order[layer_of(mod)]]
+    assert offenders == []
+
+
 def test_no_import_cycles():
-    graph = package_graph()
+    graph = package_graph(annotations=True)
     # Package faces (__init__) that re-export their own submodules are not cycles; edges into a package
     # face from outside still count.
     def edges(mod: str) -> set[str]:

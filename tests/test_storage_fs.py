@@ -11,9 +11,24 @@ import pyarrow.fs as pafs
 import pytest
 
 from ray_s2p import storage_fs
-from ray_s2p.storage_fs import (StorageLocationError, StoragePath, atomic_mode, export, local_copy, location,
-                                read_parquet, read_parquet_schema, remove_tree, staged_dir, upload_file, walk_files,
-                                wire, write_bytes, write_json, write_parquet)
+from ray_s2p.storage_fs import (
+    StorageLocationError,
+    StoragePath,
+    atomic_mode,
+    export,
+    for_replica,
+    local_copy,
+    location,
+    read_parquet,
+    read_parquet_schema,
+    remove_tree,
+    staged_dir,
+    upload_file,
+    walk_files,
+    write_bytes,
+    write_json,
+    write_parquet,
+)
 
 
 def every_file(root: Path) -> list[str]:
@@ -28,11 +43,11 @@ def subtree(root: Path, atomic: str | None = None, path: str = "runs/a") -> Stor
 
 def test_local_paths_stay_paths_and_uris_resolve_through_pyarrow(tmp_path):
     assert location("runs/x") == Path("runs/x") and location(tmp_path) == tmp_path
-    assert wire(Path("runs/x")) == str(Path("runs/x").resolve())
+    assert for_replica(Path("runs/x")) == str(Path("runs/x").resolve())
     run = location(f"file://{tmp_path}/run/")
     assert isinstance(run, StoragePath) and run.path == f"{tmp_path}/run" and run.atomic == "rename"
     assert str(run / "checkpoints" / "step_00000010") == f"file://{tmp_path}/run/checkpoints/step_00000010"
-    assert wire(run / "final") == f"file://{tmp_path}/run/final"  # a URI travels as a string
+    assert for_replica(run / "final") == f"file://{tmp_path}/run/final"  # a URI travels as a string
     assert (run / "final").parent == run and (run / "final").name == "final"
     # A query (region, endpoint) stays after the path when a name is joined.
     assert storage_fs._join_uri("s3://bucket/runs?region=eu-west-1", "a") == "s3://bucket/runs/a?region=eu-west-1"
@@ -45,7 +60,7 @@ def test_atomic_mode_follows_the_file_system_under_a_subtree(tmp_path):
     assert atomic_mode(pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())) == "rename"
     loc = subtree(tmp_path / "store")
     again = pickle.loads(pickle.dumps(loc))  # what a Ray replica receives when no URI names the place
-    assert again == loc and wire(loc) is loc and again.filesystem.base_path == f"{tmp_path}/store/"
+    assert again == loc and for_replica(loc) is loc and again.filesystem.base_path == f"{tmp_path}/store/"
 
 
 @pytest.mark.parametrize("atomic", ["rename", "put"])

@@ -48,7 +48,9 @@ from ..config import RunConfig
 from ..distributed.driver import Driver, train
 from ..distributed.engine import ReplicaEngine, build_space
 from ..distributed.messages import ProbeRequest, Update
-from ..zo.directions import apply_update, mix_seed
+from ..errors import RayS2PError
+from ..zo.noise import mix_seed
+from ..zo.update import apply_update
 from .common import BENCH_SEED, BenchContext, config_essentials, log, median_seconds
 
 PROJECT_AT = (8, 64, 512)
@@ -79,7 +81,7 @@ def train_rows(run_dir: Path) -> list[dict[str, Any]]:
 def seconds_per_step(rows: list[dict[str, Any]]) -> float:
     """Mean step time between the first and last train rows (startup and initial eval excluded)."""
     if len(rows) < 2:
-        raise ValueError("need at least 2 steps to time one. Fix: use --steps 2 or more")
+        raise RayS2PError("need at least 2 steps to time one. Fix: use --steps 2 or more")
     return (rows[-1]["wall_seconds"] - rows[0]["wall_seconds"]) / (rows[-1]["step"] - rows[0]["step"])
 
 
@@ -100,7 +102,7 @@ def scaling_runs(ctx: BenchContext) -> list[dict[str, Any]]:
         return ctx.cache["scaling_runs"]
     ray = ensure_ray()
     if ray.cluster_resources().get("CPU", 0) < 2:
-        raise RuntimeError("the scaling runs need 2 CPUs in the Ray cluster")
+        raise RayS2PError("the scaling runs need 2 CPUs in the Ray cluster")
     out = []
     with tempfile.TemporaryDirectory(prefix="ray-s2p-bench-") as tmp:
         for replicas in (1, 2):
@@ -309,7 +311,7 @@ def bench_recovery(ctx: BenchContext) -> dict[str, Any]:
         result = driver.run()
         rows = train_rows(result.run_dir)
     if not killed:
-        raise RuntimeError("the replica was never killed (too few steps?). Fix: use --steps 3 or more")
+        raise RayS2PError("the replica was never killed (too few steps?). Fix: use --steps 3 or more")
     s = result.summary
     after = [r for r in rows if r["step"] > killed["step"]]
     gaps = [(b["step"], b["wall_seconds"] - a["wall_seconds"]) for a, b in zip(rows, rows[1:])]

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig, load_config
+from ..errors import RayS2PError
 from .common import BenchContext, config_essentials, log
 from .memory import _vm_hwm, current_rss, peak_rss
 from .random_llama import LLAMA_1B, LLAMA_TINY
@@ -67,7 +68,7 @@ def case_config(case: str, ctx: BenchContext) -> RunConfig:
     """
     if case == "smoke":
         if not SMOKE_CONFIG.is_file():
-            raise ValueError(f"bench driver: {SMOKE_CONFIG} is missing. Fix: run from a source checkout")
+            raise RayS2PError(f"bench driver: {SMOKE_CONFIG} is missing. Fix: run from a source checkout")
         base = load_config(SMOKE_CONFIG)
         overrides: dict[str, Any] = {}
     elif case in ("llama-1b", "llama-tiny"):
@@ -75,7 +76,7 @@ def case_config(case: str, ctx: BenchContext) -> RunConfig:
         spec = LLAMA_1B if case == "llama-1b" else LLAMA_TINY
         overrides = {**LLAMA_RUN, "task.options": {**spec, "dtype": "bf16"}}
     else:
-        raise ValueError(f"bench driver: unknown case {case!r}. Fix: choose from {', '.join(CASES)}")
+        raise RayS2PError(f"bench driver: unknown case {case!r}. Fix: choose from {', '.join(CASES)}")
     return base.replace({**overrides, **DRIVER_RUN, **ctx.user_sets})
 
 
@@ -140,7 +141,7 @@ def run_child(config: RunConfig, timeout: float = 3600.0) -> dict[str, Any]:
 def bench_driver(ctx: BenchContext, cases: tuple[str, ...] = DEFAULT_CASES) -> dict[str, Any]:
     """The ``driver`` benchmark: each case in a fresh process, then the RSS ratio and the largest message."""
     if "smoke" not in cases:
-        raise ValueError("bench driver: the cases must include smoke (the reference of the RSS ratio)")
+        raise RayS2PError("bench driver: the cases must include smoke (the reference of the RSS ratio)")
     results = {}
     essentials = config_essentials(case_config("smoke", ctx))
     for case in cases:

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
+from ..errors import RayS2PError
 from .common import BenchContext, config_essentials, log
 
 MODES = ("inference", "zeroth_order", "adamw")
@@ -92,7 +93,7 @@ def measure(mode: str, config: RunConfig, steps: int = MEMORY_STEPS) -> dict[str
         ValueError: an unknown mode.
     """
     if mode not in MODES:
-        raise ValueError(f"unknown memory mode {mode!r}; use {', '.join(MODES)}")
+        raise RayS2PError(f"unknown memory mode {mode!r}; use {', '.join(MODES)}")
     from ..distributed.engine import WEIGHT_DTYPES, ReplicaEngine, to_device
     from ..tasks import build_task
     from .step import FixedBatchTask, engine_step_fn, fixed_batch

@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import RunConfig
+from ..errors import RayS2PError
 from .common import BenchContext, config_essentials, log
 from .memory import run_child
 from .random_llama import LLAMA_1B, LLAMA_TINY
@@ -60,7 +61,7 @@ def case_config(case: str, weights: str, ctx: BenchContext) -> RunConfig:
         # The model is built in the dtype it is trained in: no fp32 build transient in the bf16 run.
         return ctx.derive({**LLAMA_MEMORY, "task.options": {**spec, "dtype": weights}},
                           {"cluster.use_ray": False, "precision.weights": weights})
-    raise ValueError(f"bench precision: unknown case {case!r}. Fix: choose from {', '.join(CASES)}")
+    raise RayS2PError(f"bench precision: unknown case {case!r}. Fix: choose from {', '.join(CASES)}")
 
 
 def replica_bytes(child: dict[str, Any]) -> int:

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from ..config import TaskConfig
+from ..config import ConfigError, TaskConfig
 from ..tasks.base import Batch, EvalTotals
 from ..tasks.hf_models import seeded
 from ..zo.noise import mix_seed
@@ -56,11 +56,11 @@ class RandomLlamaTask:
         opts = dict(cfg.options)
         unknown = set(opts) - set(LLAMA_1B) - {"dtype"}
         if unknown:
-            raise ValueError(f"task.options: unknown key {sorted(unknown)[0]!r} for the random Llama task. "
+            raise ConfigError(f"task.options: unknown key {sorted(unknown)[0]!r} for the random Llama task. "
                              f"Fix: use dtype or any of {', '.join(LLAMA_1B)}")
         dtype = str(opts.pop("dtype", "bf16"))
         if dtype not in DTYPES:
-            raise ValueError(f"task.options.dtype: unknown value {dtype!r}. Fix: use one of {', '.join(DTYPES)}")
+            raise ConfigError(f"task.options.dtype: unknown value {dtype!r}. Fix: use one of {', '.join(DTYPES)}")
         self.cfg = cfg
         self.seed = seed
         self.dtype = DTYPES[dtype]

@@ -12,7 +12,7 @@ are wall-clock medians unless named otherwise; bytes are bytes):
 - ``scaling`` (cluster.py): Driver runs with 1 and 2 Ray replicas; parallel
   efficiency measured, and projected to 8/64/512 replicas from the per-direction
   update cost.
-- ``traffic`` (cluster.py): bytes per step per replica on the wire vs an
+- ``traffic`` (cluster.py): bytes per step per replica of probe messages (their JSON length) vs an
   fp32 gradient all-reduce (4 d bytes).
 - ``memory`` (memory.py): peak memory of inference, zeroth-order training
   and AdamW fine-tuning, each in a fresh process.
@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..config import RunConfig, load_config, parse_override
+from ..errors import RayS2PError
 from .cluster import bench_recovery, bench_replay, bench_scaling, bench_traffic
 from .common import BENCH_BASE, BenchContext, emit, log, machine_info
 from .driver import CASES as DRIVER_CASES
@@ -93,28 +94,28 @@ def speedup_options(names: Sequence[str], raw: Mapping[str, Any]) -> SpeedupOpti
     flags = [SPEEDUP_FLAGS[k] for k in given]
     if "speedup" not in names:
         if flags:
-            raise ValueError(f"{flags[0]} applies only to the speedup benchmark. Fix: name it "
+            raise RayS2PError(f"{flags[0]} applies only to the speedup benchmark. Fix: name it "
                              f"(`ray-s2p bench speedup {flags[0]} ...`) or leave {flags[0]} out")
         return None
     if "tasks" in given:
         tasks = _items(given["tasks"])
         bad = [t for t in tasks if t not in PRESETS] or ([] if tasks else ["(none)"])
         if bad:
-            raise ValueError(f"--tasks: unknown task {bad[0]!r}. Fix: choose from {', '.join(PRESETS)}")
+            raise RayS2PError(f"--tasks: unknown task {bad[0]!r}. Fix: choose from {', '.join(PRESETS)}")
         given["tasks"] = tuple(dict.fromkeys(tasks))
     if "q" in given:
         qs = _items(given["q"])
         bad = [q for q in qs if not (q.isdigit() and int(q) >= 1)] or ([] if qs else ["(none)"])
         if bad:
-            raise ValueError(f"--q: {bad[0]!r} is not a positive integer. Fix: give directions per step, "
+            raise RayS2PError(f"--q: {bad[0]!r} is not a positive integer. Fix: give directions per step, "
                              f"e.g. --q 1,2,4")
         given["q"] = tuple(sorted({int(q) for q in qs}))
     if given.get("phase", "all") not in ("all", *PHASES, *NAMED_PHASES):
-        raise ValueError(f"--phase {given['phase']!r}: use {', '.join(PHASES + NAMED_PHASES)} or all")
+        raise RayS2PError(f"--phase {given['phase']!r}: use {', '.join(PHASES + NAMED_PHASES)} or all")
     if given.get("budget", 1) < 1:
-        raise ValueError(f"--budget {given['budget']}: forward passes per run. Fix: use 1 or more")
+        raise RayS2PError(f"--budget {given['budget']}: forward passes per run. Fix: use 1 or more")
     if given.get("pilot") and ({"q", "phase", "report_only"} & set(given)):
-        raise ValueError("--pilot runs Q = 1 only (m = 1, seed 0, validation). Fix: leave out --q, --phase "
+        raise RayS2PError("--pilot runs Q = 1 only (m = 1, seed 0, validation). Fix: leave out --q, --phase "
                          "and --report-only")
     return SpeedupOptions(**given)
 
@@ -135,7 +136,7 @@ def run_one(name: str, ctx: BenchContext, speedup: SpeedupOptions | None = None)
     """Run one sub-benchmark and return its record (without printing it); ``speedup``: that benchmark's options."""
     table = {**BENCHES, "speedup": lambda c: bench_speedup(speedup or SpeedupOptions(), c.user_sets, log)}
     if name not in table:
-        raise ValueError(f"unknown benchmark {name!r}; use {', '.join(table)}")
+        raise RayS2PError(f"unknown benchmark {name!r}; use {', '.join(table)}")
     body = table[name](ctx)
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return {"bench": name, "time": stamp, "machine": machine_info(), **body}
@@ -159,15 +160,15 @@ def run_benches(names: Sequence[str], *, results: str | Path = "bench_results.js
     chosen = list(names) or list(BENCHES)
     unknown = [n for n in chosen if n not in BENCHES and n not in BY_NAME_ONLY]
     if unknown:
-        raise ValueError(f"unknown benchmark {unknown[0]!r}. Fix: choose from {', '.join([*BENCHES, *BY_NAME_ONLY])}")
+        raise RayS2PError(f"unknown benchmark {unknown[0]!r}. Fix: choose from {', '.join([*BENCHES, *BY_NAME_ONLY])}")
     options = speedup if isinstance(speedup, SpeedupOptions) else speedup_options(chosen, speedup or {})
     if "speedup" in chosen and config_file is not None:
-        raise ValueError(f"--config: the speedup benchmark's presets ({', '.join(MEASURED)}, tiny) name their own "
+        raise RayS2PError(f"--config: the speedup benchmark's presets ({', '.join(MEASURED)}, tiny) name their own "
                          f"config files. Fix: leave --config out (--set still applies to every preset)")
     if steps is not None and steps < 2:
-        raise ValueError(f"--steps {steps}: the step time is a difference between steps. Fix: use --steps 2 or more")
+        raise RayS2PError(f"--steps {steps}: the step time is a difference between steps. Fix: use --steps 2 or more")
     if repeats < 1:
-        raise ValueError(f"--repeats {repeats}: use 1 or more")
+        raise RayS2PError(f"--repeats {repeats}: use 1 or more")
     config, user_sets = bench_config(config_file, sets)
     ctx = BenchContext(config, user_sets, steps, repeats, tuple(cases))
     failed = []

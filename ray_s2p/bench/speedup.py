@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import RunConfig, load_config
+from ..errors import RayS2PError
 from ..sweeps.progress import fingerprint
 from ..sweeps.tune import grid_points, passes_per_step, step_size_key
 from .common import log as log_line
@@ -150,7 +151,7 @@ class Speedup:
     def __post_init__(self) -> None:
         refused = sorted(k for k in self.sets if k in PROTOCOL_KEYS or k in FIXED)
         if refused:
-            raise ValueError(f"--set {refused[0]}: the speedup benchmark sets this key itself for every run. "
+            raise RayS2PError(f"--set {refused[0]}: the speedup benchmark sets this key itself for every run. "
                              f"Fix: leave it out (budget: --budget; Q: --q)")
         self.progress = SpeedupProgress.load(self.options.progress)
         self._bases: dict[str, RunConfig] = {}
@@ -164,12 +165,12 @@ class Speedup:
             path = Path(preset.config_file)
             path = path if path.is_absolute() or path.is_file() else REPO / path
             if not path.is_file():
-                raise FileNotFoundError(f"speedup preset {task}: config {preset.config_file!r} not found under "
+                raise RayS2PError(f"speedup preset {task}: config {preset.config_file!r} not found under "
                                         f"{REPO}. Fix: run from a checkout of the repository")
             base = load_config(path).replace({**preset.overrides, **self.sets, **FIXED})
             key = step_size_key(base)[0]
             if key in self.sets:
-                raise ValueError(f"--set {key}: the step size of preset {task} is its eta_1/lr_1 times the tuning "
+                raise RayS2PError(f"--set {key}: the step size of preset {task} is its eta_1/lr_1 times the tuning "
                                  f"multiplier. Fix: change the preset's step_size instead")
             self._bases[task] = base
         return self._bases[task]
@@ -231,7 +232,7 @@ class Speedup:
                 self.log(pilot_lines(task, self.ensure(task, 1, 1.0, TUNE_SEED, "validation"), target, TUNE_SEED))
                 continue
             if target is None:
-                raise ValueError(f"speedup preset {task}: no target accuracy set. Fix: run `ray-s2p bench speedup "
+                raise RayS2PError(f"speedup preset {task}: no target accuracy set. Fix: run `ray-s2p bench speedup "
                                  f"--pilot --tasks {task}` and set TARGETS[{task!r}] in ray_s2p/bench/speedup.py "
                                  f"before any measured run")
             for q in opts.q:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig
+from ..errors import RayS2PError
 from ..files import write_text
 from .speedup_fit import json_number
 
@@ -48,10 +49,10 @@ class SpeedupProgress:
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            raise ValueError(f"--progress {str(path)!r} is unreadable ({exc}). Fix: restore it, or move it away "
+            raise RayS2PError(f"--progress {str(path)!r} is unreadable ({exc}). Fix: restore it, or move it away "
                              f"to start the benchmark from the beginning") from exc
         if not isinstance(data, dict) or data.get("benchmark") != "speedup" or data.get("version") != VERSION:
-            raise ValueError(f"--progress {str(path)!r} is not a speedup progress file of version {VERSION}. "
+            raise RayS2PError(f"--progress {str(path)!r} is not a speedup progress file of version {VERSION}. "
                              f"Fix: name another file with --progress")
         return cls(path, dict(data.get("runs", {})))
 

@@ -32,7 +32,8 @@ from ..config import RunConfig
 from ..distributed.driver import train
 from ..distributed.engine import ReplicaEngine
 from ..distributed.messages import ProbeRequest
-from ..zo.directions import apply_update, mix_seed
+from ..zo.noise import mix_seed
+from ..zo.update import apply_update
 from .cluster import QUIET_RUN, ensure_ray, seconds_per_step, train_rows
 from .common import BENCH_SEED, median_seconds
 from .speedup_fit import steps_to_target

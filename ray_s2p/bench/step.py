@@ -44,7 +44,9 @@ import torch
 from ..config import RunConfig
 from ..distributed.engine import ReplicaEngine, build_space, to_device
 from ..distributed.messages import ProbeRequest, Update
-from ..zo.directions import DirectionSpace, apply_update, mix_seed, select_parameters
+from ..zo.directions import DirectionSpace, select_parameters
+from ..zo.noise import mix_seed
+from ..zo.update import apply_update
 from .common import BENCH_SEED, BenchContext, config_essentials, log, median_seconds, paired_median_seconds
 
 VARIANTS = (("hooks", "gaussian"), ("swap", "gaussian"), ("hooks", "table"), ("swap", "table"),
@@ -260,16 +262,18 @@ def bench_step(ctx: BenchContext) -> dict[str, Any]:
     split["remainder_s"] = steps["hooks_gaussian"] - (2 * split["copies_gaussian_s"] + 2 * forward
                                                       + split["update_gaussian_s"])
 
+    def time_naive_mezo() -> tuple[float, float]:  # its own scope: the extra model is freed on return
+        model = task.build_model()
+        names, params = select_parameters(model, task.trainable_names(model))
+        if device.type != "cpu":
+            model.to(device)
+        with torch.no_grad():
+            inputs = task.prepare(model, on_device, names)
+        return paired_median_seconds(two_forwards_of(model, names),
+                                     naive_mezo_fn(params, lambda: task.loss(model, inputs), rho), repeats, device)
+
     log("  timing the naive MeZO step")
-    naive_model = task.build_model()
-    names, params = select_parameters(naive_model, task.trainable_names(naive_model))
-    if device.type != "cpu":
-        naive_model.to(device)
-    with torch.no_grad():
-        naive_batch = task.prepare(naive_model, on_device, names)
-    floors["naive_mezo"], steps["naive_mezo"] = paired_median_seconds(
-        two_forwards_of(naive_model, names), naive_mezo_fn(params, lambda: task.loss(naive_model, naive_batch), rho), repeats, device)
-    del naive_model, params
+    floors["naive_mezo"], steps["naive_mezo"] = time_naive_mezo()
 
     variants = {}
     met: dict[str, bool] = {}

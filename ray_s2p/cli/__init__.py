@@ -6,6 +6,10 @@
 - cli/plot.py: ``plot``.
 
 Each group imports its heavy modules (Ray, torch, transformers) only when its command runs.
+
+Errors: a ``RayS2PError`` (ray_s2p/errors.py: bad input, a missing or damaged file, a
+run that cannot go on) or a missing file prints one line and exits 2; anything else
+is a bug and keeps its traceback. ``--debug`` shows the traceback of every error.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import os
 import sys
 from typing import Sequence
 
-from ..config import ConfigError
+from ..errors import RayS2PError
 from . import bench, plot, sweeps, train
 
 
-def _offline_defaults() -> None:
-    # Runs use local assets unless the user says otherwise; Ray usage stats stay off.
+def _quiet_defaults() -> None:
+    # Ray usage stats stay off, and tokenizers' own threads do not fight the replicas', unless the user
+    # set either.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -28,6 +33,8 @@ def _offline_defaults() -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``ray-s2p`` parser with every command group registered."""
     parser = argparse.ArgumentParser(prog="ray-s2p", description="Zeroth-order (S2P/VS2P) training on Ray")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of every error, not only of unexpected ones")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in (train, sweeps, plot, bench):
         group.register(sub)
@@ -36,12 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ray-s2p`` and ``python -m ray_s2p``."""
-    _offline_defaults()
+    _quiet_defaults()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as exc:
+    except (RayS2PError, FileNotFoundError) as exc:
+        if args.debug:
+            raise
         print(f"ray-s2p {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

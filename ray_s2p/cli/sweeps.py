@@ -19,7 +19,7 @@ def _tune(args: argparse.Namespace) -> int:
     result = run_sweep(config, args.storage, name=args.name,
                        optimizers=args.optimizers.split(",") if args.optimizers else None,
                        trials_per_optimizer=args.trials, budget=args.budget, metric=args.metric,
-                       asha=not args.no_asha, driver_cpus=args.driver_cpus, restore=args.restore, seed=args.seed)
+                       asha=not args.no_asha, driver_cpus=args.driver_cpus, restore=args.resume, seed=args.seed)
     pq_path, md_path = result.write_tables(Path(args.storage) / args.name)
     print(md_path.read_text())
     print(f"tables: {pq_path} and {md_path}")
@@ -94,7 +94,8 @@ def register(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--metric", help="metric to optimise (default eval_accuracy, or eval_loss for causal_lm)")
     p.add_argument("--no-asha", action="store_true", help="run every trial to the end (no early stopping)")
     p.add_argument("--driver-cpus", type=float, default=1.0, help="CPUs reserved per trial for its driver")
-    p.add_argument("--restore", action="store_true", help="resume an interrupted sweep (Tuner.restore)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --output (Tuner.restore)")
+    p.add_argument("--restore", dest="resume", action="store_true", help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--seed", type=int, default=0, help="seed of the trial sampler")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else local)")
     p.set_defaults(func=_tune)

@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING, Sequence
 
 from ..config import FIRST_ORDER, ConfigError, load_config
+from ..errors import RayS2PError
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -17,12 +18,17 @@ if TYPE_CHECKING:
 def _train(args: argparse.Namespace) -> int:
     from ..distributed.driver import train
     from ..distributed.run_dir import RunDirectory
-    from ..storage_fs import location
+    from ..storage_fs import for_replica, location
 
     if args.resume:
         if args.config:
             raise ConfigError("--resume uses the run's own config.yaml; drop --config")
-        run_dir = location(args.resume)
+        if args.resume is True and not args.output:
+            raise RayS2PError("--resume without RUN_DIR continues the run in --output. Fix: name the run, "
+                              "as --resume RUN_DIR or --output RUN_DIR --resume")
+        if args.resume is not True and args.output and for_replica(location(args.output)) != for_replica(location(args.resume)):
+            raise RayS2PError(f"--resume {args.resume} and --output {args.output} name two runs. Fix: give one")
+        run_dir = location(args.output if args.resume is True else args.resume)
         config = RunDirectory.load_config(run_dir)
         if args.set:  # e.g. a different cluster.replicas on resume (see docs/config.md)
             config = config.replace(dict(_parse_sets(args.set)))
@@ -42,7 +48,7 @@ def _train(args: argparse.Namespace) -> int:
         b, a = before.get(key), after.get(key)
         print(f"  {key:16s} {b if b is None else round(b, 4)!s:>10} -> {a if a is None else round(a, 4)!s:>10}")
     print(f"wall {s['wall_seconds']:.1f}s, {s['steps_completed']} steps, {s['forward_passes']} forward passes, "
-          f"{s['bytes_sent_per_step'] + s['bytes_received_per_step']:.0f} bytes/step on the wire")
+          f"{s['bytes_sent_per_step'] + s['bytes_received_per_step']:.0f} bytes/step of probe messages (JSON length)")
     print(f"final digest {result.final_digest}")
     print(f"outputs: {result.run_dir} (final/ model, ledger.parquet, metrics.parquet, summary.json)")
     return 0
@@ -70,7 +76,7 @@ def _replay(args: argparse.Namespace) -> int:
     from ..storage_fs import export, location
 
     if args.check and args.atol is not None:
-        raise ValueError("--check compares digests bit for bit and --atol within a tolerance. Fix: use one of them")
+        raise RayS2PError("--check compares digests bit for bit and --atol within a tolerance. Fix: use one of them")
     result = replay_run(args.run_dir, args.step, bitwise=args.check)
     out = {"step": result.step, "digest": result.digest, "seconds": round(result.seconds, 4)}
     if args.atol is not None:
@@ -100,21 +106,22 @@ def _eval(args: argparse.Namespace) -> int:
     from ..distributed.checkpoint import latest_checkpoint
     from ..distributed.engine import ReplicaEngine
     from ..distributed.replay import replay_run
-    from ..distributed.run_dir import RunDirectory, aggregate_eval
-    from ..storage_fs import location, wire, write_json
+    from ..distributed.run_dir import RunDirectory
+    from ..storage_fs import for_replica, location, write_json
+    from ..tasks.metrics import eval_metrics
     run_dir = location(args.run)
     config = RunDirectory.load_config(run_dir)
     if config.optimizer.name in FIRST_ORDER:
         ckpt = latest_checkpoint(run_dir / "checkpoints")
         if ckpt is None:
-            raise ValueError(f"{str(run_dir)!r} has no checkpoint to evaluate")
+            raise RayS2PError(f"{str(run_dir)!r} has no checkpoint to evaluate")
         engine = ReplicaEngine(config.replace({"cluster.use_ray": False}))
-        engine.load_checkpoint(wire(ckpt.path))
+        engine.load_checkpoint(for_replica(ckpt.path))
         step = ckpt.step
     else:
         replayed = replay_run(run_dir, args.step)
         engine, step = replayed.engine, replayed.step
-    metrics = aggregate_eval([engine.evaluate(0, 1)])
+    metrics = eval_metrics([engine.evaluate(0, 1)])
     out = {"step": step, "digest": engine.digest(), **metrics}
     write_json((location(args.storage) if args.storage else run_dir) / "eval.json", out)
     print(json.dumps(out))
@@ -128,8 +135,9 @@ def register(sub: "argparse._SubParsersAction") -> None:
     t.add_argument("--output", help="run directory: a path, or a URI such as s3://bucket/runs/x or "
                                     "file:///data/runs/x (default: runs/run-TIMESTAMP)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted config key")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (a path or URI) from its "
-                                                        "newest checkpoint")
+    t.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR (a path or URI; without one, the run in --output) from its "
+                        "newest checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
     t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     t.add_argument("--verbose", action="store_true", help="show Ray's start-up lines and the replicas' library "

@@ -26,7 +26,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..zo.directions import mix_seed
+from ..config import ConfigError
+from ..zo.noise import mix_seed
 from .sources import DataError
 
 _SPLIT, _EVAL, _EPOCH = 0x5B1, 0xE7A1, 0xE90C
@@ -128,7 +129,7 @@ def train_positions(num_examples: int, batch_size: int, *, seed: int, step: int,
         ValueError: an empty train set or a shard outside 0..num_shards-1.
     """
     if num_examples <= 0:
-        raise ValueError("the train set is empty. Fix: check task.k_shot / task.train_size / the data set")
+        raise DataError("the train set is empty. Fix: check task.k_shot / task.train_size / the data set")
     if not 0 <= shard < num_shards:
         raise ValueError(f"shard {shard} is outside 0..{num_shards - 1}")
     start = (step - 1) * batch_size * num_shards + shard * batch_size
@@ -157,9 +158,9 @@ def shard_batch_size(batch_size: int, shards: int, scaling: str) -> int:
     if scaling == "weak":
         return batch_size
     if scaling != "strong":
-        raise ValueError(f"cluster.batch_scaling {scaling!r} is unknown. Fix: use weak or strong")
+        raise ConfigError(f"cluster.batch_scaling {scaling!r} is unknown. Fix: use weak or strong")
     if shards < 1 or batch_size % shards:
-        raise ValueError(f"cluster.batch_scaling strong: task.batch_size {batch_size} does not split evenly among "
+        raise ConfigError(f"cluster.batch_scaling strong: task.batch_size {batch_size} does not split evenly among "
                          f"{shards} data shards. Fix: use a task.batch_size divisible by the shards per group, or weak")
     return batch_size // shards
 

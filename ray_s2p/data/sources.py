@@ -33,7 +33,8 @@ import datasets
 import numpy as np
 import torch
 
-from ..zo.directions import mix_seed
+from ..errors import RayS2PError
+from ..zo.noise import mix_seed
 
 BUNDLED_TEXT = ("rotten_tomatoes", "bbc_news", "synthetic_text")
 BUNDLED_IMAGES = ("mnist5k", "digits", "synthetic_images")
@@ -41,7 +42,7 @@ LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zip")
 
 
-class DataError(ValueError):
+class DataError(RayS2PError, ValueError):
     """A data set cannot be used as configured (missing file or column, empty, bad labels)."""
 
 

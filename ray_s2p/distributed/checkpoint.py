@@ -28,14 +28,24 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import RayS2PError
 from ..files import fsync_file, replace_dir
-from ..storage_fs import (Location, StoragePath, local_copy, location, open_input, remove_tree, staged_dir,
-                          upload_file, write_json)
+from ..storage_fs import (
+    Location,
+    StoragePath,
+    local_copy,
+    location,
+    open_input,
+    remove_tree,
+    staged_dir,
+    upload_file,
+    write_json,
+)
 
 CHECKPOINT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RayS2PError, ValueError):
     """A checkpoint is missing, truncated, corrupted or belongs to another run."""
 
 

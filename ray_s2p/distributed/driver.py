@@ -6,7 +6,7 @@ One step, in the order ``Driver.run`` calls the phases (each a method below):
    and answers with a ``ProbeReply`` of loss scalars (engine.py ``ReplicaEngine.probe``,
    run by replica.py's pools);
 2. decide (``_decide``): the step rule (zo/rules/) turns the losses into (seed,
-   coefficient) pairs; they become ledger rows (ledger.py) and the pending update;
+   coefficient) pairs; they become ledger rows (zo/ledger.py) and the pending update;
 3. apply (``_apply``): replicas apply the pending update, at the latest with the next
    step's request, earlier when a later phase needs the current parameters;
 4. verify (``_verify``): every ``cluster.digest_every`` steps the replicas' digests must agree;
@@ -16,7 +16,8 @@ One step, in the order ``Driver.run`` calls the phases (each a method below):
    digest the driver hands it (checkpoint.py); the metrics are flushed (run_dir.py).
 
 A replica that dies or hangs in any phase, 1 and 3-6 and the final export alike, is replaced,
-caught up from checkpoint + ledger and asked again for its part of that phase (healing.py).
+caught up from checkpoint + ledger and asked again for its part of that phase (healing.py). A
+first-order reference has no ledger: its replica's failure stops the run with the resume to use.
 
 Tensors never pass through the driver: replica 0 writes checkpoints and ``final/``,
 replicas load checkpoints from the run directory themselves, and the driver keeps
@@ -36,17 +37,20 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import FIRST_ORDER, FIRST_ORDER_PASSES, RunConfig
-from ..storage_fs import Location, StoragePath, location, wire
+from ..config import FIRST_ORDER, FIRST_ORDER_PASSES, ConfigError, RunConfig
+from ..storage_fs import Location, StoragePath, for_replica, location
+from ..tasks.metrics import eval_metrics
+from ..zo.environment import agreed, settle
+from ..zo.ledger import Ledger, ledger_rows
 from ..zo.rules import build_rule
 from .checkpoint import Checkpoint, checkpoint_path, config_fingerprint, latest_checkpoint
-from .environment import agreed, describe, settle
+from .console import ProgressBar, replicas_up
 from .healing import Healer
 from .layout import Layout
-from .ledger import Ledger, ledger_rows
 from .messages import ProbeReply, ProbeRequest, Update
+from .pool import PoolFactory, ReplicaPool
 from .replica import LocalPool, RayPool, ReplicaFailure, quiet_libraries
-from .run_dir import RunDirectory, aggregate_eval
+from .run_dir import RunDirectory
 from .run_state import RunState, StepOutcome, TrainingError, TrainResult
 from .storage import check_storage
 
@@ -63,19 +67,23 @@ class Driver:
         resume: continue from the newest valid checkpoint in ``run_dir``.
         report: optional callback(metrics dict, checkpoint dir or None), e.g. for Ray Tune.
         log: where messages go.
+        pool: builds the replicas from the config (default: ``LocalPool``, or ``RayPool`` with
+            ``cluster.use_ray``; Ray is initialised first either way): a pool of your own, e.g. one that
+            records or injects faults.
     """
 
     def __init__(self, config: RunConfig, run_dir: str | Path | StoragePath, *, resume: bool = False,
                  overwrite: bool = False, report: Callable[[dict[str, Any], Path | None], None] | None = None,
-                 log: Callable[[str], None] = print, verbose: bool = False) -> None:
+                 log: Callable[[str], None] = print, verbose: bool = False, pool: PoolFactory | None = None) -> None:
         self.config = config
+        self.pool_factory = pool
         self.report = report
         self.log = log
         self.verbose = verbose  # replicas' library output on the console (else RUN_DIR/logs/replica-N.log)
         self.layout = Layout.from_config(config)
         self.first_order = config.optimizer.name in FIRST_ORDER
         if self.first_order and config.cluster.replicas != 1:
-            raise ValueError("optimizer.name: the first-order references (sgd, adamw) run on one replica. "
+            raise ConfigError("optimizer.name: the first-order references (sgd, adamw) run on one replica. "
                              "Fix: --set cluster.replicas=1")
         # The rule scales every step by the Q it evaluates (zo/rules/scaling.py); Q here only checks the decay.
         self.rule = None if self.first_order else build_rule(config.optimizer, config.steps,
@@ -114,9 +122,10 @@ class Driver:
             self.log(replicas_up(infos, pool.places(), state.ledger.environment, logs))
             state.started = time.perf_counter()  # wall time counts from the replicas being up, as before a resume
             self._start(pool, state)
-            progress = self.rd.progress(state.start_step)
+            progress = ProgressBar(self.config.steps, state.start_step, self.config.progress)
             for step in range(state.start_step + 1, self.config.steps + 1):
-                outcome = self._first_order_step(pool, step) if self.first_order else self._zo_step(pool, state, step)
+                outcome = (self._first_order_step(pool, state, step) if self.first_order
+                           else self._zo_step(pool, state, step))
                 self._record(state, step, outcome)
                 self._between_steps(pool, state, step)
                 progress.update(step, outcome.loss, state.last_eval)
@@ -125,12 +134,12 @@ class Driver:
         finally:
             pool.shutdown()
 
-    def _open(self, pool: LocalPool | RayPool, infos: list[dict[str, Any]]) -> RunState:
+    def _open(self, pool: ReplicaPool, infos: list[dict[str, Any]]) -> RunState:
         """The state to start from: step 0, or a resumed run's newest checkpoint and its ledger."""
         # Replica 0 checks the tensor file's sha256 where it reads it; the driver reads only state.json.
         ckpt = latest_checkpoint(self.rd.checkpoints, self.fingerprint, lambda path: pool.call(
-            "verify_checkpoint", [(wire(path), self.fingerprint)], replicas=[0],
-            timeout=max(600.0, self.config.cluster.startup_timeout_s))[0], log=self.log) if self.rd.resumed else None
+            "verify_checkpoint", [(for_replica(path), self.fingerprint)], replicas=[0],
+            timeout=self.config.cluster.model_load_timeout_s)[0], log=self.log) if self.rd.resumed else None
         start_step = ckpt.step if ckpt is not None else 0
         rule_state = ckpt.rule_state.get("rule") if ckpt is not None else None
         if rule_state is None and self.rule is not None:
@@ -153,10 +162,10 @@ class Driver:
                         forward_passes=self.rd.previous_forward_passes(start_step),
                         wall_before=self.rd.previous_wall_seconds() if self.rd.resumed else 0.0)
 
-    def _start_pool(self) -> LocalPool | RayPool:
+    def _start_pool(self) -> ReplicaPool:
         if not self.config.cluster.use_ray:
             with quiet_libraries(not self.verbose):  # in-process replicas share the driver's console
-                return LocalPool(self.config)
+                return (self.pool_factory or LocalPool)(self.config)
         import logging
 
         import ray
@@ -164,9 +173,11 @@ class Driver:
             # Ray's own start-up lines only with --verbose; its warnings and errors always.
             ray.init(address=self.config.cluster.address or None, include_dashboard=False, log_to_driver=True,
                      logging_level=logging.INFO if self.verbose else logging.WARNING)
+        if self.pool_factory is not None:
+            return self.pool_factory(self.config)
         return RayPool(self.config, log=self.log, quiet=not self.verbose)
 
-    def _start(self, pool: LocalPool | RayPool, state: RunState) -> None:
+    def _start(self, pool: ReplicaPool, state: RunState) -> None:
         """Restore a resumed run's replicas, and evaluate the starting point (once per run)."""
         initial = self.rd.initial_eval()
         if initial is None:
@@ -189,7 +200,7 @@ class Driver:
         self.rd.record_step(step, outcome.loss, state.forward_passes, state.wall, outcome.sent, outcome.received,
                             outcome.skipped)
 
-    def _between_steps(self, pool: LocalPool | RayPool, state: RunState, step: int) -> None:
+    def _between_steps(self, pool: ReplicaPool, state: RunState, step: int) -> None:
         """The periodic phases after a step: verify, evaluate, checkpoint, flush, report."""
         cfg = self.config
         if cfg.cluster.digest_every and step % cfg.cluster.digest_every == 0:
@@ -207,7 +218,7 @@ class Driver:
         if self.report is not None and step != cfg.steps and (saved is not None or step % cfg.log_every == 0):
             self.report(self.rd.report_row(step), saved)
 
-    def _finish(self, pool: LocalPool | RayPool, state: RunState) -> TrainResult:
+    def _finish(self, pool: ReplicaPool, state: RunState) -> TrainResult:
         """Final evaluation and digest check, summary.json, and the final model from replica 0."""
         cfg = self.config
         final_eval = self._evaluate(pool, state)
@@ -218,8 +229,8 @@ class Driver:
         self.rd.flush_metrics()
         steps_run = max(1, cfg.steps - state.start_step)
         # Replica 0 writes final/ into the run directory itself and answers with file names and sizes.
-        self.healer.call(pool, state, "write_final", [(wire(self.rd.path),)], replicas=[0],
-                         timeout=max(600.0, cfg.cluster.step_timeout_s))
+        self.healer.call(pool, state, "write_final", [(for_replica(self.rd.path),)], replicas=[0],
+                         timeout=cfg.cluster.model_io_timeout_s)
         summary = self.rd.write_summary(
             final_digest=digests[0], steps_completed=cfg.steps, wall_seconds=elapsed,
             bytes_sent_per_step=state.bytes_sent / steps_run, bytes_received_per_step=state.bytes_received / steps_run,
@@ -234,7 +245,7 @@ class Driver:
         return TrainResult(self.rd.path, digests[0], cfg.steps, summary)
 
     # ------------------------------------------------ phase 1-2: probe, decide
-    def _zo_step(self, pool: LocalPool | RayPool, state: RunState, step: int) -> StepOutcome:
+    def _zo_step(self, pool: ReplicaPool, state: RunState, step: int) -> StepOutcome:
         """Probe round (and follow-up round, if the rule has one), then the rule's decision."""
         assert self.rule is not None
         lay = self.layout
@@ -257,14 +268,14 @@ class Driver:
         loss, skipped = self._decide(state, step, seeds, radii, losses)
         return StepOutcome(loss, sent, received, passes, skipped)
 
-    def _probe_round(self, pool: LocalPool | RayPool, state: RunState, step: int, requests: list[ProbeRequest],
+    def _probe_round(self, pool: ReplicaPool, state: RunState, step: int, requests: list[ProbeRequest],
                      width: int) -> tuple[list[list[float]], int, int, int]:
         """One fan-out of probe requests: (losses per direction, bytes sent, bytes received, forward passes)."""
         # A dead replica is replaced, caught up to step - 1 and sent its request again (healing.py).
         replies = self.healer.call(pool, state, "probe", [(q,) for q in requests])
         losses = self._group_losses(replies, width)
-        sent = sum(q.wire_bytes() for q in requests)
-        received = sum(r.wire_bytes() for r in replies)
+        sent = sum(q.json_bytes() for q in requests)
+        received = sum(r.json_bytes() for r in replies)
         passes = sum(len(r.losses) * width for r in replies)
         return losses, sent, received, passes
 
@@ -297,18 +308,19 @@ class Driver:
                 out.append([sum(m.losses[i][j] for m in members) / len(members) for j in range(width)])
         return out
 
-    def _first_order_step(self, pool: LocalPool | RayPool, step: int) -> StepOutcome:
-        """The backprop reference: one replica, nothing on the wire but the loss."""
-        loss = pool.call("first_order_step", [(step, 0, 1)])[0]
+    def _first_order_step(self, pool: ReplicaPool, state: RunState, step: int) -> StepOutcome:
+        """The backprop reference: one replica, nothing on the wire but the loss. A failure stops the run
+        (``Healer.recover``: nothing to catch a replacement up from)."""
+        loss = self.healer.call(pool, state, "first_order_step", [(step, 0, 1)])[0]
         return StepOutcome(loss, 0, 0, FIRST_ORDER_PASSES, 0)
 
     # ------------------------------------- phases 3-6: apply, verify, evaluate, checkpoint
-    def _apply(self, pool: LocalPool | RayPool, state: RunState) -> None:
+    def _apply(self, pool: ReplicaPool, state: RunState) -> None:
         """Apply the pending update now (replicas ignore an update they already applied)."""
         if state.pending is not None:
             self.healer.call(pool, state, "apply", [(state.pending,)] * pool.size)
 
-    def _verify(self, pool: LocalPool | RayPool, state: RunState) -> list[str]:
+    def _verify(self, pool: ReplicaPool, state: RunState) -> list[str]:
         """Every replica's digest must equal replica 0's; heal (resync) or abort as configured."""
         self._apply(pool, state)
         digests = self.healer.call(pool, state, "digest", [()] * pool.size)
@@ -328,16 +340,16 @@ class Driver:
             self.rd.count_resync()
         return digests
 
-    def _evaluate(self, pool: LocalPool | RayPool, state: RunState) -> dict[str, float]:
+    def _evaluate(self, pool: ReplicaPool, state: RunState) -> dict[str, float]:
         """Held-out metrics of the current parameters, the eval set split among the replicas."""
         self._apply(pool, state)
         if self.config.task.eval_size == 0:
             return {}
         totals = self.healer.call(pool, state, "evaluate", [(r, pool.size) for r in range(pool.size)],
-                                  timeout=max(600.0, self.config.cluster.step_timeout_s))
-        return aggregate_eval(totals)
+                                  timeout=self.config.cluster.model_io_timeout_s)
+        return eval_metrics(totals)
 
-    def _checkpoint(self, pool: LocalPool | RayPool, state: RunState, step: int) -> None:
+    def _checkpoint(self, pool: ReplicaPool, state: RunState, step: int) -> None:
         """Replica 0 writes its trainable tensors with the rule state and the ledger digest of ``step``;
         the driver sends and receives only those scalars, digests and the path."""
         self._apply(pool, state)
@@ -351,8 +363,8 @@ class Driver:
         # Replica 0 dying while it writes is replaced at `step` and writes again; a half-written .ckpt.*
         # directory is never renamed into place.
         record = self.healer.call(pool, state, "save_checkpoint",
-                                  [(step, wire(self.rd.checkpoints), rule, meta)], replicas=[0],
-                                  timeout=max(600.0, self.config.cluster.step_timeout_s))[0]
+                                  [(step, for_replica(self.rd.checkpoints), rule, meta)], replicas=[0],
+                                  timeout=self.config.cluster.model_io_timeout_s)[0]
         state.ckpt = Checkpoint(step, rule, dict(meta, digest=record.digest, params_sha256=record.params_sha256),
                                 checkpoint_path(self.rd.checkpoints, step))
 
@@ -362,24 +374,11 @@ def ckpt_dir(root: Location, step: int) -> Location | None:
     return path if path.is_dir() else None
 
 
-def replicas_up(infos: list[dict[str, Any]], places: list[dict[str, Any]], env: dict[str, Any] | None,
-                logs: Path | None) -> str:
-    """One line once the replicas are up: how many, on which nodes, which device, what moves."""
-    nodes: dict[str, int] = {}
-    for place in places:
-        nodes[place["node_ip"]] = nodes.get(place["node_ip"], 0) + 1
-    where = ", ".join(f"{ip}: {n}" for ip, n in nodes.items())
-    first = infos[0]
-    line = (f"{len(infos)} replica{'s' if len(infos) != 1 else ''} up on {len(nodes)} node"
-            f"{'s' if len(nodes) != 1 else ''} ({where}), {describe(env) if env else 'device unknown'}; "
-            f"{first['trainable_parameters']:,} of {first['total_parameters']:,} parameters trainable")
-    return line + (f"; replica output in {logs}" if logs is not None else "")
-
-
 def train(config: RunConfig, run_dir: str | Path | StoragePath, *, resume: bool = False, overwrite: bool = False,
           report: Callable[[dict[str, Any], Path | None], None] | None = None,
-          log: Callable[[str], None] = print, verbose: bool = False, filesystem: Any = None) -> TrainResult:
+          log: Callable[[str], None] = print, verbose: bool = False, filesystem: Any = None,
+          pool: PoolFactory | None = None) -> TrainResult:
     """Train (or resume) a run; see ``Driver``. ``filesystem``: a pyarrow FileSystem that ``run_dir`` is a path
     in (as Ray's ``RunConfig(storage_filesystem=...)``); None: a local path, or a URI resolved by pyarrow.fs."""
     return Driver(config, location(run_dir, filesystem), resume=resume, overwrite=overwrite, report=report, log=log,
-                  verbose=verbose).run()
+                  verbose=verbose, pool=pool).run()

@@ -7,8 +7,6 @@ model from the config, so nothing but messages crosses the process boundary.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,53 +15,28 @@ import torch
 
 from ..config import FIRST_ORDER, ConfigError, RunConfig
 from ..data.batching import shard_batch_size
-from ..files import fsync_tree, replace_dir
-from ..storage_fs import StoragePath, file_size, location, staged_dir, upload_tree
+from ..storage_fs import StoragePath, file_size, location
 from ..tasks.base import EvalTotals, Task
-from ..zo.directions import DirectionSpace, NoiseTable, apply_update, select_parameters
+from ..zo.directions import DirectionSpace
+from ..zo.environment import numerics_environment
 from ..zo.probes import Prober
-from ..zo.weight_decay import decay_exempt
+from ..zo.space import build_space as space_from_config
+from ..zo.update import apply_update
 from .checkpoint import CheckpointError, CheckpointRecord, load_checkpoint, read_checkpoint, save_checkpoint
 from .digest import model_digest
-from .environment import numerics_environment
 from .layout import Layout
 from .messages import ProbeReply, ProbeRequest, Update
+from .replica_files import checkpoint_tensors, export_final, load_tensors
 from .storage import probe_storage
 
-# Checkpoint keys of a first-order optimizer's per-parameter state (AdamW's moments and step count):
-# "optimizer_state/<parameter name>/<state key>", saved beside the parameters so a resumed run continues
-# with its moments instead of restarting them.
-OPTIMIZER_STATE_PREFIX = "optimizer_state/"
-_TABLES: dict[tuple[int, str], NoiseTable] = {}
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision.weights
 
 
-def noise_table(size: int, device: torch.device) -> NoiseTable:
-    """One shared table per (size, device) per process: replicas in one process share it."""
-    key = (size, str(device))
-    if key not in _TABLES:
-        _TABLES[key] = NoiseTable(size, device=device)
-    return _TABLES[key]
-
-
 def build_space(model: torch.nn.Module, names: list[str], config: RunConfig) -> DirectionSpace:
-    """The direction space of a model's trainable parameters under the config's perturbation settings."""
-    names, params = select_parameters(model, names)
-    table = None
-    if config.perturbation.distribution == "table":
-        table = noise_table(config.perturbation.table_size, params[0].device)
-    p = config.perturbation
-    return DirectionSpace(names, params, p.distribution, table, noise_threads(config, params[0].device),
-                          rank=p.rank, lowrank_interval=p.lowrank_interval, run_seed=config.seed,
-                          decay_exempt=decay_exempt(model, names, config.optimizer.weight_decay_exempt))
-
-
-def noise_threads(config: RunConfig, device: torch.device) -> int:
-    """Threads for making noise: on a GPU one (kernels run asynchronously already); on a CPU
-    ``cluster.noise_threads``, or torch's thread count when that is 0 (a generator call uses one core)."""
-    if device.type != "cpu":
-        return 1
-    return config.cluster.noise_threads or max(1, torch.get_num_threads())
+    """The direction space of a model's trainable parameters under the run's perturbation settings."""
+    return space_from_config(model, names, config.perturbation, seed=config.seed,
+                             weight_decay_exempt=config.optimizer.weight_decay_exempt,
+                             threads=config.cluster.noise_threads)
 
 
 def use_shard_batch_size(task: Task, config: RunConfig) -> None:
@@ -78,7 +51,7 @@ def use_shard_batch_size(task: Task, config: RunConfig) -> None:
     size = shard_batch_size(config.task.batch_size, Layout.from_config(config).shards, config.cluster.batch_scaling)
     share = None if size == config.task.batch_size else size
     if hasattr(task, "train_batch_size"):
-        setattr(task, "train_batch_size", share)  # not in the Task protocol: user tasks may lack it
+        task.train_batch_size = share  # not in the Task protocol: user tasks may lack it
     elif share is not None:
         raise ConfigError(f"config field 'cluster.batch_scaling': strong needs {size} examples per data shard, and "
                           f"the task {type(task).__name__} (task.name {config.task.name!r}) has no train_batch_size "
@@ -177,18 +150,6 @@ class ReplicaEngine:
                 totals = totals.merge(self.task.eval_totals(self.model, to_device(batch, self.device)))
         return totals
 
-    def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint stores: the selected parameters and, for a first-order run, its optimizer's
-        per-parameter state (``OPTIMIZER_STATE_PREFIX`` keys). CPU parameters are written as they are
-        (no copy: a copy of a 13 B model would double the replica's memory while it is saved)."""
-        out = {n: p.detach().to("cpu") for n, p in zip(self.space.names, self.space.params)}
-        if self._first_order is not None:
-            for n, p in zip(self.space.names, self.space.params):
-                for key, value in self._first_order.state.get(p, {}).items():
-                    tensor = value if torch.is_tensor(value) else torch.tensor(value)
-                    out[f"{OPTIMIZER_STATE_PREFIX}{n}/{key}"] = tensor.detach().to("cpu")
-        return out
-
     def save_checkpoint(self, step: int, directory: str | StoragePath, rule_state: dict[str, Any],
                         meta: dict[str, Any], keep: int = 2) -> CheckpointRecord:
         """Write this replica's checkpoint of ``step`` into ``directory`` (the run's checkpoints/), atomically.
@@ -210,7 +171,7 @@ class ReplicaEngine:
         if self.applied_step != step:
             raise RuntimeError(f"replica {self.replica} is at step {self.applied_step}, asked to save step {step}")
         digest = self.digest()
-        path = save_checkpoint(location(directory), step, self._checkpoint_tensors(), rule_state,
+        path = save_checkpoint(location(directory), step, checkpoint_tensors(self.space, self._first_order), rule_state,
                                dict(meta, digest=digest), keep=keep)
         saved = read_checkpoint(path, verify_tensors=False)
         return CheckpointRecord(step, str(path), digest, str(saved.meta["params_sha256"]),
@@ -248,39 +209,10 @@ class ReplicaEngine:
         return ckpt.step
 
     def load_trainable(self, tensors: dict[str, torch.Tensor], applied_step: int) -> None:
-        """Overwrite the selected parameters (checkpoint restore or resync), and a first-order
-        optimizer's state when the checkpoint has it."""
-        missing = [n for n in self.space.names if n not in tensors]
-        if missing:
-            raise ValueError(f"checkpoint lacks parameter {missing[0]!r}; it belongs to another config")
-        with torch.no_grad():
-            for n, p in zip(self.space.names, self.space.params):
-                src = tensors[n]
-                if tuple(src.shape) != tuple(p.shape):
-                    raise ValueError(f"checkpoint parameter {n!r} has shape {tuple(src.shape)}, model has "
-                                     f"{tuple(p.shape)}; it belongs to another config")
-                p.copy_(src.to(p.device, p.dtype))
-        if self._first_order is not None:
-            self._load_optimizer_state(tensors)
+        """Overwrite the selected parameters (checkpoint restore or resync), and a first-order optimizer's state
+        when the checkpoint has it (replica_files.py); this replica is then at ``applied_step``."""
+        load_tensors(self.space, self._first_order, tensors)
         self.applied_step = applied_step
-
-    def _load_optimizer_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        assert self._first_order is not None
-        state: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith(OPTIMIZER_STATE_PREFIX):
-                name, _, item = key[len(OPTIMIZER_STATE_PREFIX):].rpartition("/")
-                state.setdefault(name, {})[item] = value
-        unknown = sorted(set(state) - set(self.space.names))
-        if unknown:
-            raise ValueError(f"checkpoint has optimizer state for {unknown[0]!r}, which is not trainable here; "
-                             f"it belongs to another config")
-        self._first_order.state.clear()
-        for n, p in zip(self.space.names, self.space.params):
-            if n in state:
-                # AdamW keeps its step count on the CPU and its moments beside the parameter.
-                self._first_order.state[p] = {k: v.clone() if k == "step" else v.to(p.device)
-                                              for k, v in state[n].items()}
 
     def replay(self, updates: list[tuple[Any, ...]]) -> None:
         """Apply ledger updates (step, pairs, param_scale[, sign_step]) after ``applied_step``, no forward passes.
@@ -295,41 +227,9 @@ class ReplicaEngine:
         self.task.save_final(self.model, Path(directory))
 
     def write_final(self, run_dir: str | StoragePath) -> dict[str, int]:
-        """Write ``save_final``'s output to ``run_dir/final`` (staged beside it, renamed into place; on a URI
-        or FileSystem written to a local temporary directory first and copied, storage_fs.py).
-
-        Returns:
-            Relative file name -> size in bytes (the files themselves stay where they are written).
-
-        Raises:
-            RuntimeError: the task wrote no files.
-        """
-        root = location(run_dir)
-        if isinstance(root, StoragePath):
-            return self._write_final_to_storage(root)
-        staging = Path(tempfile.mkdtemp(prefix=".final.", dir=root))
-        try:
-            out = staging / "final"
-            self.save_final(out)
-            files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
-            if not files:
-                raise RuntimeError("the task's save_final wrote no files")
-            fsync_tree(out)
-            replace_dir(out, root / "final")
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return files
-
-    def _write_final_to_storage(self, root: StoragePath) -> dict[str, int]:
-        with tempfile.TemporaryDirectory(prefix="ray-s2p-final-") as scratch:
-            out = Path(scratch) / "final"
-            self.save_final(out)
-            files = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
-            if not files:
-                raise RuntimeError("the task's save_final wrote no files")
-            with staged_dir(root / "final", ".final.") as stage:
-                upload_tree(out, stage)
-        return files
+        """Write ``save_final``'s output to ``run_dir/final``, atomically (replica_files.py ``export_final``);
+        returns relative file name -> size in bytes."""
+        return export_final(self.save_final, run_dir)
 
     def check_storage(self, run_dir: str | StoragePath, token: str) -> dict[str, Any]:
         """Whether this replica reads the driver's run directory and can write there (storage.py)."""
@@ -342,7 +242,7 @@ class ReplicaEngine:
                 "applied_step": self.applied_step, "environment": self.environment()}
 
     def environment(self) -> dict[str, Any]:
-        """Device, kernels and torch build of this replica's arithmetic (distributed/environment.py)."""
+        """Device, kernels and torch build of this replica's arithmetic (zo/environment.py)."""
         return numerics_environment(self.device, self.config.perturbation.distribution, self.config.precision.weights)
 
 

@@ -16,6 +16,11 @@ forward passes. That is the right point in every phase:
 
 So a phase redone on a replacement sees exactly the parameters the dead replica had, and the run ends at
 the digest of an undisturbed run.
+
+A first-order reference (sgd, adamw) writes no ledger: its steps live only in its replica's parameters
+and optimizer state, so a replacement could only go back to the newest checkpoint and carry on from a
+stale point. Its failures are not healed: the run stops with a ``TrainingError`` that names the resume,
+which continues from that checkpoint exactly (tests/distributed/test_ray_trainer.py).
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Sequence
 
-from ..config import RunConfig
-from ..storage_fs import wire
+from ..config import FIRST_ORDER, RunConfig
+from ..storage_fs import for_replica
+from ..zo.ledger import Ledger, updates_by_step
 from .checkpoint import Checkpoint
-from .ledger import Ledger, updates_by_step
-from .replica import LocalPool, RayPool, ReplicaFailure
+from .pool import ReplicaMethod, ReplicaPool
+from .replica import ReplicaFailure
 from .run_state import RunState, TrainingError
 
 
@@ -47,7 +53,7 @@ class Healer:
         self.failures = 0
         self.recoveries: list[float] = []  # seconds from a failure to its replacements being caught up
 
-    def call(self, pool: LocalPool | RayPool, state: RunState, method: str, args: Sequence[tuple],
+    def call(self, pool: ReplicaPool, state: RunState, method: ReplicaMethod, args: Sequence[tuple],
              replicas: Sequence[int] | None = None, timeout: float | None = None) -> list[Any]:
         """``pool.call`` that survives replica failures: the failed replicas are replaced, caught up to the
         last decided step and asked again (their own ``args`` only); the others' answers are kept.
@@ -82,9 +88,20 @@ class Healer:
                 self.recover(pool, todo, state, f"{method!r} failed: {failure.reason}")
         return [answers[r] for r in idx]
 
-    def recover(self, pool: LocalPool | RayPool, failed: list[int], state: RunState, reason: str) -> None:
+    def recover(self, pool: ReplicaPool, failed: list[int], state: RunState, reason: str) -> None:
         """Replace ``failed`` and catch them up to ``state.decided``; a replacement that fails too is replaced
-        again (each failure counts toward ``cluster.max_replica_failures``)."""
+        again (each failure counts toward ``cluster.max_replica_failures``).
+
+        Raises:
+            TrainingError: the run is a first-order reference (nothing to catch a replacement up from), or
+                the failures exceed ``cluster.max_replica_failures``.
+        """
+        name = self.config.optimizer.name
+        if name in FIRST_ORDER:
+            newest = f"step {state.ckpt.step}" if state.ckpt is not None else "step 0 (no checkpoint yet)"
+            raise TrainingError(f"{reason}. The first-order reference ({name}) writes no "
+                                f"ledger, so a new replica cannot be caught up to this step. Fix: continue from the "
+                                f"newest checkpoint, {newest}, with `ray-s2p train --resume RUN_DIR`")
         started = time.perf_counter()
         while failed:
             self.failures += len(failed)
@@ -101,27 +118,27 @@ class Healer:
                 failed, reason = list(again.failed), f"a replacement failed while catching up: {again.reason}"
         self.recoveries.append(time.perf_counter() - started)
 
-    def replace_and_catch_up(self, pool: LocalPool | RayPool, replicas: list[int], state: RunState) -> None:
+    def replace_and_catch_up(self, pool: ReplicaPool, replicas: list[int], state: RunState) -> None:
         """New actors for ``replicas``, restored to the last decided step (raises ReplicaFailure if one fails)."""
         for r in replicas:
             pool.replace(r)
         self.restore(pool, replicas, state.ckpt, state.ledger, state.decided)
 
-    def restore(self, pool: LocalPool | RayPool, replicas: list[int], ckpt: Checkpoint | None, ledger: Ledger,
+    def restore(self, pool: ReplicaPool, replicas: list[int], ckpt: Checkpoint | None, ledger: Ledger,
                 upto: int) -> None:
         """Bring replicas to step ``upto``: each loads the checkpoint from the run directory itself (the driver
         sends only its path), then replays the ledger (no forward passes)."""
         if ckpt is not None and ckpt.step > 0:
             # Absolute paths or URIs: a replica's working directory need not be the driver's.
-            _named_call(pool, "load_checkpoint", [(wire(ckpt.path), self.fingerprint)] * len(replicas),
-                        replicas, max(600.0, self.config.cluster.startup_timeout_s))
+            _named_call(pool, "load_checkpoint", [(for_replica(ckpt.path), self.fingerprint)] * len(replicas),
+                        replicas, self.config.cluster.model_load_timeout_s)
         start = ckpt.step if ckpt is not None else 0
         updates = [u for u in updates_by_step(ledger.rows) if start < u[0] <= upto]
         if updates:
             _named_call(pool, "replay", [(updates,)] * len(replicas), replicas, self.config.cluster.startup_timeout_s)
 
 
-def _named_call(pool: LocalPool | RayPool, method: str, args: Sequence[tuple], replicas: list[int],
+def _named_call(pool: ReplicaPool, method: ReplicaMethod, args: Sequence[tuple], replicas: list[int],
                 timeout: float) -> list[Any]:
     """``pool.call`` whose ReplicaFailure says which call failed (for the one log line of the recovery)."""
     try:

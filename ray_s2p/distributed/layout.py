@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import RunConfig
-from ..zo.directions import mix_seed
+from ..zo.noise import mix_seed
 
 
 @dataclass

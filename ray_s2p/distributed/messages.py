@@ -1,6 +1,6 @@
 """Small typed messages between the driver and the replicas.
 
-Every message has a compact JSON encoding; ``wire_bytes`` is its length, which
+Every message has a compact JSON encoding; ``json_bytes`` is its length, which
 is what the driver counts as bytes sent/received per step. Floats are encoded
 with ``repr`` precision by json, so coefficients arrive bit-exact.
 
@@ -48,7 +48,7 @@ class ProbeRequest:
     update: Update | None = None
     per_seed_radii: tuple[tuple[float, ...], ...] | None = None  # follow-up round: radii differ per seed
 
-    def wire_bytes(self) -> int:
+    def json_bytes(self) -> int:
         data = asdict(self)
         if data["update"] is not None and data["update"]["sign_step"] is None:
             del data["update"]["sign_step"]  # only sign updates carry it: a linear update encodes as it always did
@@ -65,7 +65,7 @@ class ProbeReply:
     applied_step: int
     seconds: float = 0.0
 
-    def wire_bytes(self) -> int:
+    def json_bytes(self) -> int:
         return len(json.dumps(asdict(self), separators=(",", ":")))
 
 
@@ -77,9 +77,9 @@ def payload_bytes(obj: Any) -> int:
     Tensors are counted by ``nbytes`` without touching their data, so the count is cheap even for the
     model-sized messages it exists to catch.
     """
-    wire = getattr(obj, "wire_bytes", None)
-    if callable(wire):
-        return int(wire())
+    size = getattr(obj, "json_bytes", None)
+    if callable(size):
+        return int(size())
     if obj is None or isinstance(obj, (bool, int, float)):
         return 8
     if isinstance(obj, str):

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 
 from ..config import FIRST_ORDER
+from ..errors import RayS2PError
 from ..storage_fs import StoragePath, local_copy, location, walk_files
-from .engine import ReplicaEngine
+from ..zo.environment import replay_problem
+from ..zo.ledger import Ledger, LedgerError, read_environment, read_table, table_rows, updates_by_step
 from .checkpoint import checkpoint_path, load_checkpoint
-from .environment import replay_problem
-from .ledger import Ledger, LedgerError, read_environment, read_table, table_rows, updates_by_step
+from .engine import ReplicaEngine
 from .run_dir import RunDirectory
 
 
@@ -33,7 +34,7 @@ class ReplayResult:
     engine: ReplicaEngine
 
 
-class EnvironmentMismatch(RuntimeError):
+class EnvironmentMismatch(RayS2PError, RuntimeError):
     """A bitwise check was asked for where the run's bits cannot be reproduced (another device or torch)."""
 
 
@@ -43,7 +44,7 @@ def replay_run(run_dir: str | Path | StoragePath, step: int | None = None, *, bi
     Args:
         run_dir: the run directory: a local path, a URI (file://, s3://, gs://) or a ``StoragePath``.
         bitwise: the caller will compare digests; refuse before replaying when the run recorded
-            another device type, kernel family or torch build than this replay's (environment.py).
+            another device type, kernel family or torch build than this replay's (zo/environment.py).
 
     Raises:
         LedgerError: the ledger is unreadable, incomplete, or ``step`` is beyond it.

@@ -17,11 +17,21 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ..config import RunConfig
+from ..errors import RayS2PError
 from .engine import ReplicaEngine
 from .messages import Traffic
+from .pool import ReplicaMethod, check_method
 
 
-class ReplicaFailure(RuntimeError):
+class ClusterError(RayS2PError, RuntimeError):
+    """The cluster cannot host the replicas the config asks for; the message names what is missing."""
+
+
+class ReplicaError(RayS2PError, RuntimeError):
+    """A replica refused its input (a project error raised inside it); the message is the replica's own."""
+
+
+class ReplicaFailure(RayS2PError, RuntimeError):
     """Some replicas died or hung; ``results`` holds the answers of the others (None where failed)."""
 
     def __init__(self, failed: list[int], results: list[Any], reason: str) -> None:
@@ -46,7 +56,8 @@ class ReplicaHost:
         os.environ["RAY_S2P_REPLICA"] = str(replica)  # one actor per process: lets user tasks know their index
         self.engine = ReplicaEngine(cfg, replica)
 
-    def call(self, method: str, *args: Any) -> Any:
+    def call(self, method: ReplicaMethod, *args: Any) -> Any:
+        check_method(method)
         return getattr(self.engine, method)(*args)
 
     def pid(self) -> int:
@@ -140,8 +151,9 @@ class LocalPool:
     def size(self) -> int:
         return len(self.engines)
 
-    def call(self, method: str, args: Sequence[tuple], replicas: Sequence[int] | None = None,
+    def call(self, method: ReplicaMethod, args: Sequence[tuple], replicas: Sequence[int] | None = None,
              timeout: float | None = None) -> list[Any]:
+        check_method(method)
         idx = list(range(self.size)) if replicas is None else list(replicas)
         results = [getattr(self.engines[r], method)(*a) for r, a in zip(idx, args)]
         self.traffic.record(method, list(args), results)  # what would cross a process boundary
@@ -192,7 +204,7 @@ class RayPool:
             ready, _ = ray.wait([self.pg.ready()], timeout=c.startup_timeout_s)
         if not ready:
             ray.util.remove_placement_group(self.pg)
-            raise RuntimeError(
+            raise ClusterError(
                 f"could not reserve {c.replicas} replica bundles of {bundle} within "
                 f"cluster.startup_timeout_s={c.startup_timeout_s}s; the cluster has {ray.cluster_resources()}. "
                 f"Fix: lower cluster.replicas or cluster.cpus_per_replica/gpus_per_replica, or add nodes")
@@ -209,7 +221,7 @@ class RayPool:
         for key, need in bundle.items():
             have = total.get(key, 0.0)
             if need * replicas > have and not _autoscaling():
-                raise RuntimeError(
+                raise ClusterError(
                     f"cluster.replicas={replicas} x {key}={need} per replica needs {need * replicas:g} {key}, "
                     f"but the cluster has {have:g}. Fix: lower cluster.replicas or cluster."
                     f"{ {'GPU': 'gpus', 'CPU': 'cpus'}.get(key, 'memory') }_per_replica"
@@ -235,12 +247,13 @@ class RayPool:
     def size(self) -> int:
         return len(self.actors)
 
-    def call(self, method: str, args: Sequence[tuple], replicas: Sequence[int] | None = None,
+    def call(self, method: ReplicaMethod, args: Sequence[tuple], replicas: Sequence[int] | None = None,
              timeout: float | None = None) -> list[Any]:
         """Fan out ``method`` to the replicas, then one wait; raise ReplicaFailure on death or timeout."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
+        check_method(method)
         idx = list(range(self.size)) if replicas is None else list(replicas)
         refs = [self.actors[r].call.remote(method, *a) for r, a in zip(idx, args)]
         deadline = time.monotonic() + (timeout if timeout is not None else self.config.cluster.step_timeout_s)
@@ -258,12 +271,12 @@ class RayPool:
             except (RayActorError, GetTimeoutError) as exc:
                 if getattr(exc, "actor_init_failed", False):
                     # Building the task/model raised: bad config or data, not a fault to heal by restarting.
-                    raise RuntimeError(f"replica {idx[pos]} could not start: {_root_cause(exc)}") from exc
+                    raise _remote_error(exc)(f"replica {idx[pos]} could not start: {_root_cause(exc)}") from exc
                 failed.append(idx[pos])
                 reasons.append(f"replica {idx[pos]} died ({type(exc).__name__})")
             except RayError as exc:
                 # An exception raised inside the replica's code is a bug or bad input, not a fault to heal.
-                raise RuntimeError(f"replica {idx[pos]} raised in {method!r}: {_root_cause(exc)}") from exc
+                raise _remote_error(exc)(f"replica {idx[pos]} raised in {method!r}: {_root_cause(exc)}") from exc
         self.traffic.record(method, list(args), [r for r in results if r is not None])
         if failed:
             raise ReplicaFailure(failed, results, "; ".join(reasons))
@@ -324,6 +337,21 @@ def _root_cause(exc: BaseException) -> str:
         if head.endswith(("Error", "Exception")) and " " not in head:
             return line
     return lines[-1] if lines else repr(exc)
+
+
+def _remote_error(exc: BaseException) -> type[Exception]:
+    """ReplicaError when a replica raised one of the project's errors (bad config, data or file: one line for
+    the user), RuntimeError otherwise (a bug: the traceback stays). A failed actor start carries only the
+    remote traceback's text, so its last error line is matched against the project's error names."""
+    if isinstance(exc, RayS2PError):  # Ray's RayTaskError(Cause) is an instance of the cause's class
+        return ReplicaError
+    head = _root_cause(exc).split(":", 1)[0]
+    name = head.rsplit(".", 1)[-1].rstrip(")").split("(")[-1]
+    return ReplicaError if name in _error_names(RayS2PError) else RuntimeError
+
+
+def _error_names(cls: type) -> set[str]:
+    return {cls.__name__}.union(*(_error_names(sub) for sub in cls.__subclasses__()))
 
 
 def _autoscaling() -> bool:

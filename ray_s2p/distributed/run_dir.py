@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -17,40 +16,27 @@ import yaml
 
 from ..config import ConfigError, RunConfig
 from ..config_history import saved_config
-from ..storage_fs import (Location, StoragePath, location, read_parquet, remove_tree, write_json, write_parquet,
-                          write_yaml)
-from ..tasks.base import EvalTotals
+from ..errors import RayS2PError
+from ..storage_fs import (
+    Location,
+    StoragePath,
+    location,
+    read_parquet,
+    remove_tree,
+    write_json,
+    write_parquet,
+    write_yaml,
+)
 
 if TYPE_CHECKING:
-    from .ledger import LedgerRow
+    from ..zo.ledger import LedgerRow
 
 METRIC_COLUMNS = ["step", "kind", "loss", "eval_loss", "eval_accuracy", "eval_macro_f1", "forward_passes",
                   "wall_seconds", "bytes_sent", "bytes_received", "skipped_directions", "eval_split"]
 
 
-class RunDirectoryError(ValueError):
+class RunDirectoryError(RayS2PError, ValueError):
     """The output directory cannot be used as asked."""
-
-
-def aggregate_eval(parts: list[EvalTotals]) -> dict[str, float]:
-    """Loss, accuracy and macro-F1 from the replicas' evaluation shards."""
-    total = EvalTotals()
-    for part in parts:
-        total = total.merge(part)
-    out: dict[str, float] = {}
-    if total.count:
-        out["eval_loss"] = total.loss_sum / total.count
-    if total.predictions and total.labels:
-        preds, labels = total.predictions, total.labels
-        out["eval_accuracy"] = sum(int(p == y) for p, y in zip(preds, labels)) / len(labels)
-        f1s = []
-        for c in sorted(set(labels) | set(preds)):
-            tp = sum(1 for p, y in zip(preds, labels) if p == c and y == c)
-            fp = sum(1 for p, y in zip(preds, labels) if p == c and y != c)
-            fn = sum(1 for p, y in zip(preds, labels) if p != c and y == c)
-            f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-        out["eval_macro_f1"] = sum(f1s) / len(f1s)
-    return out
 
 
 class RunDirectory:
@@ -231,33 +217,3 @@ class RunDirectory:
         if self._writer is not None:
             self._writer.close()
         return fields
-
-    def progress(self, start: int) -> "Progress":
-        return Progress(self.config.steps, start, self.config.progress)
-
-
-class Progress:
-    """A tqdm bar with step, loss, eval metric and steps/s (tqdm prints steps/s itself)."""
-
-    def __init__(self, total: int, start: int, enabled: bool) -> None:
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                            file=sys.stderr, mininterval=1.0)
-        self.last = time.perf_counter()
-
-    def update(self, step: int, loss: float, eval_metrics: dict[str, float]) -> None:
-        if self.bar is None:
-            return
-        post = {"loss": f"{loss:.4f}"}
-        if "eval_accuracy" in eval_metrics:
-            post["acc"] = f"{eval_metrics['eval_accuracy']:.3f}"
-        elif "eval_loss" in eval_metrics:
-            post["eval"] = f"{eval_metrics['eval_loss']:.4f}"
-        self.bar.set_postfix(post, refresh=False)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

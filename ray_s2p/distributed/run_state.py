@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import RayS2PError
+from ..zo.ledger import Ledger
 from .checkpoint import Checkpoint
-from .ledger import Ledger
 from .messages import Update
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RayS2PError, RuntimeError):
     """The run cannot continue (too many failures, non-finite losses, replica mismatch)."""
 
 

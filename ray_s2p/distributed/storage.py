@@ -19,22 +19,17 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any
 
-from ..storage_fs import Location, StoragePath, location, remove_tree, wire, write_text
+from ..errors import RayS2PError
+from ..storage_fs import Location, StoragePath, for_replica, location, remove_tree, write_text
+from .pool import ReplicaPool
 
 CHECK_DIR = ".storage-check"  # a dot name: temporary, removed after the check (docs/ledger.md)
 
 
-class StorageError(RuntimeError):
+class StorageError(RayS2PError, RuntimeError):
     """The run directory is not reachable, or not the same directory, from every replica."""
-
-
-class _Pool(Protocol):
-    size: int
-
-    def call(self, method: str, args: Sequence[tuple], replicas: Sequence[int] | None = None,
-             timeout: float | None = None) -> list[Any]: ...
 
 
 def probe_storage(directory: str | Path | StoragePath, token: str, replica: int) -> dict[str, Any]:
@@ -69,11 +64,11 @@ def probe_storage(directory: str | Path | StoragePath, token: str, replica: int)
     return out
 
 
-def check_storage(pool: _Pool, directory: str | Location, timeout: float | None = None) -> list[dict[str, Any]]:
+def check_storage(pool: ReplicaPool, directory: str | Location, timeout: float | None = None) -> list[dict[str, Any]]:
     """Driver side: every replica must see the driver's run directory, and the driver every replica's writes.
 
     Args:
-        pool: the replica pool (LocalPool or RayPool).
+        pool: the replica pool.
         directory: the run directory (a local path or a location of storage_fs.py).
         timeout: seconds the replicas may take.
 
@@ -89,7 +84,7 @@ def check_storage(pool: _Pool, directory: str | Location, timeout: float | None 
     token = os.urandom(16).hex()  # not the run's RNG: only tells this check's directory apart from any other
     write_text(check / "driver.token", token)
     try:
-        answers = pool.call("check_storage", [(wire(root), token)] * pool.size, timeout=timeout)
+        answers = pool.call("check_storage", [(for_replica(root), token)] * pool.size, timeout=timeout)
         problems = [f"replica {a['replica']} on host {a['host']}: {a['error']}" for a in answers if a["error"]]
         for a in answers:
             if a["error"] is None:

@@ -23,6 +23,7 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..errors import RayS2PError
 from ..files import atomic_path
 from ..storage_fs import Location, StoragePath, location, read_parquet
 
@@ -63,7 +64,7 @@ def moving_average(values: Sequence[float], window: int = SMOOTHING_WINDOW) -> l
         ValueError: window < 1.
     """
     if window < 1:
-        raise ValueError(f"smoothing window must be >= 1, got {window}. Fix: use 1 (no smoothing) or more")
+        raise RayS2PError(f"smoothing window must be >= 1, got {window}. Fix: use 1 (no smoothing) or more")
     out: list[float] = []
     running = 0.0
     for i, v in enumerate(values):
@@ -107,15 +108,15 @@ def load_curves(run_dir: str | Path | StoragePath, label: str | None = None) -> 
     run_dir = location(run_dir)  # a local path, or a URI read through pyarrow.fs (storage_fs.py)
     path = run_dir / "metrics.parquet"
     if not path.is_file():
-        raise ValueError(f"run directory {str(run_dir)!r} has no metrics.parquet. "
+        raise RayS2PError(f"run directory {str(run_dir)!r} has no metrics.parquet. "
                          f"Fix: pass a run directory written by `ray-s2p train` (metrics are flushed at each log step)")
     try:
         rows = read_parquet(path).to_pylist()
     except Exception as exc:  # pyarrow raises several types for torn or foreign files
-        raise ValueError(f"run directory {str(run_dir)!r}: metrics.parquet is unreadable ({exc}). "
+        raise RayS2PError(f"run directory {str(run_dir)!r}: metrics.parquet is unreadable ({exc}). "
                          f"Fix: rerun or resume the run to rewrite it") from exc
     if rows and not {"step", "kind"} <= set(rows[0]):
-        raise ValueError(f"run directory {str(run_dir)!r}: metrics.parquet has no 'step'/'kind' columns. "
+        raise RayS2PError(f"run directory {str(run_dir)!r}: metrics.parquet has no 'step'/'kind' columns. "
                          f"Fix: pass a ray_s2p run directory")
     rows.sort(key=lambda r: r["step"])
 
@@ -214,12 +215,12 @@ def plot_runs(run_dirs: Sequence[str | Path | StoragePath], output: Path, labels
             message names the directory).
     """
     if not run_dirs:
-        raise ValueError("no run directories to plot. Fix: pass at least one RUN_DIR")
+        raise RayS2PError("no run directories to plot. Fix: pass at least one RUN_DIR")
     if labels is not None and len(labels) != len(run_dirs):
-        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} run directories. "
+        raise RayS2PError(f"{len(labels)} labels for {len(run_dirs)} run directories. "
                          f"Fix: give one label per run directory, in the same order")
     if window < 1:
-        raise ValueError(f"smoothing window must be >= 1, got {window}. Fix: use 1 (no smoothing) or more")
+        raise RayS2PError(f"smoothing window must be >= 1, got {window}. Fix: use 1 (no smoothing) or more")
     runs = [load_curves(d, labels[i] if labels is not None else None) for i, d in enumerate(run_dirs)]
     fig = _render(runs, window)
     output = Path(output)

@@ -50,13 +50,22 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..config_history import trajectory_dict
 from ..files import atomic_path, write_text
 from .progress import FILE_NAME as PROGRESS_FILE
-from .progress import NotRecorded, Progress, fingerprint
-from .protocol import (MAX_EXTENSIONS, MIN_EVAL_POINTS, best_index, edge_side, eval_interval, extension, log_grid,
-                       refinement)
+from .progress import CompareProgress, NotRecorded, fingerprint
+from .protocol import (
+    MAX_EXTENSIONS,
+    MIN_EVAL_POINTS,
+    Tuned,
+    best_index,
+    edge_side,
+    eval_interval,
+    extension,
+    log_grid,
+    refinement,
+)
 from .report import summarise, tuning_summary
 from .reruns import run_seeds
 
@@ -97,19 +106,6 @@ def variant_overrides(name: str) -> dict[str, Any]:
 
 
 @dataclass
-class Tuned:
-    """One variant's tuning: the chosen overrides (None when every trial failed) and what the grid did."""
-
-    name: str
-    overrides: dict[str, Any] | None
-    trials: list[dict[str, Any]]
-    points: int                                           # grid points run, extensions included
-    extensions: list[str] = field(default_factory=list)  # the side of each extension, in order
-    on_edge: str | None = None                            # the best is still on this edge after the last one
-    refined: int = 0                                      # log-midpoints added around the best after extending
-
-
-@dataclass
 class Comparison:
     """What ``compare`` did: one row per rerun, every tuning trial, and every failure (one line each)."""
 
@@ -120,7 +116,7 @@ class Comparison:
 
 
 def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget: int, seed: int,
-                 resume: bool = False, trial_cpus: float = 1.0, progress: Progress | None = None,
+                 resume: bool = False, trial_cpus: float = 1.0, progress: CompareProgress | None = None,
                  train: bool = True) -> Tuned:
     """Best step size of one variant on the validation split, from a log-spaced grid extended at its edge
     and then refined once around its best point (``protocol.refinement``).
@@ -211,7 +207,7 @@ def check_base(base: RunConfig) -> tuple[RunConfig, RunConfig]:
         ValueError: the task has no test split.
     """
     if base.task.test_size == 0:
-        raise ValueError("compare reports the test split, and task.test_size is 0. Fix: set task.test_size "
+        raise ConfigError("compare reports the test split, and task.test_size is 0. Fix: set task.test_size "
                          "(e.g. --set task.test_size=1000); tuning reads the task.eval_size validation rows")
     return base.replace({"task.eval_split": "validation"}), base.replace({"task.eval_split": "test"})
 
@@ -236,7 +232,7 @@ def compare(base: RunConfig, output: str | Path, *, variants: list[str], budget:
 
     tuning_base, test_base = check_base(base)
     out = Path(output)
-    record = Progress.load(progress if progress is not None else out / PROGRESS_FILE)  # before writing anything
+    record = CompareProgress.load(progress if progress is not None else out / PROGRESS_FILE)  # before writing anything
     out.mkdir(parents=True, exist_ok=True)
     costs = [passes_per_step(base.replace(variant_overrides(n))) for n in variants]
     if ablations and "vs2p" in variants:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import RayS2PError
 from ..files import write_text
 from .tune import error_line
 
@@ -42,7 +43,7 @@ class NotRecorded(LookupError):
 
 
 @dataclass
-class Progress:
+class CompareProgress:
     """The finished sweeps and runs of one comparison, saved atomically after every new entry.
 
     Attributes:
@@ -56,7 +57,7 @@ class Progress:
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: str | Path) -> Progress:
+    def load(cls, path: str | Path) -> CompareProgress:
         """The progress in ``path``, or an empty one when the file does not exist yet.
 
         Raises:
@@ -68,11 +69,11 @@ class Progress:
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            raise ValueError(f"compare progress file {str(path)!r} is unreadable ({exc}). Fix: restore it from "
+            raise RayS2PError(f"compare progress file {str(path)!r} is unreadable ({exc}). Fix: restore it from "
                              f"its copy, or move it away to run the comparison from the start") from exc
         if not isinstance(data, dict) or data.get("version") != VERSION:
             found = data.get("version") if isinstance(data, dict) else type(data).__name__
-            raise ValueError(f"compare progress file {str(path)!r} has version {found!r}, this version reads "
+            raise RayS2PError(f"compare progress file {str(path)!r} has version {found!r}, this version reads "
                              f"{VERSION}. Fix: move it away to run the comparison from the start")
         return cls(path, dict(data.get("sweeps", {})), dict(data.get("runs", {})))
 

@@ -15,13 +15,15 @@ testable with plain values:
   with at least ``MIN_EVAL_POINTS`` points (``eval_interval``);
 * passes to a target: interpolated linearly between the two evaluations that
   bracket the first crossing (``passes_to_target``); its resolution is the
-  evaluation interval.
+  evaluation interval;
+* ``Tuned``: what one variant's grid did, written by compare.py and read by report.py.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
 MIN_GRID_POINTS = 5
 EXTENSION_POINTS = 2
@@ -138,3 +140,16 @@ def passes_to_target(evals: Sequence[tuple[float, Optional[float]]], target: flo
             p0, m0 = points[i - 1]
             return p0 + (target - m0) / (metric - m0) * (passes - p0)
     return None
+
+
+@dataclass
+class Tuned:
+    """One variant's tuning: the chosen overrides (None when every trial failed) and what the grid did."""
+
+    name: str
+    overrides: dict[str, Any] | None
+    trials: list[dict[str, Any]]
+    points: int                                           # grid points run, extensions included
+    extensions: list[str] = field(default_factory=list)  # the side of each extension, in order
+    on_edge: str | None = None                            # the best is still on this edge after the last one
+    refined: int = 0                                      # log-midpoints added around the best after extending

@@ -8,13 +8,10 @@ to judge it (grid size and extensions, evaluation interval and so the resolution
 from __future__ import annotations
 
 import statistics
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from .protocol import EXTENSION_POINTS, MAX_EXTENSIONS, MIN_GRID_POINTS
+from .protocol import EXTENSION_POINTS, MAX_EXTENSIONS, MIN_GRID_POINTS, Tuned
 from .stats import mean_std, paired_comparison
-
-if TYPE_CHECKING:
-    from .compare import Tuned
 
 REFERENCE = "vs2p"  # the rule every other row is compared with, seed by seed
 
@@ -23,7 +20,7 @@ def _f(value: Optional[float], spec: str = ".3f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def grid_note(tuned: "Tuned") -> str:
+def grid_note(tuned: Tuned) -> str:
     """How a variant's grid went: its size, the extensions, the refinement, and whether the best is still on
     an edge."""
     note = f"{tuned.points} points"
@@ -36,7 +33,7 @@ def grid_note(tuned: "Tuned") -> str:
     return note
 
 
-def tuning_summary(tuned: Sequence["Tuned"], trials: int) -> str:
+def tuning_summary(tuned: Sequence[Tuned], trials: int) -> str:
     """Markdown: every tuning trial's step size and final validation metric, per variant, in step-size order."""
     metric = next((t["metric"] for tn in tuned for t in tn.trials), "eval_accuracy")
     lines = [f"Tuning on the validation split only: the final validation {metric} of one run per grid point, "
@@ -58,7 +55,7 @@ def tuning_summary(tuned: Sequence["Tuned"], trials: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summarise(rows: Sequence[dict[str, Any]], tuned: Sequence["Tuned"], target: float, interval: int,
+def summarise(rows: Sequence[dict[str, Any]], tuned: Sequence[Tuned], target: float, interval: int,
               budget: int) -> str:
     """Markdown: per variant the test accuracy over seeds, passes to ``target``, settings and grid; then VS2P
     against every other variant, paired by seed."""

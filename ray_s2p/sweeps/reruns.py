@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from ..config import RunConfig
 from ..config_history import saved_config, trajectory_dict
-from .progress import NotRecorded, Progress, fingerprint
+from .progress import CompareProgress, NotRecorded, fingerprint
 from .protocol import passes_to_target as interpolated_passes
 
 
@@ -46,7 +46,7 @@ def eval_curve(metrics_path: Path, metric: str = "eval_accuracy") -> list[tuple[
 
 def run_seeds(base: RunConfig, name: str, overrides: dict[str, Any], seeds: list[int], out: Path,
               target: float, interval: int, resume: bool = False, parallel: int = 1,
-              progress: Progress | None = None, train: bool = True) -> list[dict[str, Any]]:
+              progress: CompareProgress | None = None, train: bool = True) -> list[dict[str, Any]]:
     """Train the tuned variant once per seed on the test split, evaluated every ``interval`` forward passes.
 
     Finished identical runs are reused when ``resume``: from ``progress`` (any machine), else from their

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import FIRST_ORDER, FIRST_ORDER_PASSES, ConfigError, RunConfig
+from ..errors import RayS2PError
 from .protocol import log_grid
 
 # Search spaces per optimizer: dotted key -> (low, high) sampled log-uniformly.
@@ -201,7 +202,7 @@ def run_sweep(base: RunConfig, storage_path: str | Path, *, name: str = "sweep",
     optimizers = optimizers or [base.optimizer.name]
     unknown = [o for o in optimizers if o not in SPACES]
     if unknown:
-        raise ValueError(f"tune: unknown optimizer {unknown[0]!r}. Fix: use some of {', '.join(SPACES)}")
+        raise RayS2PError(f"tune: unknown optimizer {unknown[0]!r}. Fix: use some of {', '.join(SPACES)}")
     metric = metric or ("eval_loss" if base.task.name == "causal_lm" else "eval_accuracy")
     mode = "min" if "loss" in metric else "max"
     # The trials are sampled here (seeded) rather than by Tune's sampler, so each optimizer gets exactly

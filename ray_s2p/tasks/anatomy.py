@@ -33,6 +33,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .errors import TaskError
+
 Batch = dict[str, Any]
 Select = Callable[[torch.Tensor, Batch], torch.Tensor]
 Entry = Callable[[Batch], tuple[torch.Tensor, tuple, dict]]
@@ -146,7 +148,7 @@ def capture_block_inputs(backbone: nn.Module, first_block: nn.Module, batch: Bat
     except _BlockInputs as got:
         args, kwargs = tuple(got.block_args), dict(got.block_kwargs)
     else:
-        raise RuntimeError("the backbone never called its first block; feature reuse cannot cut this model")
+        raise TaskError("the backbone never called its first block; feature reuse cannot cut this model")
     finally:
         handle.remove()
     if args:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TaskConfig
-from ..zo.directions import mix_seed
+from ..zo.noise import mix_seed
 from .base import Batch, EvalTotals
 from .errors import check_options
 from .feature_reuse import replay, trainable_by_flags

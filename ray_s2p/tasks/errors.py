@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ..errors import RayS2PError
 
-class TaskError(ValueError):
+
+class TaskError(RayS2PError, ValueError):
     """A task cannot be built or used as configured; the message names the field and the fix."""
 
 

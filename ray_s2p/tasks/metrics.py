@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 from .base import EvalTotals
 
@@ -38,3 +39,19 @@ def classification_metrics(totals: EvalTotals) -> dict[str, float]:
         fn = sum(p != cls and y == cls for p, y in zip(preds, labels, strict=True))
         f1s.append(2 * tp / (2 * tp + fp + fn))  # denominator > 0: cls occurs in preds or labels
     return {"loss": loss, "accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s)}
+
+
+def eval_metrics(parts: Sequence[EvalTotals]) -> dict[str, float]:
+    """The metrics row of one evaluation from the replicas' shards: ``eval_loss`` (when any example
+    counted), ``eval_accuracy`` and ``eval_macro_f1`` (when there are predictions), as
+    ``classification_metrics`` computes them over the merged totals."""
+    total = EvalTotals()
+    for part in parts:
+        total = total.merge(part)
+    if not total.count:
+        return {}
+    metrics = classification_metrics(total)
+    out = {"eval_loss": metrics["loss"]}
+    if total.predictions and total.labels:
+        out.update(eval_accuracy=metrics["accuracy"], eval_macro_f1=metrics["macro_f1"])
+    return out

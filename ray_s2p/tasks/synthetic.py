@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import TaskConfig
-from ..zo.directions import mix_seed
+from ..zo.noise import mix_seed
 from .base import Batch, EvalTotals
+from .errors import TaskError
 from .precision import match_weights
 
 
@@ -33,7 +34,7 @@ class BlobsTask:
         opts = dict(cfg.options)
         unknown = set(opts) - {"features", "hidden", "train_examples", "noise"}
         if unknown:
-            raise ValueError(f"task.options: unknown key {sorted(unknown)[0]!r} for the synthetic task. "
+            raise TaskError(f"task.options: unknown key {sorted(unknown)[0]!r} for the synthetic task. "
                              f"Fix: use features, hidden, train_examples or noise")
         self.cfg = cfg
         self.seed = seed

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..config import TaskConfig
-from ..zo.directions import mix_seed
+from ..zo.noise import mix_seed
 from .anatomy import Anatomy, hf_anatomy
 from .base import Batch
 from .classifier import LogitsClassifier

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from ..config import TaskConfig
 from ..data.batching import Examples, eval_positions, split_rows, train_positions
 from ..data.sources import DataError, check_label_range, labels_to_ids, load_source, require_columns
-from ..zo.directions import mix_seed
+from ..zo.noise import mix_seed
 from .anatomy import Anatomy, unwrap
 from .base import Batch
 from .classifier import LogitsClassifier

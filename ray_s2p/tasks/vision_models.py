@@ -21,6 +21,8 @@ import math
 import torch
 from torch import nn
 
+from .errors import TaskError
+
 ARCHITECTURES = ("cnn", "resnet18")
 
 
@@ -134,4 +136,4 @@ def build_vision_model(arch: str, in_channels: int, num_classes: int, width: int
         return small_cnn(in_channels, num_classes, width)
     if arch == "resnet18":
         return resnet18(in_channels, num_classes, width)
-    raise ValueError(f"unknown vision model {arch!r}; use one of {', '.join(ARCHITECTURES)}")
+    raise TaskError(f"unknown vision model {arch!r}; use one of {', '.join(ARCHITECTURES)}")

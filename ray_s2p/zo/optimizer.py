@@ -10,20 +10,22 @@ once per probe (2 per direction for two-point rules) and never calls backward.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from ..config import FIRST_ORDER, OptimizerConfig
-from .directions import DirectionSpace, NoiseTable, apply_update, mix_seed, select_parameters
+from ..config import FIRST_ORDER, ConfigError, OptimizerConfig, PerturbationConfig
+from .noise import mix_seed
 from .probes import Prober
 from .rules import StepDecision, build_rule
-from .weight_decay import decay_exempt
+from .space import build_space
+from .update import apply_update
 
 if TYPE_CHECKING:
-    from ..distributed.ledger import Ledger
+    from .ledger import Ledger
 
 
 def optimizer_config(**fields: Any) -> OptimizerConfig:
@@ -55,37 +57,43 @@ class ZerothOrderOptimizer:
         seed: run seed; the direction seed of (step, j) is ``mix_seed(seed, step, j)``.
         total_steps: horizon for decay schedules.
         names: parameter names to train (default: all with requires_grad).
-        distribution: gaussian, rademacher, sphere, table or lowrank.
-        rank: r of the low-rank directions (distribution="lowrank").
-        lowrank_interval: lazy V: V redrawn every this many steps (distribution="lowrank").
-        mechanism: hooks, swap or naive (see ray_s2p.zo.probes).
+        perturbation: how directions are drawn and probes applied, the trainer's ``perturbation`` section
+            (default ``PerturbationConfig()``: the trainer's defaults, so both draw the same noise).
+        noise_threads: ``cluster.noise_threads`` (0: torch's thread count on a CPU; speed only).
         ledger_path: if given, every step's rows go to this ledger.parquet (flushed by ``flush``).
+        **perturbation_fields: single ``PerturbationConfig`` fields over ``perturbation``, e.g.
+            ``distribution="lowrank", rank=4`` or ``mechanism="swap"``.
+
+    Raises:
+        ConfigError: a field that ``PerturbationConfig`` does not have, or a bad value (named).
     """
 
     def __init__(self, model: torch.nn.Module, config: OptimizerConfig, *, seed: int = 0, total_steps: int = 1000,
-                 names: Sequence[str] | None = None, distribution: str = "gaussian", mechanism: str = "hooks",
-                 table_size: int = 1 << 22, rank: int = 2, lowrank_interval: int = 1,
-                 ledger_path: str | Path | None = None) -> None:
+                 names: Sequence[str] | None = None, perturbation: PerturbationConfig | None = None,
+                 noise_threads: int = 0, ledger_path: str | Path | None = None, **perturbation_fields: Any) -> None:
         if config.name in FIRST_ORDER:
             raise ValueError("optimizer.name: sgd/adamw are first-order; use torch.optim directly in a plain loop")
+        known = {f.name for f in dataclasses.fields(PerturbationConfig)}
+        unknown = sorted(set(perturbation_fields) - known)
+        if unknown:
+            raise ConfigError(f"ZerothOrderOptimizer: unknown perturbation field {unknown[0]!r}. "
+                              f"Fix: use one of {', '.join(sorted(known))}")
+        self.perturbation = dataclasses.replace(perturbation or PerturbationConfig(), **perturbation_fields)
         self.model = model
         self.config = config
         self.seed = seed
-        sel_names, params = select_parameters(model, names)
-        table = NoiseTable(table_size, device=params[0].device) if distribution == "table" else None
-        self.space = DirectionSpace(sel_names, params, distribution, table, rank=rank,
-                                    lowrank_interval=lowrank_interval, run_seed=seed,
-                                    decay_exempt=decay_exempt(model, sel_names, config.weight_decay_exempt))
-        self.prober = Prober(model, self.space, mechanism)
+        self.space = build_space(model, names, self.perturbation, seed=seed,
+                                 weight_decay_exempt=config.weight_decay_exempt, threads=noise_threads)
+        self.prober = Prober(model, self.space, self.perturbation.mechanism)
         # One process evaluates all of a step's q directions: the step is scaled for Q = q (zo/rules/scaling.py).
         self.rule = build_rule(config, total_steps, config.directions)
         self.state = self.rule.init()
         self.step_count = 0
         self.ledger: Ledger | None = None
         if ledger_path is not None:
-            # The ledger file format is the distributed trainer's (distributed/ledger.py, no Ray in it);
-            # imported only when asked for, so the math here needs neither pyarrow nor the trainer.
-            from ..distributed.ledger import Ledger
+            # The distributed trainer's ledger format (ledger.py here, no Ray in it); imported only when
+            # asked for, so the math needs no pyarrow.
+            from .ledger import Ledger
             self.ledger = Ledger(ledger_path)
 
     def step(self, closure: Callable[[], torch.Tensor]) -> StepRecord:
@@ -120,7 +128,7 @@ class ZerothOrderOptimizer:
         decision, self.state = self.rule.update(losses, self.state, k)
         apply_update(self.space, list(zip(seeds, decision.coefficients)), decision.param_scale, k, decision.sign_step)
         if self.ledger is not None:
-            from ..distributed.ledger import ledger_rows
+            from .ledger import ledger_rows
             self.ledger.extend(ledger_rows(k, seeds, radii, losses, decision))
         finite = [v for row in losses for v in row if v == v and abs(v) != float("inf")]
         mean = sum(finite) / len(finite) if finite else float("nan")

@@ -29,10 +29,10 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from ..config import MECHANISMS
 from .directions import DirectionSpace
 from .lowrank import add_output_delta, supports_output_delta
 from .reads import ReadRecorder, check_no_aliasing, owners
-
 
 # Layers whose forward reads their parameters without returning a view of them, so a perturbed copy
 # can be overwritten once their forward has returned.
@@ -44,8 +44,8 @@ class Prober:
     """Evaluates f(x + t z) with the chosen mechanism, leaving x bitwise unchanged (except ``naive``)."""
 
     def __init__(self, model: torch.nn.Module | None, space: DirectionSpace, mechanism: str = "hooks") -> None:
-        if mechanism not in ("hooks", "swap", "naive"):
-            raise ValueError(f"unknown mechanism {mechanism!r}; use hooks, swap or naive")
+        if mechanism not in MECHANISMS:
+            raise ValueError(f"unknown mechanism {mechanism!r}; use {', '.join(MECHANISMS)}")
         if mechanism == "hooks" and model is None:
             raise ValueError("mechanism 'hooks' needs the model; use 'swap' for bare parameters")
         check_no_aliasing(space.params, space.names)  # no mechanism can probe two parameters sharing memory

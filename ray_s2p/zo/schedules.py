@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-DECAY_KINDS = ("constant", "linear", "cosine", "inverse_sqrt", "step")
+from ..config import DECAYS
 
 
 def validate_decay(kind: str, total_steps: int, final: float = 0.0, decay_steps: int | None = None) -> None:
@@ -28,8 +28,8 @@ def validate_decay(kind: str, total_steps: int, final: float = 0.0, decay_steps:
     Raises:
         ValueError: unknown kind, or an argument the kind needs is missing/out of range.
     """
-    if kind not in DECAY_KINDS:
-        raise ValueError(f"unknown decay {kind!r}. Fix: use one of {', '.join(DECAY_KINDS)}")
+    if kind not in DECAYS:
+        raise ValueError(f"unknown decay {kind!r}. Fix: use one of {', '.join(DECAYS)}")
     if kind in ("linear", "cosine"):
         if total_steps < 1:
             raise ValueError(f"decay {kind!r} needs total_steps >= 1, got {total_steps}")
@@ -47,7 +47,7 @@ def decay_factor(kind: str, step: int, total_steps: int, final: float = 0.0,
     """Multiplier applied to a base step size at ``step``.
 
     Args:
-        kind: one of ``DECAY_KINDS``.
+        kind: one of ``DECAYS``.
         step: the 0-based step number (>= 0).
         total_steps: run length; linear and cosine reach ``final`` there and stay.
         final: end fraction for linear/cosine (ignored by the others).

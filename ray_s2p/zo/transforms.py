@@ -21,9 +21,10 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence
 
+from ..config import SIGMA_WARMUPS
+
 Values = tuple[Optional[float], ...]
 TransformState = dict
-WARMUPS = ("abs_gamma", "skip", "unit")
 
 
 class Transform(Protocol):
@@ -187,8 +188,8 @@ class ScaleByRunningStd:
             raise ValueError(f"sigma window must be >= 2, got {self.window}")
         if self.ddof < 0:
             raise ValueError(f"sigma ddof must be >= 0, got {self.ddof}")
-        if self.warmup not in WARMUPS:
-            raise ValueError(f"unknown sigma warm-up {self.warmup!r}. Fix: use one of {', '.join(WARMUPS)}")
+        if self.warmup not in SIGMA_WARMUPS:
+            raise ValueError(f"unknown sigma warm-up {self.warmup!r}. Fix: use one of {', '.join(SIGMA_WARMUPS)}")
         if not self.limit > 0:
             raise ValueError(f"limit must be > 0, got {self.limit}")
         if self.fixed_sigma is not None and not (self.fixed_sigma > 0 and math.isfinite(self.fixed_sigma)):

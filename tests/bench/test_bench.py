@@ -19,6 +19,7 @@ import torch
 from ray_s2p.bench.common import emit
 from ray_s2p.bench.runner import BENCHES, run_benches
 from ray_s2p.cli import main as cli
+from ray_s2p.errors import RayS2PError
 
 SYNTHETIC = ["task.name=synthetic", "task.eval_size=32"]
 TINY_BERT = ["task.model=tiny-bert", "task.dataset=synthetic_text", "task.eval_size=8",
@@ -143,7 +144,7 @@ def test_ray_benchmarks(tmp_path, ray_or_skip):
 
 
 def test_bad_arguments_and_strict_json(tmp_path, capsys):
-    with pytest.raises(ValueError, match="unknown benchmark"):
+    with pytest.raises(RayS2PError, match="unknown benchmark"):
         run_benches(["nope"], results=tmp_path / "r.jsonl")
     assert cli(["bench", "step", "--steps", "1", "--results", str(tmp_path / "r.jsonl")]) == 2
     assert "--steps 2 or more" in capsys.readouterr().err

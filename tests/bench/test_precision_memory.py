@@ -9,6 +9,7 @@ from ray_s2p.bench.memory import run_child
 from ray_s2p.bench.precision import case_config, replica_bytes
 from ray_s2p.cli import main as cli
 from ray_s2p.config import RunConfig
+from ray_s2p.errors import RayS2PError
 
 SYNTHETIC = {"task.name": "synthetic", "task.eval_size": 32, "cluster.use_ray": False}
 
@@ -44,5 +45,5 @@ def test_replica_bytes_and_cases():
     cfg = case_config("llama-tiny", "bf16", ctx)
     assert cfg.precision.weights == "bf16" and cfg.task.options["dtype"] == "bf16"
     assert cfg.perturbation.distribution == "lowrank"  # the user's --set wins over the case's Gaussian
-    with pytest.raises(ValueError, match="unknown case 'smoke'"):
+    with pytest.raises(RayS2PError, match="unknown case 'smoke'"):
         case_config("smoke", "fp32", ctx)

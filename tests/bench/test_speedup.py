@@ -11,6 +11,7 @@ from ray_s2p.bench.speedup import MULTIPLIERS, SEEDS, Speedup, SpeedupOptions
 from ray_s2p.bench.speedup_fit import E4_MIN, efficiency, fit_speedup, pick_multiplier, steps_to_target, summarise_task
 from ray_s2p.bench.speedup_runs import SpeedupProgress, run_key
 from ray_s2p.cli import main as cli
+from ray_s2p.errors import RayS2PError
 
 
 # ------------------------------------------------------------------ the fit
@@ -200,12 +201,12 @@ def test_measured_phases_need_a_target_and_protocol_keys_are_refused(tmp_path, m
     # A preset whose target is not fixed yet (every shipped preset has one now).
     monkeypatch.setitem(speedup.PRESETS, "rt_head", dataclasses.replace(speedup.PRESETS["rt_head"], target=None))
     options = SpeedupOptions(tasks=("rt_head",), progress=str(tmp_path / "p.json"))
-    with pytest.raises(ValueError, match=r"no target accuracy set.*--pilot --tasks rt_head.*TARGETS\['rt_head'\]"):
+    with pytest.raises(RayS2PError, match=r"no target accuracy set.*--pilot --tasks rt_head.*TARGETS\['rt_head'\]"):
         Speedup(options).run_part()
-    with pytest.raises(ValueError, match="--set optimizer.directions: the speedup benchmark sets this key"):
+    with pytest.raises(RayS2PError, match="--set optimizer.directions: the speedup benchmark sets this key"):
         Speedup(options, {"optimizer.directions": 4})
-    with pytest.raises(ValueError, match="--set optimizer.eta: the step size of preset tiny"):
+    with pytest.raises(RayS2PError, match="--set optimizer.eta: the step size of preset tiny"):
         Speedup(SpeedupOptions(tasks=("tiny",), progress=str(tmp_path / "p.json")), {"optimizer.eta": 1.0}).base("tiny")
     (tmp_path / "bad.json").write_text(json.dumps({"version": 1, "sweeps": {}, "runs": {}}))
-    with pytest.raises(ValueError, match="not a speedup progress file"):
+    with pytest.raises(RayS2PError, match="not a speedup progress file"):
         Speedup(SpeedupOptions(progress=str(tmp_path / "bad.json")))

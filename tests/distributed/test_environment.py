@@ -13,8 +13,8 @@ import torch
 from ray_s2p.cli import main as cli
 from ray_s2p.config import load_config
 from ray_s2p.distributed.driver import train
-from ray_s2p.distributed.environment import agreed, numerics_environment, settle, to_metadata
-from ray_s2p.distributed.ledger import read_environment
+from ray_s2p.zo.environment import agreed, numerics_environment, settle, to_metadata
+from ray_s2p.zo.ledger import read_environment
 
 SMOKE = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "smoke.yaml"
 

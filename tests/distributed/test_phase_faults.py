@@ -75,15 +75,13 @@ class KillingPool(RayPool):
         return super().call(method, args, replicas, timeout)
 
 
-def test_a_replica_killed_inside_every_phase_is_healed_to_the_undisturbed_digest(tmp_path, ray_session,
-                                                                                 monkeypatch):
+def test_a_replica_killed_inside_every_phase_is_healed_to_the_undisturbed_digest(tmp_path, ray_session):
     data = smoke_dict(**{"steps": 20, "cluster.use_ray": True, "cluster.digest_every": 5, "log_every": 5})
     cfg = RunConfig.from_dict(data)
     reference = train(cfg.replace({"cluster.use_ray": False}), tmp_path / "reference", log=lambda m: None)
     KillingPool.killed = []
-    monkeypatch.setattr("ray_s2p.distributed.driver.RayPool", KillingPool)
     messages: list[str] = []
-    result = train(cfg, tmp_path / "run", log=messages.append)
+    result = train(cfg, tmp_path / "run", log=messages.append, pool=lambda c: KillingPool(c, log=messages.append))
 
     assert KillingPool.killed == PLAN
     for method, _, victim in PLAN:  # each death was seen, and healed, inside its own phase

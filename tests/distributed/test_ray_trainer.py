@@ -179,3 +179,16 @@ def test_too_many_replica_failures_stop_the_run(tmp_path, ray_session):
     cfg = fault_config(tmp_path, "die", at_step=5, **{"cluster.max_replica_failures": 0})
     with pytest.raises(TrainingError, match="exceed cluster.max_replica_failures=0"):
         train(cfg, tmp_path / "run", log=lambda m: None)
+
+
+def test_a_first_order_replica_that_dies_stops_the_run_and_the_resume_finishes_it_exactly(ray_session, tmp_path):
+    # A backprop replica keeps its steps only in itself: no ledger could catch a replacement up, so the run
+    # stops, names the resume, and the resume from the newest checkpoint ends where an undisturbed run ends.
+    cfg = fault_config(tmp_path, "die", at_step=13, replica=0, **{
+        "optimizer.name": "sgd", "optimizer.lr": 0.05, "cluster.replicas": 1, "steps": 20, "checkpoint_every": 5})
+    with pytest.raises(TrainingError, match=r"'first_order_step' failed.*first-order reference \(sgd\) writes no "
+                                            r"ledger.*newest checkpoint, step 10, with `ray-s2p train --resume"):
+        train(cfg, tmp_path / "run", log=lambda m: None)
+    resumed = train(cfg, tmp_path / "run", resume=True, log=lambda m: None)
+    assert resumed.summary["steps_completed"] == 20
+    assert resumed.final_digest == undisturbed_digest(tmp_path, cfg)

@@ -16,8 +16,8 @@ from conftest import smoke_dict
 from ray_s2p.config import ConfigError, RunConfig, load_config
 from ray_s2p.distributed.checkpoint import CheckpointError, list_checkpoints
 from ray_s2p.distributed.driver import TrainingError, train
-from ray_s2p.distributed.ledger import LedgerError
 from ray_s2p.distributed.replay import replay_run
+from ray_s2p.zo.ledger import LedgerError
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "ray_s2p"]

@@ -49,11 +49,10 @@ class RecordingPool(LocalPool):
         return results
 
 
-def test_a_checkpoint_moves_no_tensors_through_the_driver(tmp_path, monkeypatch):
+def test_a_checkpoint_moves_no_tensors_through_the_driver(tmp_path):
     RecordingPool.calls = []
-    monkeypatch.setattr("ray_s2p.distributed.driver.LocalPool", RecordingPool)
     cfg = RunConfig.from_dict(smoke_dict(**{"steps": 20, "checkpoint_every": 5}))
-    result = train(cfg, tmp_path / "run", log=lambda m: None)
+    result = train(cfg, tmp_path / "run", log=lambda m: None, pool=RecordingPool)
     calls = RecordingPool.calls
     saves = [(a, r) for m, a, r in calls if m == "save_checkpoint"]
     assert [a[0][0] for a, _ in saves] == [5, 10, 15, 20]  # one replica (0) writes, once per checkpoint
@@ -77,13 +76,12 @@ def test_a_checkpoint_moves_no_tensors_through_the_driver(tmp_path, monkeypatch)
     assert not [p.name for p in run_dir.rglob(".*")]  # no staging or probe files left behind
 
 
-def test_resume_and_resync_load_the_checkpoint_in_the_replicas(tmp_path, monkeypatch):
+def test_resume_and_resync_load_the_checkpoint_in_the_replicas(tmp_path):
     cfg = RunConfig.from_dict(smoke_dict())
     full = train(cfg, tmp_path / "full", log=lambda m: None)
     train(RunConfig.from_dict(smoke_dict(steps=20)), tmp_path / "part", log=lambda m: None)
     RecordingPool.calls = []
-    monkeypatch.setattr("ray_s2p.distributed.driver.LocalPool", RecordingPool)
-    resumed = train(cfg, tmp_path / "part", resume=True, log=lambda m: None)
+    resumed = train(cfg, tmp_path / "part", resume=True, log=lambda m: None, pool=RecordingPool)
     assert resumed.final_digest == full.final_digest
     loads = [a for m, a, _ in RecordingPool.calls if m == "load_checkpoint"]
     assert len(loads) == 1 and [Path(p).name for p, _ in loads[0]] == ["step_00000020"] * 2  # paths, not tensors
@@ -144,7 +142,7 @@ def test_final_export_writes_in_place_and_replaces_an_old_final(tmp_path):
     assert len(list_checkpoints(tmp_path / "run" / "checkpoints")) == 2
 
 
-def test_replica_0_dying_while_it_writes_a_checkpoint_is_replaced_and_writes_again(tmp_path, monkeypatch):
+def test_replica_0_dying_while_it_writes_a_checkpoint_is_replaced_and_writes_again(tmp_path):
     from ray_s2p.distributed.replica import ReplicaFailure
 
     class DiesOnceWhileSaving(LocalPool):
@@ -158,8 +156,7 @@ def test_replica_0_dying_while_it_writes_a_checkpoint_is_replaced_and_writes_aga
 
     cfg = RunConfig.from_dict(smoke_dict())
     reference = train(cfg, tmp_path / "reference", log=lambda m: None)
-    monkeypatch.setattr("ray_s2p.distributed.driver.LocalPool", DiesOnceWhileSaving)
-    result = train(cfg, tmp_path / "run", log=lambda m: None)
+    result = train(cfg, tmp_path / "run", log=lambda m: None, pool=DiesOnceWhileSaving)
     assert DiesOnceWhileSaving.fired == [10] and result.summary["replica_failures"] == 1
     assert result.final_digest == reference.final_digest
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000030" / "state.json").read_text())

@@ -9,8 +9,8 @@ import yaml
 from conftest import smoke_dict
 from ray_s2p.config import RunConfig
 from ray_s2p.distributed.driver import train
-from ray_s2p.distributed.ledger import read_table, rows_digest, table_rows, updates_by_step
 from ray_s2p.distributed.replay import replay_run
+from ray_s2p.zo.ledger import read_table, rows_digest, table_rows, updates_by_step
 
 SIGNSGD = {"optimizer.name": "zo_signsgd", "optimizer.lr": 0.01, "optimizer.weight_decay": 0.5,
            "cluster.digest_every": 1}

@@ -15,6 +15,7 @@ import yaml
 
 from ray_s2p.cli.plot import register as add_plot_command
 from ray_s2p.distributed.run_dir import METRIC_COLUMNS
+from ray_s2p.errors import RayS2PError
 from ray_s2p.plots.curves import default_label, load_curves, moving_average, plot_runs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -109,7 +110,7 @@ def test_moving_average_values() -> None:
     assert moving_average([1.0, 2.0, 3.0, 4.0], window=2) == [1.0, 1.5, 2.5, 3.5]
     assert moving_average([4.0, 2.0], window=5) == [4.0, 3.0]
     assert moving_average([1.0, 3.0], window=1) == [1.0, 3.0]
-    with pytest.raises(ValueError):
+    with pytest.raises(RayS2PError):
         moving_average([1.0], window=0)
 
 
@@ -117,7 +118,7 @@ def test_missing_metrics_names_the_directory(two_runs: list[Path], tmp_path: Pat
     empty = tmp_path / "not-a-run"
     empty.mkdir()
     out = tmp_path / "x.png"
-    with pytest.raises(ValueError, match="not-a-run.*metrics.parquet"):
+    with pytest.raises(RayS2PError, match="not-a-run.*metrics.parquet"):
         plot_runs([two_runs[0], empty], out)
     assert not out.exists()
 
@@ -126,12 +127,12 @@ def test_unreadable_metrics_names_the_directory(tmp_path: Path) -> None:
     run = tmp_path / "torn-run"
     run.mkdir()
     (run / "metrics.parquet").write_bytes(b"PAR1 this is not parquet")
-    with pytest.raises(ValueError, match="torn-run.*unreadable"):
+    with pytest.raises(RayS2PError, match="torn-run.*unreadable"):
         plot_runs([run], tmp_path / "x.png")
 
 
 def test_label_count_mismatch(two_runs: list[Path], tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="2 run directories"):
+    with pytest.raises(RayS2PError, match="2 run directories"):
         plot_runs(two_runs, tmp_path / "x.png", labels=["only-one"])
 
 

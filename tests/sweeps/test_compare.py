@@ -15,8 +15,15 @@ from conftest import smoke_dict
 from ray_s2p.cli import main
 from ray_s2p.config import ConfigError, RunConfig
 from ray_s2p.distributed.driver import train
-from ray_s2p.sweeps.compare import (ABLATIONS, ALIASES, ALL_OPTIMIZERS, compare, default_variants, tune_variant,
-                                    variant_overrides)
+from ray_s2p.sweeps.compare import (
+    ABLATIONS,
+    ALIASES,
+    ALL_OPTIMIZERS,
+    compare,
+    default_variants,
+    tune_variant,
+    variant_overrides,
+)
 from ray_s2p.sweeps.protocol import refinement
 from ray_s2p.sweeps.report import tuning_summary
 from ray_s2p.sweeps.tune import SweepResult, passes_per_step, run_sweep

@@ -10,9 +10,10 @@ import pytest
 
 from conftest import smoke_dict
 from ray_s2p.config import RunConfig
+from ray_s2p.errors import RayS2PError
 from ray_s2p.sweeps import reruns as reruns_module
 from ray_s2p.sweeps.compare import compare
-from ray_s2p.sweeps.progress import Progress, fingerprint
+from ray_s2p.sweeps.progress import CompareProgress, fingerprint
 from ray_s2p.sweeps.tune import SweepResult
 
 
@@ -24,13 +25,13 @@ def test_fingerprint_is_canonical_and_sees_every_value():
 
 def test_entries_are_taken_only_under_their_own_fingerprint(tmp_path):
     path = tmp_path / "p.json"
-    progress = Progress.load(path)  # absent: empty, nothing written yet
+    progress = CompareProgress.load(path)  # absent: empty, nothing written yet
     assert progress.sweeps == {} and not path.exists()
     progress.record_sweep("tune-mezo", "k1", "eval_accuracy", "max", [{"optimizer.lr": 0.01, "eval_accuracy": 0.5}])
     progress.record_run("mezo-seed0", "k2", {"final_metrics": {"eval_accuracy": 0.6}, "initial_metrics": {},
                                              "forward_passes": 40, "wall_seconds": 1.0, "steps_completed": 20,
                                              "nodes": ["not kept"]}, [(0.0, 0.1), (40.0, float("nan"))])
-    again = Progress.load(path)
+    again = CompareProgress.load(path)
     assert again.sweep("tune-mezo", "k1")["rows"] == [{"optimizer.lr": 0.01, "eval_accuracy": 0.5}]
     assert again.sweep("tune-mezo", "other") is None and again.sweep("tune-vs2p", "k1") is None
     run = again.run("mezo-seed0", "k2")
@@ -43,10 +44,10 @@ def test_a_failed_trial_keeps_only_its_error_message(tmp_path):
     traceback = ("Traceback (most recent call last):\n  File \"/home/someone/env/ray/tune/trial.py\", line 9\n"
                  "    raise exc\nray.exceptions.RayTaskError(ValueError): ray::_trainable()\n"
                  "ValueError: loss is nan at step 12. Fix: lower optimizer.lr\n")
-    progress = Progress.load(tmp_path / "p.json")
+    progress = CompareProgress.load(tmp_path / "p.json")
     progress.record_sweep("tune-stp", "k", "eval_accuracy", "max", [{"optimizer.lr": 1.0, "error": traceback},
                                                                      {"optimizer.lr": 0.1, "error": None}])
-    rows = Progress.load(tmp_path / "p.json").sweep("tune-stp", "k")["rows"]
+    rows = CompareProgress.load(tmp_path / "p.json").sweep("tune-stp", "k")["rows"]
     assert rows == [{"optimizer.lr": 1.0, "error": "ValueError: loss is nan at step 12. Fix: lower optimizer.lr"},
                     {"optimizer.lr": 0.1, "error": None}]
     assert "/home/" not in (tmp_path / "p.json").read_text()
@@ -57,9 +58,9 @@ def test_a_failed_trial_keeps_only_its_error_message(tmp_path):
 def test_a_foreign_progress_file_is_refused_and_kept(tmp_path, text, message):
     path = tmp_path / "progress.json"
     path.write_text(text)
-    with pytest.raises(ValueError, match=message + r".*Fix: .*move it away"):
-        Progress.load(path)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(RayS2PError, match=message + r".*Fix: .*move it away"):
+        CompareProgress.load(path)
+    with pytest.raises(RayS2PError, match=message):
         compare(RunConfig.from_dict(smoke_dict(**{"task.test_size": 64})), tmp_path, variants=["mezo"], budget=20,
                 trials=1, seeds=[0], target=0.5, ablations=False)
     assert path.read_text() == text

@@ -6,8 +6,7 @@ import math
 
 import pytest
 
-from ray_s2p.sweeps.protocol import (best_index, edge_side, eval_interval, extension, log_grid,
-                                     passes_to_target)
+from ray_s2p.sweeps.protocol import best_index, edge_side, eval_interval, extension, log_grid, passes_to_target
 from ray_s2p.sweeps.report import speed_up
 from ray_s2p.sweeps.stats import mean_std, paired_comparison
 

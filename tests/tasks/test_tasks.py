@@ -530,3 +530,15 @@ def test_max_pool_2x2_equals_torch_max_pool_bitwise(shape) -> None:
     assert torch.isnan(got[0, 0, 0, 0])
     low = x.to(torch.bfloat16)
     assert torch.equal(MaxPool2x2()(low).nan_to_num(-7.0), torch.nn.MaxPool2d(2, ceil_mode=True)(low).nan_to_num(-7.0))
+
+
+def test_eval_metrics_merge_the_shards_and_match_classification_metrics():
+    from ray_s2p.tasks.base import EvalTotals
+    from ray_s2p.tasks.metrics import classification_metrics, eval_metrics
+    shards = [EvalTotals(2.0, 4, [0, 1, 1, 2], [0, 1, 0, 2]), EvalTotals(1.0, 2, [2, 0], [2, 1])]
+    whole = classification_metrics(shards[0].merge(shards[1]))
+    # 6 examples, 4 right; classes 0: F1 1/2, 1: F1 1/2, 2: F1 1: macro-F1 2/3.
+    assert eval_metrics(shards) == {"eval_loss": 0.5, "eval_accuracy": 4 / 6, "eval_macro_f1": whole["macro_f1"]}
+    assert whole["macro_f1"] == pytest.approx(2 / 3)
+    assert eval_metrics([EvalTotals(3.0, 6)]) == {"eval_loss": 0.5}  # a language model's loss only
+    assert eval_metrics([EvalTotals()]) == {}  # nothing evaluated: no row values

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from ray_s2p.distributed.digest import model_digest
-from ray_s2p.zo.directions import DirectionSpace, NoiseTable, apply_update, mix_seed, select_parameters
 from ray_s2p.zo import noise
+from ray_s2p.zo.directions import DirectionSpace, NoiseTable, select_parameters
+from ray_s2p.zo.noise import mix_seed
 from ray_s2p.zo.probes import Prober
+from ray_s2p.zo.update import apply_update
 
 
 def mlp(seed: int = 0) -> torch.nn.Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ...config import CLIPS, Clip, SigmaWarmup
 from ..schedules import Schedule
 from ..transforms import chain, normalise_by_running_std, scale, scale_by_schedule, soft_clip_by_running_std
 from .families import GammaRule
@@ -9,8 +10,8 @@ from .scaling import NO_SCALING, StepScaling
 
 
 def vs2p(eta: Schedule, rho: float, beta: float = 1.0, tau_a: float = 3.0, tau_b: float = 3.0,
-         window: int = 16, ddof: int = 0, include_current: bool = False, warmup: str = "abs_gamma",
-         clip: str = "soft", clip_threshold: float = 1.0, sign_trick: bool = True,
+         window: int = 16, ddof: int = 0, include_current: bool = False, warmup: SigmaWarmup = "abs_gamma",
+         clip: Clip = "soft", clip_threshold: float = 1.0, sign_trick: bool = True,
          lr: Schedule = Schedule(0.0), weight_decay: float = 0.0, scaling: StepScaling = NO_SCALING) -> GammaRule:
     """VS2P, Algorithm 2, in the gamma = 0-safe closed form.
 
@@ -32,6 +33,6 @@ def vs2p(eta: Schedule, rho: float, beta: float = 1.0, tau_a: float = 3.0, tau_b
     elif clip == "none":
         normalise = normalise_by_running_std(window, ddof, include_current, warmup)
     else:
-        raise ValueError(f"unknown VS2P clip {clip!r}. Fix: use soft, fixed or none")
+        raise ValueError(f"unknown VS2P clip {clip!r}. Fix: use one of {', '.join(CLIPS)}")
     transform = chain(normalise, scale_by_schedule(eta), scale(-beta * rho / tau_b))
     return GammaRule("vs2p", rho, transform, not sign_trick, lr, weight_decay, scaling)

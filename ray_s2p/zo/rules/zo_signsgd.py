@@ -9,7 +9,7 @@ size of the estimate; that is the difference from ``zo_sign`` (ZO-Bench's
 sign trick). A coordinate-wise sign is not a sum of ``c_j z_j``, so the decision
 carries ``sign_step = lr_k`` and coefficients ``c_j = gamma_j / q_valid``: every
 replica (and replay) regenerates the step's directions, forms g_hat = sum_j c_j z_j
-chunk by chunk in float32 and applies ``-lr_k sign(g_hat)`` (``directions.apply_update``).
+chunk by chunk in float32 and applies ``-lr_k sign(g_hat)`` (``update.apply_update``).
 
 Reconstructed: Liu et al. estimate with forward differences f(x + mu u) - f(x) and
 directions on the unit sphere scaled by d; the scale cancels in the sign, and the

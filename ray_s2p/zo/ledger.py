@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import pyarrow as pa
 
+from ..errors import RayS2PError
 from ..storage_fs import Location, StoragePath, location, read_parquet, read_parquet_schema, write_parquet
 from .environment import from_metadata, to_metadata
 
 if TYPE_CHECKING:  # only for the annotation: the ledger needs no step rule to read or write rows
-    from ..zo.rules import StepDecision
+    from .rules import StepDecision
 
 SCHEMA = pa.schema([
     pa.field("step", pa.int64(), nullable=False),
@@ -42,7 +43,7 @@ SCHEMA = pa.schema([
 OPTIONAL_COLUMNS = ("sign_step",)
 
 
-class LedgerError(ValueError):
+class LedgerError(RayS2PError, ValueError):
     """The ledger file is missing, truncated, corrupted or does not match the run."""
 
 
@@ -98,7 +99,7 @@ class Ledger:
                  environment: dict[str, Any] | None = None) -> None:
         self.path: Location = location(path)
         self.rows: list[LedgerRow] = list(rows)
-        # Where the run's arithmetic happened (distributed/environment.py); kept in the file's metadata.
+        # Where the run's arithmetic happened (zo/environment.py); kept in the file's metadata.
         self.environment = environment
 
     @classmethod
