@@ -14,7 +14,8 @@
 # must run alone.
 #
 # Time on the 2-core CPU machine (2026-12-06, two parts at once): an rt_head run 50-105 s, an mnist_cnn
-# run 155-210 s, a minilm_top run about 3 minutes (measured alone at Q = 1).
+# run 155-210 s, a minilm_top run 200-280 s; a data-mode run costs N times as many forwards per step
+# (mnist_cnn with N = 4: 10-27 minutes a run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
