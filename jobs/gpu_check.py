@@ -14,7 +14,7 @@ Markdown summary for docs/benchmarks.md on stdout; progress goes to stderr):
    Models: SmolLM2-135M (prompt_classification, trainable all, random 16 x 64
    tokens) and a randomly initialised Llama (``LLAMA_1B``, ~1 B parameters, built
    in memory and never saved) on random 16 x 128 tokens, in fp32, bf16 weights,
-   and fp32 weights with bf16 autocast (the project's ``task.precision: bf16``).
+   and fp32 weights with bf16 autocast (the project's ``task.autocast: bf16``).
 2. ``memory``: ``torch.cuda.max_memory_allocated`` (reset before each mode) for
    plain inference, a zeroth-order step and first-order AdamW (forward, backward,
    step) on the Llama in fp32 and bf16; targets ZO <= 1.2x inference and AdamW >=

@@ -182,7 +182,7 @@ def step_lm(base: RunConfig, device: torch.device, plan: Plan) -> dict[str, Any]
 
     cfg = base.replace({"task.model": plan.lm_model, "task.trainable": "all", "task.feature_reuse": False,
                         "task.batch_size": plan.lm_batch[0], "task.max_length": plan.lm_batch[1],
-                        "task.eval_size": plan.eval_size, "task.precision": "fp32"})
+                        "task.eval_size": plan.eval_size, "task.autocast": "fp32"})
     log(f"  building {plan.lm_model} and the task")
     task = build_task(cfg.task, cfg.seed)
     model = task.build_model().to(device).eval()

@@ -34,7 +34,7 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, 
 LLAMA_TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=1024)
 # (label, parameter dtype, autocast dtype): bf16 weights as MeZO runs them, and fp32 master weights with a
-# bf16 forward, which is what this project's task.precision: bf16 does.
+# bf16 forward, which is what this project's task.autocast: bf16 does.
 LLAMA_PRECISIONS = (("fp32", torch.float32, None), ("fp32+autocast_bf16", torch.float32, torch.bfloat16),
                     ("bf16", torch.bfloat16, None))
 MEMORY_PRECISIONS = ("fp32", "bf16")

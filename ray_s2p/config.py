@@ -79,7 +79,7 @@ class TaskConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ()
-    precision: Autocast = "fp32"
+    autocast: Autocast = "fp32"  # the forward's autocast dtype (weights: precision.weights)
     feature_reuse: bool = True
     trust_remote_code: bool = False
     device_map: str | None = None
@@ -104,7 +104,7 @@ class TaskConfig:
                  f"use one of {', '.join(TRAINABLE)}")
         require(self.trainable != "patterns" or bool(self.patterns), "task.patterns", "empty while trainable=patterns",
                  "list name patterns (fnmatch) of the parameters to train")
-        require(self.precision in AUTOCASTS, "task.precision", f"unknown value {self.precision!r}",
+        require(self.autocast in AUTOCASTS, "task.autocast", f"unknown value {self.autocast!r}",
                  f"use {one_of(AUTOCASTS)}")
         require(self.top_k > 0, "task.top_k", f"got {self.top_k}", "use a positive number of layers")
         require(self.device_map in (None, "auto", "balanced", "sequential"), "task.device_map",
@@ -123,6 +123,12 @@ WEIGHT_DECAY_EXEMPT: tuple[str, ...] = get_args(WeightDecayExempt)
 # How a step's move grows with Q, the directions it evaluates (zo/rules/scaling.py): Q / Q_tuned,
 # sqrt(Q / Q_tuned) or 1.
 STEP_SCALINGS: tuple[str, ...] = get_args(StepScalingKind)
+
+
+# Keys that were renamed: (section, old key) -> new key, and why. A config that uses an old name is refused
+# with the new one; run directories written before a rename load through config_history.saved_config.
+RENAMED: dict[tuple[str, str], str] = {("task", "precision"): "autocast"}
+RENAMED_WHY = {("task", "precision"): "the forward's autocast dtype; the weights' dtype is precision.weights"}
 
 
 @dataclass(frozen=True)
@@ -218,13 +224,13 @@ MODEL_IO_MIN_S = 600.0
 
 @dataclass(frozen=True)
 class PrecisionConfig:
-    """The dtype the replicas keep their weights in (``task.precision`` is the forward's autocast)."""
+    """The dtype the replicas keep their weights in (``task.autocast`` is the forward's autocast)."""
 
     weights: WeightPrecision = "fp32"  # fp32, or bf16 / fp16: 2 bytes per parameter, updates rounded stochastically
 
     def __post_init__(self) -> None:
         require(self.weights in WEIGHT_PRECISIONS, "precision.weights", f"got {self.weights!r}",
-                 "use fp32, bf16 or fp16 (task.precision is the forward's autocast, a different setting)")
+                 "use fp32, bf16 or fp16 (task.autocast is the forward's autocast, a different setting)")
 
 
 @dataclass(frozen=True)
@@ -331,8 +337,12 @@ class RunConfig:
         """Build and validate a config from nested plain data.
 
         Raises:
-            ConfigError: on an unknown key, a wrong type or a bad value.
+            ConfigError: on an unknown key, a renamed key (``RENAMED``), a wrong type or a bad value.
         """
+        for (section, key), new in RENAMED.items():
+            if isinstance((data or {}).get(section), dict) and key in data[section]:
+                raise ConfigError(f"config field '{section}.{key}': renamed to '{section}.{new}'. Fix: write "
+                                  f"{section}.{new} ({RENAMED_WHY[section, key]})")
         return build_section(cls, data or {}, "")
 
     def replace(self, overrides: dict[str, Any]) -> "RunConfig":

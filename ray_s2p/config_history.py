@@ -4,22 +4,39 @@ Keys added after runs and results exist get a value that reproduces what those r
 ``saved_config`` loads a run directory's config.yaml with that value; ``trajectory_dict`` leaves such
 keys out of result fingerprints (sweeps/progress.py) where they change nothing, so recorded results
 are still found. The checkpoint fingerprint (distributed/checkpoint.py) does the same for checkpoints.
+Renamed keys (``RENAMED``) load from old run directories under their new name and enter every
+fingerprint under the name they were recorded with (``recorded_names``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .config import RunConfig
+from .config import RENAMED, RunConfig
+
+
+def recorded_names(data: dict[str, Any]) -> dict[str, Any]:
+    """A ``RunConfig.to_dict()`` with renamed keys under their old names, for fingerprints: a rename alone
+    leaves every recorded result, progress entry and checkpoint findable."""
+    out = dict(data)
+    for (section, old), new in RENAMED.items():
+        if isinstance(out.get(section), dict) and new in out[section]:
+            out[section] = {(old if k == new else k): v for k, v in out[section].items()}
+    return out
 
 
 def saved_config(data: dict[str, Any]) -> RunConfig:
     """A run directory's config.yaml as a ``RunConfig``, keeping the meaning it was written with.
 
     A config.yaml written before ``optimizer.step_scaling`` existed averaged a step's directions without
-    scaling, so it loads with ``step_scaling: none`` (a resumed old run continues as it started).
+    scaling, so it loads with ``step_scaling: none`` (a resumed old run continues as it started); keys
+    written under an old name (``RENAMED``) load under the new one.
     """
-    optimizer = (data or {}).get("optimizer")
+    data = dict(data or {})
+    for (section, old), new in RENAMED.items():
+        if isinstance(data.get(section), dict) and old in data[section]:
+            data[section] = {(new if k == old else k): v for k, v in data[section].items()}
+    optimizer = data.get("optimizer")
     if isinstance(optimizer, dict) and "step_scaling" not in optimizer:
         data = {**data, "optimizer": {**optimizer, "step_scaling": "none"}}
     return RunConfig.from_dict(data)
@@ -34,7 +51,7 @@ def trajectory_dict(config: RunConfig) -> dict[str, Any]:
     existed (sweeps/progress.py) keep their fingerprints, and a change that does compute something else
     changes the fingerprint.
     """
-    data = config.to_dict()
+    data = recorded_names(config.to_dict())
     o = config.optimizer
     if o.step_scaling == "none" or config.directions_per_step == o.tuned_directions:
         del data["optimizer"]["step_scaling"], data["optimizer"]["tuned_directions"]

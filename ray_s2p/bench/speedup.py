@@ -32,13 +32,12 @@ from typing import Any, Callable
 
 from ..config import RunConfig, load_config
 from ..errors import RayS2PError
-from ..sweeps.progress import fingerprint
 from ..sweeps.tune import grid_points, passes_per_step, step_size_key
 from .common import log as log_line
 from .common import machine_info
 from .speedup_fit import group, run_steps, summarise_task
 from .speedup_report import compact_summary, pilot_lines, run_line, write_report
-from .speedup_runs import SpeedupProgress, run_key, train_run
+from .speedup_runs import SpeedupProgress, run_fingerprint, run_key, train_run
 
 REPO = Path(__file__).resolve().parents[2]
 Q_VALUES = (1, 2, 4, 8, 16, 32, 64)
@@ -198,7 +197,7 @@ class Speedup:
     def ensure(self, task: str, q: int, m: float, seed: int, split: str, shards: int = 1) -> dict[str, Any]:
         """The recorded run (reused under --resume, or once trained in this call), else train and record it."""
         cfg = self.config(task, q, m, seed, split, shards)
-        key, fp = run_key(task, q, m, seed, split, shards), fingerprint(cfg.to_dict())
+        key, fp = run_key(task, q, m, seed, split, shards), run_fingerprint(cfg)
         entry = self.progress.get(key, fp)
         if entry is not None and (self.options.resume or key in self._done_now):
             self.reused += 1
@@ -267,7 +266,7 @@ class Speedup:
         result = measure_task(cfg, s_of_q, PRESETS[task].target, ray_steps=WALL_RAY_STEPS, repeats=5,
                               shards=shards, time_repeats=WALL_TIME_REPEATS, log=self.log)
         entry = json.loads(json.dumps({**result, "s_of_q": s_of_q, "machine": machine_info()}, default=float))
-        self.progress.record(f"{task}/wall", {**entry, "fingerprint": fingerprint(cfg.to_dict())})
+        self.progress.record(f"{task}/wall", {**entry, "fingerprint": run_fingerprint(cfg)})
         self.trained += 1
         return entry
 
@@ -298,7 +297,7 @@ class Speedup:
 
     def _lookup(self, task: str, q: int, m: float, seed: int, split: str, table: dict) -> str:
         key = run_key(task, q, m, seed, split)
-        entry = self.progress.get(key, fingerprint(self.config(task, q, m, seed, split).to_dict()))
+        entry = self.progress.get(key, run_fingerprint(self.config(task, q, m, seed, split)))
         if entry is not None:
             table[(q, float(m), seed, split)] = entry
             return "ok"
@@ -320,12 +319,12 @@ class Speedup:
             for n in (n for n in self.options.q if n > 1):
                 for seed in SEEDS:
                     key = run_key(task, 1, 1.0, seed, "test", n)
-                    fp = fingerprint(self.config(task, 1, 1.0, seed, "test", n).to_dict())
+                    fp = run_fingerprint(self.config(task, 1, 1.0, seed, "test", n))
                     if self.progress.get(key, fp) is not None:
                         data[(n, 1.0, seed, "test")] = self.progress.get(key, fp)
             summary["data"] = {n: group(data, n, 1.0, SEEDS, "test", preset.target)
                                for n in sorted({k[0] for k in data})}
-            wall_fp = fingerprint(self.config(task, 1, 1.0, TUNE_SEED, "validation").to_dict())
+            wall_fp = run_fingerprint(self.config(task, 1, 1.0, TUNE_SEED, "validation"))
             summary["wall"] = self.progress.get(f"{task}/wall", wall_fp)
         return out
 

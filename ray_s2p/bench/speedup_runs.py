@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig
+from ..config_history import recorded_names
 from ..errors import RayS2PError
 from ..files import write_text
+from ..sweeps.progress import fingerprint
 from .speedup_fit import json_number
 
 VERSION = 1
@@ -26,6 +28,12 @@ def run_key(task: str, q: int, m: float, seed: int, split: str, shards: int = 1)
     """The progress file's key of one run, e.g. ``rt_head/q4/m0.5/seed0/validation``; a run standing for
     ``shards`` data-mode replicas with weak batch scaling ends in ``/data{shards}``."""
     return f"{task}/q{q}/m{m:g}/seed{seed}/{split}" + (f"/data{shards}" if shards > 1 else "")
+
+
+def run_fingerprint(config: RunConfig) -> str:
+    """The fingerprint a run of ``config`` is recorded under (renamed keys under their old names, so a
+    rename alone leaves recorded runs valid)."""
+    return fingerprint(recorded_names(config.to_dict()))
 
 
 class SpeedupProgress:

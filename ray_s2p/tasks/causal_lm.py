@@ -84,7 +84,7 @@ class CausalLMTask(HFTextTask):
 
     def _token_losses(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-position next-token losses (B, T-1) and the mask of real targets."""
-        with autocast_context(self.cfg.precision, model):
+        with autocast_context(self.cfg.autocast, model):
             if "features" in batch:
                 logits = replay(batch)
             else:

@@ -69,7 +69,7 @@ class HFTextTask:
         if not self.cfg.feature_reuse:
             return batch
         return prepare_features(model, batch, trainable, self.anatomy(model), self.cache,
-                                autocast_context(self.cfg.precision, model))
+                                autocast_context(self.cfg.autocast, model))
 
     def save_final(self, model: torch.nn.Module, directory: Path) -> None:
         """save_pretrained (LoRA merged) + tokenizer: loads with the matching transformers Auto class."""

@@ -1,6 +1,6 @@
 """Mixed precision for forwards: autocast over fp32 master parameters, and inputs for half weights.
 
-With ``task.precision`` the parameters stay fp32: the perturbation x + t z and the
+With ``task.autocast`` the parameters stay fp32: the perturbation x + t z and the
 update are done in fp32, and only the matmuls of the forward run in bf16/fp16
 under ``torch.autocast``. ``precision.weights: bf16/fp16`` is the other way: the
 replica holds the weights themselves in half precision (updates rounded
@@ -21,7 +21,7 @@ def autocast_context(precision: str, model: torch.nn.Module) -> contextlib.Abstr
     """A context for one forward: nothing for fp32, ``torch.autocast`` on the model's device otherwise.
 
     Args:
-        precision: ``task.precision``: fp32, bf16 or fp16.
+        precision: ``task.autocast``: fp32, bf16 or fp16.
         model: the model (its first parameter gives the device type).
     """
     if precision == "fp32":

@@ -92,7 +92,7 @@ class PromptClassificationTask(LogitsClassifier, HFTextTask):
 
     def logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """(B, num_label_words) fp32 logits of the label words at the answer position."""
-        with autocast_context(self.cfg.precision, model):
+        with autocast_context(self.cfg.autocast, model):
             if "features" in batch:
                 vocab_logits = replay(batch)
             else:

@@ -77,7 +77,7 @@ class TextClassificationTask(LogitsClassifier, HFTextTask):
     # ------------------------------------------------------------------ forward
     def logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """(B, num_labels) fp32 logits, from the cached prefix when the batch has one."""
-        with autocast_context(self.cfg.precision, model):
+        with autocast_context(self.cfg.autocast, model):
             if "features" in batch:
                 out = replay(batch)
             else:

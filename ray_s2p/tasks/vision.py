@@ -147,11 +147,11 @@ class ImageClassificationTask(LogitsClassifier):
         if not self.cfg.feature_reuse:
             return batch
         return prepare_features(model, batch, trainable, self.anatomy(model), self.cache,
-                                autocast_context(self.cfg.precision, model))
+                                autocast_context(self.cfg.autocast, model))
 
     def logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """(B, num_labels) fp32 logits."""
-        with autocast_context(self.cfg.precision, model):
+        with autocast_context(self.cfg.autocast, model):
             out = replay(batch) if "features" in batch else model(match_weights(batch["pixels"], model))
         return out.float()
 

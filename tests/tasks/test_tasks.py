@@ -284,7 +284,7 @@ def test_every_kind_builds_identical_models_from_the_seed(name: str) -> None:
 @pytest.mark.parametrize("name", list(KINDS))
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_forward_keeps_fp32_parameters(name: str, precision: str) -> None:
-    task = make_task(name, trainable="head", precision=precision)
+    task = make_task(name, trainable="head", autocast=precision)
     reference = make_task(name, trainable="head")
     model = task.build_model()
     names = task.trainable_names(model)

@@ -1,0 +1,47 @@
+"""Renamed config keys: refused under the old name, loaded from old run directories, and hashed under the
+old name so that recorded results, progress entries and checkpoints stay valid."""
+
+from __future__ import annotations
+
+import pytest
+
+from ray_s2p.bench.speedup_runs import run_fingerprint
+from ray_s2p.config import ConfigError, RunConfig
+from ray_s2p.config_history import saved_config, trajectory_dict
+from ray_s2p.distributed.checkpoint import config_fingerprint
+from ray_s2p.sweeps.progress import fingerprint
+
+# Computed by the version before task.precision became task.autocast, for the config in ``renamed``.
+BEFORE_RENAME = {
+    "checkpoint": "1ac027c2c77218895f6fe0993dadda827f9d4b343ed2f3adaf1bc4e630583051",
+    "trajectory": "24bdaedaebbe98745c7e0daf5f94877afe4bc63340b4a6b6d3f321b43b4a1395",
+    "speedup_run": "632a26200805485af5742c49af0e30d19449cafd4e780fd3a4ab427f32d55dca",
+}
+
+
+def renamed() -> RunConfig:
+    return RunConfig.from_dict({"task": {"autocast": "bf16"}, "optimizer": {"directions": 4}})
+
+
+def test_the_old_name_is_refused_with_the_new_one() -> None:
+    with pytest.raises(ConfigError, match=r"'task\.precision': renamed to 'task\.autocast'\. Fix: write task\.autocast"):
+        RunConfig.from_dict({"task": {"precision": "bf16"}})
+    with pytest.raises(ConfigError, match="renamed to 'task.autocast'"):
+        RunConfig().replace({"task.precision": "fp16"})
+
+
+def test_an_old_run_directory_config_loads_under_the_new_name() -> None:
+    old = RunConfig().to_dict()
+    del old["task"]["autocast"]
+    old["task"]["precision"] = "fp16"
+    assert saved_config(old).task.autocast == "fp16"
+
+
+def test_fingerprints_are_those_recorded_before_the_rename() -> None:
+    cfg = renamed()
+    assert config_fingerprint(cfg.to_dict()) == BEFORE_RENAME["checkpoint"]
+    assert fingerprint(trajectory_dict(cfg)) == BEFORE_RENAME["trajectory"]
+    assert run_fingerprint(cfg) == BEFORE_RENAME["speedup_run"]
+    # and the setting still counts: another autocast is another trajectory
+    other = cfg.replace({"task.autocast": "fp16"})
+    assert config_fingerprint(other.to_dict()) != BEFORE_RENAME["checkpoint"]
