@@ -17,7 +17,10 @@ own first training batch. Output keys:
 - ``variants``: per ``hooks_gaussian``, ``swap_gaussian``, ``hooks_table``,
   ``swap_table``, ``hooks_rademacher``, ``hooks_lowrank`` (full engine steps: ProbeRequest with radii (rho, -rho) plus the
   previous step's update with one (seed, coef) pair) and ``naive_mezo`` (in-place
-  +rho, -2 rho, +rho, update; z regenerated with randn each time): ``step_s`` and
+  +rho, -2 rho, +rho, update; z regenerated with randn each time) and ``plain_gaussian`` (one
+  ``ZerothOrderOptimizer.step`` of the plain single-process API, MeZO's rule, the trainer's default
+  perturbation and noise threads, on its own copy of the model: what a user of the plain loop pays
+  per step): ``step_s`` and
   ``two_forwards_s`` (two bare forwards of the same model, timed in rounds alternating
   with the step's, so both see the same machine; ``common.paired_median_seconds``),
   ``ratio`` (step_s / that two_forwards_s), ``generations_per_step``, ``rng_share``
@@ -36,16 +39,18 @@ own first training batch. Output keys:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any, Callable
 
 import torch
 
-from ..config import RunConfig
+from ..config import OptimizerConfig, RunConfig
 from ..distributed.engine import ReplicaEngine, build_space, to_device
 from ..distributed.messages import ProbeRequest, Update
 from ..zo.directions import DirectionSpace, select_parameters
 from ..zo.noise import mix_seed
+from ..zo.optimizer import ZerothOrderOptimizer
 from ..zo.update import apply_update
 from .common import BENCH_SEED, BenchContext, config_essentials, log, median_seconds, paired_median_seconds
 
@@ -274,6 +279,23 @@ def bench_step(ctx: BenchContext) -> dict[str, Any]:
 
     log("  timing the naive MeZO step")
     floors["naive_mezo"], steps["naive_mezo"] = time_naive_mezo()
+
+    def time_plain_api() -> tuple[float, float]:  # its own scope, as time_naive_mezo
+        model = task.build_model()
+        names = task.trainable_names(model)
+        if device.type != "cpu":
+            model.to(device)
+        with torch.no_grad():
+            inputs = task.prepare(model, on_device, names)
+        perturbation = dataclasses.replace(base.perturbation, mechanism="hooks", distribution="gaussian")
+        # MeZO's rule with the naive step's tiny lr: the same update work, parameters that stay put.
+        opt = ZerothOrderOptimizer(model, OptimizerConfig(name="mezo", lr=1e-7, rho=rho), seed=BENCH_SEED,
+                                   names=names, perturbation=perturbation, noise_threads=base.cluster.noise_threads)
+        return paired_median_seconds(two_forwards_of(model, names),
+                                     lambda: opt.step(lambda: task.loss(model, inputs)), repeats, device)
+
+    log("  timing the plain API step (ZerothOrderOptimizer)")
+    floors["plain_gaussian"], steps["plain_gaussian"] = time_plain_api()
 
     variants = {}
     met: dict[str, bool] = {}

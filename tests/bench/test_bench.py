@@ -70,7 +70,7 @@ def test_step_through_the_cli(tmp_path, capsys):
     assert r["config"]["model"] == "tiny-bert" and r["config"]["batch_shape"] == [16, 64]  # fixed 16 x 64 tokens
     positive(r["two_forwards_s"], r["config"]["trainable_parameters"])
     assert set(r["variants"]) == {"hooks_gaussian", "swap_gaussian", "hooks_table", "swap_table", "hooks_rademacher",
-                                  "hooks_lowrank", "naive_mezo"}
+                                  "hooks_lowrank", "naive_mezo", "plain_gaussian"}
     assert set(r["targets"]["met"]) == set(r["variants"]) - {"naive_mezo"}
     for name, v in r["variants"].items():
         positive(v["step_s"], v["two_forwards_s"], v["ratio"], v["rng_share"], v["speedup_vs_naive_mezo"])
