@@ -20,8 +20,8 @@ from ray_s2p.bench.memory import _vm_hwm, current_rss, reset_peak_rss
 from ray_s2p.bench.step import FixedBatchTask, engine_step_fn, naive_mezo_fn
 from ray_s2p.config import RunConfig
 from ray_s2p.distributed.engine import ReplicaEngine
-from ray_s2p.zo.directions import select_parameters
 from ray_s2p.zo.noise import mix_seed
+from ray_s2p.zo.space import select_parameters
 
 
 # ----------------------------------------------------------------- helpers

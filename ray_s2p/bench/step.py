@@ -48,9 +48,10 @@ import torch
 from ..config import OptimizerConfig, RunConfig
 from ..distributed.engine import ReplicaEngine, build_space, to_device
 from ..distributed.messages import ProbeRequest, Update
-from ..zo.directions import DirectionSpace, select_parameters
+from ..zo.directions import DirectionSpace
 from ..zo.noise import mix_seed
 from ..zo.optimizer import ZerothOrderOptimizer
+from ..zo.space import select_parameters
 from ..zo.update import apply_update
 from .common import BENCH_SEED, BenchContext, config_essentials, log, median_seconds, paired_median_seconds
 

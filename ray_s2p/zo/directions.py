@@ -1,4 +1,6 @@
-"""Seeded directions: how z is made from a seed, and how x <- x + sum_i c_i z_i (or its sign) is applied.
+"""Seeded directions: how z is made from a seed, and the perturbed copies x + t z a probe reads.
+
+The update x <- x + sum_i c_i z_i (or its sign) is update.py; which parameters move is space.py.
 
 A direction z is never stored: it is regenerated from a 64-bit seed. Each
 selected parameter gets its own noise stream, keyed ``mix_seed(seed, index)``, where
@@ -11,7 +13,7 @@ noise can be made without the others (which the per-module probe hooks in
 A stream is cut into chunks with their own generators (noise.py), and the work of
 a probe or an update is a list of independent jobs, one per chunk (one per
 parameter for low-rank and table directions), run on ``DirectionSpace.threads``
-threads. Every job writes only its own slice, so results are equal bit for bit
+threads (jobs.py). Every job writes only its own slice, so results are equal bit for bit
 for any thread count. A chunk job holds one chunk of noise (1 MB), so threads cost
 no memory there; whole-tensor jobs (low-rank, table and non-contiguous parameters, and
 bf16/fp16 copies of them) hold a float32 copy of their tensor.
@@ -20,30 +22,20 @@ bf16/fp16 copies of them) hold a float32 copy of their tensor.
 from __future__ import annotations
 
 import math
-import threading
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from ..config import DISTRIBUTIONS
 from .factors import FactorStreams
+from .jobs import INLINE_MAX_NUMEL, Job, JobRunner
 from .lowrank import materialise
 from .noise import NoiseTable, chunk_bounds, draw, fill_chunk, mix_seed
 
-Job = tuple[int, Callable[[], None]]  # (cost in elements, work); jobs touch disjoint memory
-_IN_WORKER = threading.local()
-INLINE_MAX_NUMEL = 1 << 16  # jobs with fewer elements in all run on the calling thread
 # Part of the low-rank direction's definition (changing it changes the noise): non-matrix parameters of at
 # most this many elements take their Gaussian noise from the direction's factor stream.
 STREAM_MAX_NUMEL = 1 << 16
-
-
-def _as_worker(fn: Callable[[], None]) -> None:
-    _IN_WORKER.active = True  # a job that asks for more noise runs it inline instead of waiting on the pool
-    with torch.no_grad():  # grad mode is per thread
-        fn()
 
 
 @dataclass
@@ -84,12 +76,10 @@ class DirectionSpace:
             raise ValueError(f"rank and lowrank_interval must be >= 1, got {self.rank} and {self.lowrank_interval}")
         if self.distribution == "table" and self.table is None:
             raise ValueError("distribution 'table' needs a NoiseTable")
-        if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.decay_exempt and len(self.decay_exempt) != len(self.params):
             raise ValueError(f"decay_exempt has {len(self.decay_exempt)} flags for {len(self.params)} parameters")
         self._sphere_scale: dict[int, float] = {}
-        self._pool: ThreadPoolExecutor | None = None
+        self.jobs = JobRunner(self.threads)  # raises on threads < 1
         matrices = [(i, (int(p.shape[0]), int(p.shape[1]))) for i, p in enumerate(self.params) if self.is_lowrank(i)]
         vectors = [(i, p.numel()) for i, p in enumerate(self.params) if self._in_stream(i)]
         self.factor_streams = FactorStreams(matrices, self.rank, self.lowrank_interval, self.run_seed,
@@ -97,22 +87,8 @@ class DirectionSpace:
                                             vectors)
 
     def run_jobs(self, jobs: list[Job]) -> None:
-        """Run independent jobs on ``threads`` threads, largest first, under no_grad; re-raise the first error.
-
-        Inside a job, with one thread, or when they are small, they run inline, in the given order.
-        """
-        small = sum(cost for cost, _ in jobs) < INLINE_MAX_NUMEL  # waking a thread costs more than the work
-        if self.threads == 1 or len(jobs) < 2 or small or getattr(_IN_WORKER, "active", False):
-            with torch.no_grad():
-                for _, fn in jobs:
-                    fn()
-            return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="ray-s2p-noise")
-        futures = [self._pool.submit(_as_worker, fn) for _, fn in sorted(jobs, key=lambda job: -job[0])]
-        wait(futures)  # every job has finished writing before an error is raised
-        for future in futures:
-            future.result()
+        """Run independent jobs on the space's noise threads (``JobRunner.run``)."""
+        self.jobs.run(jobs)
 
     @property
     def dim(self) -> int:
@@ -250,28 +226,3 @@ def _sum_chunk(out: torch.Tensor, x: torch.Tensor, key: int, chunk: int, stream:
     fill_chunk(target, key, chunk, stream).mul_(factor).add_(x.to(torch.float32))
     if target is not out:
         out.copy_(target)
-
-
-def select_parameters(model: torch.nn.Module, names: Sequence[str] | None = None) -> tuple[list[str], list[torch.nn.Parameter]]:
-    """Selected parameters in canonical order (``named_parameters`` order, tied ones once).
-
-    Args:
-        model: the model.
-        names: names to select; None selects every parameter with requires_grad.
-
-    Raises:
-        ValueError: a name is not a parameter of the model, or nothing is selected.
-    """
-    all_named = list(model.named_parameters())
-    if names is None:
-        chosen = [(n, p) for n, p in all_named if p.requires_grad]
-    else:
-        wanted = set(names)
-        known = {n for n, _ in all_named}
-        missing = sorted(wanted - known)
-        if missing:
-            raise ValueError(f"parameter {missing[0]!r} is not in the model. Fix: check the trainable selection")
-        chosen = [(n, p) for n, p in all_named if n in wanted]
-    if not chosen:
-        raise ValueError("no trainable parameters selected. Fix: check task.trainable / patterns")
-    return [n for n, _ in chosen], [p for _, p in chosen]

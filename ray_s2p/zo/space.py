@@ -14,11 +14,36 @@ from typing import Sequence
 import torch
 
 from ..config import PerturbationConfig
-from .directions import DirectionSpace, select_parameters
+from .directions import DirectionSpace
 from .noise import NoiseTable
 from .weight_decay import decay_exempt
 
 _TABLES: dict[tuple[int, str], NoiseTable] = {}
+
+
+def select_parameters(model: torch.nn.Module, names: Sequence[str] | None = None) -> tuple[list[str], list[torch.nn.Parameter]]:
+    """Selected parameters in canonical order (``named_parameters`` order, tied ones once).
+
+    Args:
+        model: the model.
+        names: names to select; None selects every parameter with requires_grad.
+
+    Raises:
+        ValueError: a name is not a parameter of the model, or nothing is selected.
+    """
+    all_named = list(model.named_parameters())
+    if names is None:
+        chosen = [(n, p) for n, p in all_named if p.requires_grad]
+    else:
+        wanted = set(names)
+        known = {n for n, _ in all_named}
+        missing = sorted(wanted - known)
+        if missing:
+            raise ValueError(f"parameter {missing[0]!r} is not in the model. Fix: check the trainable selection")
+        chosen = [(n, p) for n, p in all_named if n in wanted]
+    if not chosen:
+        raise ValueError("no trainable parameters selected. Fix: check task.trainable / patterns")
+    return [n for n, _ in chosen], [p for _, p in chosen]
 
 
 def noise_table(size: int, device: torch.device) -> NoiseTable:

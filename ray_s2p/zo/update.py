@@ -9,7 +9,8 @@ from typing import Sequence
 
 import torch
 
-from .directions import DirectionSpace, Job
+from .directions import DirectionSpace
+from .jobs import Job
 from .lowrank import add_lowrank
 from .noise import chunk_bounds, fill_chunk, mix_seed
 from .rounding import HALF_DTYPES, stochastic_round

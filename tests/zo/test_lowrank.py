@@ -9,10 +9,11 @@ import torch
 
 from conftest import TinyLM
 from ray_s2p.distributed.digest import model_digest
-from ray_s2p.zo.directions import DirectionSpace, select_parameters
+from ray_s2p.zo.directions import DirectionSpace
 from ray_s2p.zo.noise import mix_seed
 from ray_s2p.zo.optimizer import ZerothOrderOptimizer, optimizer_config
 from ray_s2p.zo.probes import Prober
+from ray_s2p.zo.space import select_parameters
 from ray_s2p.zo.update import apply_update
 
 

@@ -9,9 +9,10 @@ import torch
 
 from ray_s2p.distributed.digest import model_digest
 from ray_s2p.zo import noise
-from ray_s2p.zo.directions import DirectionSpace, NoiseTable, select_parameters
+from ray_s2p.zo.directions import DirectionSpace, NoiseTable
 from ray_s2p.zo.noise import mix_seed
 from ray_s2p.zo.probes import Prober
+from ray_s2p.zo.space import select_parameters
 from ray_s2p.zo.update import apply_update
 
 

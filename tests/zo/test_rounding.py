@@ -12,12 +12,13 @@ from conftest import TinyLM
 from ray_s2p.config import ConfigError, RunConfig
 from ray_s2p.distributed.digest import model_digest
 from ray_s2p.zo import noise
-from ray_s2p.zo.directions import DirectionSpace, NoiseTable, select_parameters
+from ray_s2p.zo.directions import DirectionSpace, NoiseTable
 from ray_s2p.zo.lowrank import add_lowrank
 from ray_s2p.zo.noise import mix_seed
 from ray_s2p.zo.optimizer import ZerothOrderOptimizer, optimizer_config
 from ray_s2p.zo.probes import Prober
 from ray_s2p.zo.rounding import stochastic_round
+from ray_s2p.zo.space import select_parameters
 from ray_s2p.zo.update import apply_update
 
 HALF = [torch.bfloat16, torch.float16]

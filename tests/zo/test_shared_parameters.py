@@ -7,9 +7,10 @@ import torch
 
 from ray_s2p import optimizer_config
 from ray_s2p.distributed.digest import model_digest
-from ray_s2p.zo.directions import DirectionSpace, select_parameters
+from ray_s2p.zo.directions import DirectionSpace
 from ray_s2p.zo.optimizer import ZerothOrderOptimizer
 from ray_s2p.zo.probes import Prober
+from ray_s2p.zo.space import select_parameters
 
 IDS = torch.randint(0, 40, (4, 6), generator=torch.Generator().manual_seed(1))
 

@@ -8,8 +8,9 @@ import torch
 from conftest import TinyLM
 from ray_s2p.config import ConfigError, OptimizerConfig, RunConfig
 from ray_s2p.distributed.engine import make_first_order
-from ray_s2p.zo.directions import DirectionSpace, select_parameters
+from ray_s2p.zo.directions import DirectionSpace
 from ray_s2p.zo.optimizer import ZerothOrderOptimizer, optimizer_config
+from ray_s2p.zo.space import select_parameters
 from ray_s2p.zo.update import apply_update
 from ray_s2p.zo.weight_decay import decay_exempt
 
