@@ -8,6 +8,7 @@ for config.yaml. Every key, its default and meaning is listed in docs/config.md.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -125,8 +126,9 @@ WEIGHT_DECAY_EXEMPT: tuple[str, ...] = get_args(WeightDecayExempt)
 STEP_SCALINGS: tuple[str, ...] = get_args(StepScalingKind)
 
 
-# Keys that were renamed: (section, old key) -> new key, and why. A config that uses an old name is refused
-# with the new one; run directories written before a rename load through config_history.saved_config.
+# Keys that were renamed: (section, old key) -> new key, and why. A config (or --set) that uses an old name
+# still works, with one FutureWarning line naming the new one; giving both names is refused. Run directories
+# written before a rename load silently (config_history.saved_config).
 RENAMED: dict[tuple[str, str], str] = {("task", "precision"): "autocast"}
 RENAMED_WHY = {("task", "precision"): "the forward's autocast dtype; the weights' dtype is precision.weights"}
 
@@ -337,20 +339,36 @@ class RunConfig:
         """Build and validate a config from nested plain data.
 
         Raises:
-            ConfigError: on an unknown key, a renamed key (``RENAMED``), a wrong type or a bad value.
+            ConfigError: on an unknown key, a key given under both its old and new name (``RENAMED``),\n                a wrong type or a bad value.
         """
+        data = dict(data or {})
         for (section, key), new in RENAMED.items():
-            if isinstance((data or {}).get(section), dict) and key in data[section]:
-                raise ConfigError(f"config field '{section}.{key}': renamed to '{section}.{new}'. Fix: write "
-                                  f"{section}.{new} ({RENAMED_WHY[section, key]})")
-        return build_section(cls, data or {}, "")
+            part = data.get(section)
+            if isinstance(part, dict) and key in part:
+                if new in part:
+                    raise ConfigError(f"config field '{section}.{key}': the old name of '{section}.{new}', and both "
+                                      f"are given. Fix: keep {section}.{new} only")
+                _warn_renamed(f"{section}.{key}")
+                data[section] = {(new if k == key else k): v for k, v in part.items()}
+        return build_section(cls, data, "")
 
     def replace(self, overrides: dict[str, Any]) -> "RunConfig":
         """A copy with dotted-key overrides applied, e.g. {"optimizer.lr": 0.1}."""
         data = self.to_dict()
         for dotted, value in overrides.items():
+            section, _, key = dotted.partition(".")
+            if (section, key) in RENAMED:
+                _warn_renamed(dotted)
+                dotted = f"{section}.{RENAMED[section, key]}"
             set_dotted(data, dotted, value)
         return RunConfig.from_dict(data)
+
+
+def _warn_renamed(dotted: str) -> None:
+    section, _, key = dotted.partition(".")
+    new = f"{section}.{RENAMED[section, key]}"
+    warnings.warn(f"config key '{dotted}' is deprecated: it is now '{new}' ({RENAMED_WHY[section, key]}). "
+                  f"Fix: write {new}", FutureWarning, stacklevel=3)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
