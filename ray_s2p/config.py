@@ -8,14 +8,13 @@ for config.yaml. Every key, its default and meaning is listed in docs/config.md.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
 
-from .config_parse import ConfigError, build_section, plain_data, require, set_dotted
+from .config_parse import ConfigError, apply_renames, build_section, plain_data, renamed_key, require, set_dotted
 
 # Every choice a config offers is declared once here, as a Literal type; its values as a tuple are what the
 # config checks and what the modules that act on the choice (zo/, distributed/) import and check against.
@@ -339,36 +338,18 @@ class RunConfig:
         """Build and validate a config from nested plain data.
 
         Raises:
-            ConfigError: on an unknown key, a key given under both its old and new name (``RENAMED``),\n                a wrong type or a bad value.
+            ConfigError: on an unknown key, a key given under both its old and new name (``RENAMED``),
+                a wrong type or a bad value.
         """
-        data = dict(data or {})
-        for (section, key), new in RENAMED.items():
-            part = data.get(section)
-            if isinstance(part, dict) and key in part:
-                if new in part:
-                    raise ConfigError(f"config field '{section}.{key}': the old name of '{section}.{new}', and both "
-                                      f"are given. Fix: keep {section}.{new} only")
-                _warn_renamed(f"{section}.{key}")
-                data[section] = {(new if k == key else k): v for k, v in part.items()}
+        data = apply_renames(data or {}, RENAMED, RENAMED_WHY)
         return build_section(cls, data, "")
 
     def replace(self, overrides: dict[str, Any]) -> "RunConfig":
         """A copy with dotted-key overrides applied, e.g. {"optimizer.lr": 0.1}."""
         data = self.to_dict()
         for dotted, value in overrides.items():
-            section, _, key = dotted.partition(".")
-            if (section, key) in RENAMED:
-                _warn_renamed(dotted)
-                dotted = f"{section}.{RENAMED[section, key]}"
-            set_dotted(data, dotted, value)
+            set_dotted(data, renamed_key(dotted, RENAMED, RENAMED_WHY), value)
         return RunConfig.from_dict(data)
-
-
-def _warn_renamed(dotted: str) -> None:
-    section, _, key = dotted.partition(".")
-    new = f"{section}.{RENAMED[section, key]}"
-    warnings.warn(f"config key '{dotted}' is deprecated: it is now '{new}' ({RENAMED_WHY[section, key]}). "
-                  f"Fix: write {new}", FutureWarning, stacklevel=3)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
