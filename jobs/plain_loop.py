@@ -66,7 +66,8 @@ def train(model: torch.nn.Module, data: torch.Tensor, eta: float, steps: int, se
     batches = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         x = data[torch.randint(len(data), (BATCH,), generator=batches)]
-        record = opt.step(lambda: model(input_ids=x, labels=x).loss)  # forward passes only
+        # forward passes only; step() calls the closure before this iteration ends
+        record = opt.step(lambda: model(input_ids=x, labels=x).loss)  # noqa: B023
         if log is not None and record.step % 50 == 0:
             log(f"step {record.step}: loss {record.loss:.4f} (f(x+rho z), f(x-rho z) = "
                 f"{record.losses[0][0]:.4f}, {record.losses[0][1]:.4f}; coefficient "
