@@ -1,7 +1,7 @@
-"""Eval job: ray job submit --working-dir . -- python jobs/eval.py --run RUN_DIR [--step N] [--storage DIR]
+"""Eval job: ray job submit --working-dir . -- python jobs/eval.py RUN_DIR [--step N] [--storage DIR]
 
 Evaluates a run's parameters (replayed from its ledger to --step, default the last) on the held-out set
-and writes eval.json to --storage (default: the run directory)."""
+and writes eval.json (with --step N: eval-step-N.json) to --storage (default: the run directory)."""
 
 import sys
 

@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 
-from .config_parse import ConfigError, build_section, plain_data, require, set_dotted
+from .config_parse import ConfigError, apply_renames, build_section, plain_data, renamed_key, require, set_dotted
 
 # Every choice a config offers is declared once here, as a Literal type; its values as a tuple are what the
 # config checks and what the modules that act on the choice (zo/, distributed/) import and check against.
@@ -125,8 +125,9 @@ WEIGHT_DECAY_EXEMPT: tuple[str, ...] = get_args(WeightDecayExempt)
 STEP_SCALINGS: tuple[str, ...] = get_args(StepScalingKind)
 
 
-# Keys that were renamed: (section, old key) -> new key, and why. A config that uses an old name is refused
-# with the new one; run directories written before a rename load through config_history.saved_config.
+# Keys that were renamed: (section, old key) -> new key, and why. A config (or --set) that uses an old name
+# still works, with one FutureWarning line naming the new one; giving both names is refused. Run directories
+# written before a rename load silently (config_history.saved_config).
 RENAMED: dict[tuple[str, str], str] = {("task", "precision"): "autocast"}
 RENAMED_WHY = {("task", "precision"): "the forward's autocast dtype; the weights' dtype is precision.weights"}
 
@@ -337,19 +338,17 @@ class RunConfig:
         """Build and validate a config from nested plain data.
 
         Raises:
-            ConfigError: on an unknown key, a renamed key (``RENAMED``), a wrong type or a bad value.
+            ConfigError: on an unknown key, a key given under both its old and new name (``RENAMED``),
+                a wrong type or a bad value.
         """
-        for (section, key), new in RENAMED.items():
-            if isinstance((data or {}).get(section), dict) and key in data[section]:
-                raise ConfigError(f"config field '{section}.{key}': renamed to '{section}.{new}'. Fix: write "
-                                  f"{section}.{new} ({RENAMED_WHY[section, key]})")
-        return build_section(cls, data or {}, "")
+        data = apply_renames(data or {}, RENAMED, RENAMED_WHY)
+        return build_section(cls, data, "")
 
     def replace(self, overrides: dict[str, Any]) -> "RunConfig":
         """A copy with dotted-key overrides applied, e.g. {"optimizer.lr": 0.1}."""
         data = self.to_dict()
         for dotted, value in overrides.items():
-            set_dotted(data, dotted, value)
+            set_dotted(data, renamed_key(dotted, RENAMED, RENAMED_WHY), value)
         return RunConfig.from_dict(data)
 
 

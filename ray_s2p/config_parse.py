@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from typing import Any
 
 from .errors import RayS2PError
@@ -111,3 +112,39 @@ def build_section(cls: type, data: dict[str, Any], prefix: str) -> Any:
         )
     kwargs = {name: coerce(value, hints[name], prefix + name) for name, value in data.items()}
     return cls(**kwargs)
+
+
+Renames = dict[tuple[str, str], str]  # (section, old key) -> new key
+
+
+def _warn_renamed(section: str, key: str, renamed: Renames, why: dict[tuple[str, str], str]) -> None:
+    new = f"{section}.{renamed[section, key]}"
+    warnings.warn(f"config key '{section}.{key}' is deprecated: it is now '{new}' ({why[section, key]}). "
+                  f"Fix: write {new}", FutureWarning, stacklevel=4)
+
+
+def apply_renames(data: dict[str, Any], renamed: Renames, why: dict[tuple[str, str], str]) -> dict[str, Any]:
+    """``data`` with keys written under an old name moved to the new one, with one FutureWarning each.
+
+    Raises:
+        ConfigError: a key given under both its old and its new name.
+    """
+    data = dict(data)
+    for (section, key), new in renamed.items():
+        part = data.get(section)
+        if isinstance(part, dict) and key in part:
+            if new in part:
+                raise ConfigError(f"config field '{section}.{key}': the old name of '{section}.{new}', and both "
+                                  f"are given. Fix: keep {section}.{new} only")
+            _warn_renamed(section, key, renamed, why)
+            data[section] = {(new if k == key else k): v for k, v in part.items()}
+    return data
+
+
+def renamed_key(dotted: str, renamed: Renames, why: dict[tuple[str, str], str]) -> str:
+    """A dotted ``--set`` key under its current name (with one FutureWarning when it was an old one)."""
+    section, _, key = dotted.partition(".")
+    if (section, key) not in renamed:
+        return dotted
+    _warn_renamed(section, key, renamed, why)
+    return f"{section}.{renamed[section, key]}"

@@ -1,4 +1,4 @@
-"""Renamed config keys: refused under the old name, loaded from old run directories, and hashed under the
+"""Renamed config keys: accepted under the old name with a deprecation line, loaded from old run directories, and hashed under the
 old name so that recorded results, progress entries and checkpoints stay valid."""
 
 from __future__ import annotations
@@ -23,11 +23,15 @@ def renamed() -> RunConfig:
     return RunConfig.from_dict({"task": {"autocast": "bf16"}, "optimizer": {"directions": 4}})
 
 
-def test_the_old_name_is_refused_with_the_new_one() -> None:
-    with pytest.raises(ConfigError, match=r"'task\.precision': renamed to 'task\.autocast'\. Fix: write task\.autocast"):
-        RunConfig.from_dict({"task": {"precision": "bf16"}})
-    with pytest.raises(ConfigError, match="renamed to 'task.autocast'"):
-        RunConfig().replace({"task.precision": "fp16"})
+def test_the_old_name_still_works_with_a_deprecation_line() -> None:
+    with pytest.warns(FutureWarning, match=r"'task\.precision' is deprecated: it is now 'task\.autocast'.*Fix: write "
+                                          r"task\.autocast"):
+        cfg = RunConfig.from_dict({"task": {"precision": "bf16"}})
+    assert cfg.task.autocast == "bf16"
+    with pytest.warns(FutureWarning, match="is now 'task.autocast'"):
+        assert RunConfig().replace({"task.precision": "fp16"}).task.autocast == "fp16"
+    with pytest.raises(ConfigError, match=r"'task\.precision': the old name of 'task\.autocast', and both are given"):
+        RunConfig.from_dict({"task": {"precision": "bf16", "autocast": "bf16"}})
 
 
 def test_an_old_run_directory_config_loads_under_the_new_name() -> None:

@@ -44,12 +44,12 @@ from ..zo.environment import agreed, settle
 from ..zo.ledger import Ledger, ledger_rows
 from ..zo.rules import build_rule
 from .checkpoint import Checkpoint, checkpoint_path, config_fingerprint, latest_checkpoint
-from .console import ProgressBar, replicas_up
+from .console import ProgressBar, ray_start_failure, replicas_up
 from .healing import Healer
 from .layout import Layout
 from .messages import ProbeReply, ProbeRequest, Update
 from .pool import PoolFactory, ReplicaPool
-from .replica import LocalPool, RayPool, ReplicaFailure, quiet_libraries
+from .replica import ClusterError, LocalPool, RayPool, ReplicaFailure, quiet_libraries
 from .run_dir import RunDirectory
 from .run_state import RunState, StepOutcome, TrainingError, TrainResult
 from .storage import check_storage
@@ -98,6 +98,7 @@ class Driver:
     # -------------------------------------------------------------- the run
     def run(self) -> TrainResult:
         """Train from the start, or from the newest checkpoint of a resumed run, to ``config.steps``."""
+        begun = time.perf_counter()
         try:
             pool = self._start_pool()
         except BaseException:
@@ -121,6 +122,7 @@ class Driver:
                 pool.attach_logs(logs.resolve())
             self.log(replicas_up(infos, pool.places(), state.ledger.environment, logs))
             state.started = time.perf_counter()  # wall time counts from the replicas being up, as before a resume
+            state.startup_seconds = state.started - begun  # Ray, the replicas, their models and data
             self._start(pool, state)
             progress = ProgressBar(self.config.steps, state.start_step, self.config.progress)
             for step in range(state.start_step + 1, self.config.steps + 1):
@@ -128,7 +130,7 @@ class Driver:
                            else self._zo_step(pool, state, step))
                 self._record(state, step, outcome)
                 self._between_steps(pool, state, step)
-                progress.update(step, outcome.loss, state.last_eval)
+                progress.update(step, outcome.loss, state.last_eval, state.last_eval_step)
             progress.close()
             return self._finish(pool, state)
         finally:
@@ -171,8 +173,12 @@ class Driver:
         import ray
         if not ray.is_initialized():
             # Ray's own start-up lines only with --verbose; its warnings and errors always.
-            ray.init(address=self.config.cluster.address or None, include_dashboard=False, log_to_driver=True,
-                     logging_level=logging.INFO if self.verbose else logging.WARNING)
+            try:
+                ray.init(address=self.config.cluster.address or None, include_dashboard=False, log_to_driver=True,
+                         logging_level=logging.INFO if self.verbose else logging.WARNING)
+            except Exception as exc:  # noqa: BLE001 - whatever stopped Ray, the user gets one line and a fix
+                raise ClusterError(ray_start_failure(exc, self.config.cluster.address,
+                                                     nothing_written=self.rd.created or self.rd.resumed)) from exc
         if self.pool_factory is not None:
             return self.pool_factory(self.config)
         return RayPool(self.config, log=self.log, quiet=not self.verbose)
@@ -206,7 +212,7 @@ class Driver:
         if cfg.cluster.digest_every and step % cfg.cluster.digest_every == 0:
             self._verify(pool, state)
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-            state.last_eval = self._evaluate(pool, state)
+            state.last_eval, state.last_eval_step = self._evaluate(pool, state), step
             self.rd.record_eval(step, state.last_eval, state.forward_passes, state.wall)
         saved = None
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
@@ -233,6 +239,7 @@ class Driver:
                          timeout=cfg.cluster.model_io_timeout_s)
         summary = self.rd.write_summary(
             final_digest=digests[0], steps_completed=cfg.steps, wall_seconds=elapsed,
+            startup_seconds=state.startup_seconds,
             bytes_sent_per_step=state.bytes_sent / steps_run, bytes_received_per_step=state.bytes_received / steps_run,
             replicas=pool.size, initial_metrics=state.initial_eval, final_metrics=final_eval,
             forward_passes=state.forward_passes, environment=state.ledger.environment, nodes=pool.places(),

@@ -27,12 +27,23 @@ from ..storage_fs import (
     write_parquet,
     write_yaml,
 )
+from ..tasks import unused_keys
 
 if TYPE_CHECKING:
     from ..zo.ledger import LedgerRow
 
 METRIC_COLUMNS = ["step", "kind", "loss", "eval_loss", "eval_accuracy", "eval_macro_f1", "forward_passes",
                   "wall_seconds", "bytes_sent", "bytes_received", "skipped_directions", "eval_split"]
+
+
+def written_config(config: RunConfig) -> dict[str, Any]:
+    """What a run's config.yaml holds: ``config.to_dict()`` without the task keys its task never reads
+    (tasks.unused_keys: the synthetic task names no model or dataset). Loading it back gives ``config``
+    again (left-out keys take their defaults, which that task ignores), so fingerprints are unchanged."""
+    data = config.to_dict()
+    for key in unused_keys(config.task):
+        del data["task"][key]
+    return data
 
 
 class RunDirectoryError(RayS2PError, ValueError):
@@ -47,6 +58,9 @@ class RunDirectory:
         self.path: Location = location(path)
         self.config = config
         self.resumed = resume
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirectoryError(f"{'--resume' if resume else 'output directory'} {str(self.path)!r} is a file, "
+                                    f"not a run directory. Fix: choose another --output (a new or run directory)")
         self.created = not self.path.exists()  # a failed start removes only a directory it created
         existing = (self.path / "config.yaml").exists()
         if config.tensorboard and isinstance(self.path, StoragePath):
@@ -66,7 +80,7 @@ class RunDirectory:
                 remove_tree(self.path / name)
         self.path.mkdir(parents=True, exist_ok=True)
         if not resume:
-            write_yaml(self.path / "config.yaml", config.to_dict())
+            write_yaml(self.path / "config.yaml", written_config(config))
         # A resume writes nothing until the driver has verified the checkpoint and ledger (``confirm_resume``):
         # a refused resume must leave the run directory byte-identical.
         self.checkpoints = self.path / "checkpoints"
@@ -95,7 +109,7 @@ class RunDirectory:
     def confirm_resume(self) -> None:
         """The resume has been verified: record its overrides (e.g. ``cluster.replicas``) in config.yaml, so a
         later plain ``--resume`` continues with them, and open the TensorBoard writer."""
-        data = self.config.to_dict()
+        data = written_config(self.config)
         file = self.path / "config.yaml"
         if yaml.safe_load(file.read_text()) != data:
             write_yaml(file, data)

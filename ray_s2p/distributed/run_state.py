@@ -49,6 +49,8 @@ class RunState:
     wall: float = 0.0  # wall seconds when the last step was recorded
     initial_eval: dict[str, float] = field(default_factory=dict)
     last_eval: dict[str, float] = field(default_factory=dict)
+    last_eval_step: int = 0  # the step ``last_eval`` was taken at (what the progress bar labels it with)
+    startup_seconds: float = 0.0  # from the run's start to the replicas being up (not in ``wall``)
 
     @property
     def decided(self) -> int:

@@ -15,10 +15,18 @@ A user factory is named ``package.module:function``; it is called as
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 from ..config import ConfigError, TaskConfig
 from .base import Task
+
+# Built-in tasks that make their own model and data (no task.model or task.dataset), in words, and the task
+# keys each reads: a run's config.yaml leaves the others out (``unused_keys``), so it does not name a model or
+# dataset the run never used. tests/tasks/test_tasks.py checks the list against tasks/synthetic.py.
+WITHOUT_MODEL = {"synthetic": "a 2-layer MLP on generated Gaussian blobs"}
+KEYS_READ = {"synthetic": ("name", "batch_size", "train_size", "eval_size", "test_size", "split_seed", "eval_split",
+                           "num_labels", "trainable", "options")}
 
 # name -> "module:function" (relative to this package); each function is (cfg, seed) -> Task
 BUILTIN = {
@@ -55,3 +63,19 @@ def build_task(cfg: TaskConfig, seed: int) -> Task:
         raise ConfigError(f"config field 'task.name': {spec!r} returned {type(task).__name__}, which lacks "
                           f"{', '.join(missing)}. Fix: implement the ray_s2p.tasks.base.Task protocol")
     return task
+
+
+def describe(cfg: TaskConfig) -> str:
+    """What a run trains, in words: ``minilm on rotten_tomatoes``; for a task without a model or dataset its
+    own description, for a ``module:function`` factory its path."""
+    if cfg.name in WITHOUT_MODEL:
+        return f"the {cfg.name} task ({WITHOUT_MODEL[cfg.name]})"
+    if ":" in cfg.name:
+        return f"the task from {cfg.name}"
+    return f"{cfg.model} on {cfg.dataset}"
+
+
+def unused_keys(cfg: TaskConfig) -> tuple[str, ...]:
+    """The task keys a built-in task without a model never reads (none for the others)."""
+    read = KEYS_READ.get(cfg.name)
+    return () if read is None else tuple(f.name for f in dataclasses.fields(cfg) if f.name not in read)

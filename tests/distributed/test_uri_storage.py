@@ -75,10 +75,10 @@ def test_a_run_at_a_file_uri_trains_resumes_replays_and_evaluates_through_the_cl
     replay = subprocess.run(CLI + ["replay", uri, "--check"], capture_output=True, text=True, timeout=300)
     assert replay.returncode == 0, replay.stdout + replay.stderr
     assert json.loads(replay.stdout)["match"] is True
-    ev = subprocess.run(CLI + ["eval", "--run", uri, "--step", "20", "--storage", f"file://{tmp_path}/evals"],
+    ev = subprocess.run(CLI + ["eval", uri, "--step", "20", "--storage", f"file://{tmp_path}/evals"],
                         capture_output=True, text=True, timeout=300)
     assert ev.returncode == 0, ev.stderr
-    assert json.loads((tmp_path / "evals" / "eval.json").read_text())["step"] == 20
+    assert json.loads((tmp_path / "evals" / "eval-step-20.json").read_text())["step"] == 20
     assert not [p.name for p in run_dir.rglob(".*")]  # no staging, temporary or probe files left behind
 
 

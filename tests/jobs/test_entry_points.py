@@ -45,11 +45,12 @@ def job_env(ray_session) -> dict:
 
 def test_eval_command_reproduces_the_runs_own_evaluations(run_dir, tmp_path, capsys):
     out = tmp_path / "eval"
-    done = subprocess.run(CLI + ["eval", "--run", str(run_dir), "--step", "20", "--storage", str(out)],
+    done = subprocess.run(CLI + ["eval", str(run_dir), "--step", "20", "--storage", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     printed = json.loads(done.stdout.strip().splitlines()[-1])
-    assert printed == json.loads((out / "eval.json").read_text())
+    assert printed == json.loads((out / "eval-step-20.json").read_text())  # an earlier step: its own file
+    assert not (out / "eval.json").exists()
     # The parameters replayed to step 20 are the ones replica 0 checkpointed at step 20 ...
     state = json.loads((run_dir / "checkpoints" / "step_00000020" / "state.json").read_text())
     assert printed["step"] == 20 and printed["digest"] == state["digest"]
@@ -58,7 +59,7 @@ def test_eval_command_reproduces_the_runs_own_evaluations(run_dir, tmp_path, cap
     assert printed["eval_accuracy"] == recorded["eval_accuracy"]
     assert printed["eval_loss"] == pytest.approx(recorded["eval_loss"], rel=1e-6)
     # The same command in this process: the default step is the last, and errors exit 2 with the reason.
-    assert cli(["eval", "--run", str(run_dir)]) == 0
+    assert cli(["eval", "--run", str(run_dir)]) == 0  # the earlier spelling still works
     final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert final["step"] == 30 and final["digest"] == summary["final_digest"]
@@ -70,15 +71,15 @@ def test_eval_command_reproduces_the_runs_own_evaluations(run_dir, tmp_path, cap
 
 
 def test_eval_job_writes_eval_json_to_storage(run_dir, tmp_path, ray_session):
-    done = subprocess.run([sys.executable, "jobs/eval.py", "--run", str(run_dir), "--step", "10", "--storage",
+    done = subprocess.run([sys.executable, "jobs/eval.py", str(run_dir), "--step", "10", "--storage",
                            str(tmp_path)], cwd=ROOT, env=job_env(ray_session), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads((tmp_path / "eval.json").read_text())
+    out = json.loads((tmp_path / "eval-step-10.json").read_text())
     recorded = recorded_eval(run_dir, 10)  # no checkpoint of step 10 is kept: the ledger replay reaches it
     assert out["step"] == 10 and (out["eval_accuracy"], out["eval_loss"]) == (
         recorded["eval_accuracy"], pytest.approx(recorded["eval_loss"], rel=1e-6))
-    failing = subprocess.run([sys.executable, "jobs/eval.py", "--run", str(tmp_path / "nothing")], cwd=ROOT,
+    failing = subprocess.run([sys.executable, "jobs/eval.py", str(tmp_path / "nothing")], cwd=ROOT,
                              env=job_env(ray_session), capture_output=True, text=True, timeout=300)
     assert failing.returncode != 0 and "holds no run" in failing.stderr
 
@@ -115,7 +116,7 @@ def test_jobs_take_address_like_ray_init(run_dir, tmp_path, ray_session):
     # the rest, which knows no --address; without RAY_ADDRESS in the environment.
     env = {k: v for k, v in job_env(ray_session).items() if k != "RAY_ADDRESS"}
     address = ray_session.get_runtime_context().gcs_address
-    done = subprocess.run([sys.executable, "jobs/eval.py", f"--address={address}", "--run", str(run_dir),
+    done = subprocess.run([sys.executable, "jobs/eval.py", f"--address={address}", str(run_dir),
                            "--storage", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
