@@ -30,11 +30,11 @@ def _train(args: argparse.Namespace) -> int:
         if args.resume is not True and args.output and for_replica(location(args.output)) != for_replica(location(args.resume)):
             raise RayS2PError(f"--resume {args.resume} and --output {args.output} name two runs. Fix: give one")
         run_dir = location(args.output if args.resume is True else args.resume)
-        config = RunDirectory.load_config(run_dir)
+        saved = config = RunDirectory.load_config(run_dir)
         if args.set:  # e.g. a different cluster.replicas on resume (see docs/config.md)
             config = config.replace(dict(_parse_sets(args.set)))
-        done = _finished(run_dir, config.steps)
-        if done is not None:  # nothing to train: say so instead of starting Ray
+        done = _finished(run_dir, config.steps) if _same_trajectory(saved, config) else None
+        if done is not None:  # nothing to train: say so instead of starting Ray (another trajectory is refused there)
             print(f"ray-s2p: {run_dir} is complete: {done['steps_completed']} of {config.steps} steps, final digest "
                   f"{done.get('final_digest')}. Nothing to do. To train on, raise the step count: --resume "
                   f"{run_dir} --set steps=N", file=sys.stderr)
@@ -66,6 +66,11 @@ def _train(args: argparse.Namespace) -> int:
 def _count(n: int, noun: str) -> str:
     """"1 replica", "2 replicas"."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _same_trajectory(a: "RunConfig", b: "RunConfig") -> bool:
+    from ..distributed.checkpoint import config_fingerprint
+    return config_fingerprint(a.to_dict()) == config_fingerprint(b.to_dict())
 
 
 def _finished(run_dir: "Location", steps: int) -> dict | None:

@@ -23,8 +23,9 @@ from ray_s2p.tasks.base import EvalTotals, Task
 from ray_s2p.tasks.errors import TaskError
 from ray_s2p.tasks.feature_reuse import FeatureCache
 from ray_s2p.tasks.metrics import classification_metrics
-from ray_s2p.zo.directions import DirectionSpace, select_parameters
+from ray_s2p.zo.directions import DirectionSpace
 from ray_s2p.zo.probes import Prober
+from ray_s2p.zo.space import select_parameters
 
 KINDS = {  # name -> (model, dataset, extra options)
     "text_classification": ("tiny-bert", "synthetic_text", {"tokenizer": "word", "synthetic_size": 96}),
