@@ -12,7 +12,10 @@ import torch
 TESTS = Path(__file__).resolve().parent
 for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                    "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
-                   "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0"}.items():
+                   "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0",
+                   # Triton's kernels run in its interpreter on CPU tensors (tests/zo/test_kernels.py); triton
+                   # reads this when it is imported, and nothing has imported it yet.
+                   "TRITON_INTERPRET": "1"}.items():
     os.environ.setdefault(key, value)
 # Ray workers inherit PYTHONPATH: they must import the fault-injection tasks in tests/.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [str(TESTS), str(TESTS.parent),

@@ -82,3 +82,48 @@ def randn(key: int, offsets: torch.Tensor, rounds: int = ROUNDS) -> torch.Tensor
     theta = TWO_PI * uniform(w1)
     radius = np.sqrt(np.float32(-2.0) * np.log(u1))
     return torch.from_numpy(radius * np.cos(theta))
+
+
+def _rows(x: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+    flat = x.detach().reshape(-1)
+    return flat.to(torch.float32).numpy().copy(), torch.arange(flat.numel())
+
+
+def perturbed_reference(x: torch.Tensor, key: int, radius: float) -> torch.Tensor:
+    """What the fused probe kernel (zo/kernels.py ``perturb``) writes: x + radius z in float32, z = ``randn(key,
+    element index)``, rounded to nearest into x's dtype; x itself is not touched."""
+    acc, offsets = _rows(x)
+    acc = acc + np.float32(radius) * randn(key, offsets).numpy()
+    return torch.from_numpy(acc).to(x.dtype).view(x.shape)
+
+
+def updated_reference(x: torch.Tensor, pairs: list[tuple[int, float]], param_scale: float = 1.0,
+                      sign_step: float | None = None, rounding_key: int = 0) -> torch.Tensor:
+    """What the fused update kernel (zo/kernels.py ``update``) leaves in x, as a new tensor.
+
+    In float32 per element j: ``acc = x * param_scale``, then for each (key, c) in order ``acc += c z`` (z =
+    ``randn(key, j)``), or with ``sign_step = a`` the same sum ``g`` apart and ``acc += -a sign(g)``. A bf16 x
+    gets acc rounded stochastically: 16 random bits (the low half of ``randint4x(rounding_key, j)``'s first word)
+    added to acc's bit pattern, the low 16 bits cleared (zo/rounding.py explains why that is unbiased); NaN
+    rounds to nearest. A float32 x gets acc.
+    """
+    acc, offsets = _rows(x)
+    acc = acc * np.float32(param_scale)
+    sink = np.zeros_like(acc) if sign_step is not None else acc
+    for key, coefficient in pairs:
+        sink = sink + np.float32(coefficient) * randn(key, offsets).numpy()
+    if sign_step is not None:
+        acc = acc + np.float32(-sign_step) * np.sign(sink).astype(np.float32)
+    else:
+        acc = sink
+    if x.dtype == torch.float32:
+        return torch.from_numpy(acc).view(x.shape)
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"the fused update rounds to float32 or bfloat16 weights, not {x.dtype}")
+    words = randint4x(rounding_key, offsets)[0].numpy()
+    bits = acc.view(np.int32).astype(np.int64) + (words & 0xFFFF)
+    rounded = (bits & 0xFFFF0000).astype(np.uint32).view(np.float32)  # upper 16 bits: exact in bf16
+    out = torch.from_numpy(rounded).to(torch.bfloat16)
+    nan = torch.from_numpy(np.isnan(acc))
+    out = torch.where(nan, torch.from_numpy(acc).to(torch.bfloat16), out)
+    return out.view(x.shape)

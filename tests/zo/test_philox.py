@@ -37,9 +37,9 @@ def test_words_are_uint32_and_uniforms_lie_in_zero_one():
     assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1.0) < 0.01  # 200 k normals: 4.5 sigma bounds
 
 
-def _triton_interpreted(monkeypatch):
-    """Triton's random functions in its interpreter (CPU tensors), or None without triton."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when a kernel is decorated
+def _triton_interpreted():
+    """Triton's random functions in its interpreter (CPU tensors; tests/conftest.py sets TRITON_INTERPRET=1),
+    or None without triton."""
     try:
         import triton
         import triton.language as tl
@@ -65,8 +65,8 @@ def _triton_interpreted(monkeypatch):
     return run
 
 
-def test_the_reference_is_tritons_randint4x_and_randn_bit_for_bit(monkeypatch):
-    run = _triton_interpreted(monkeypatch)
+def test_the_reference_is_tritons_randint4x_and_randn_bit_for_bit():
+    run = _triton_interpreted()
     if run is None:
         pytest.skip("triton is not installed (it comes with the test and gpu extras on Linux x86_64 only)")
     words, normals = run(KEY, OFFSETS)
