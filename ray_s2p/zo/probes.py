@@ -63,7 +63,7 @@ class Prober:
         # tens of MB costs page faults every probe. Held between probes: one buffer per distinct large
         # parameter size and device (for a transformer, a handful of layer shapes).
         self._reusable: set[tuple[int, int]] = set()  # (id(module), parameter index)
-        self._scratch: dict[tuple[int, str], list[torch.Tensor]] = {}  # (numel, device) -> free buffers
+        self._scratch: dict[tuple[int, str, torch.dtype], list[torch.Tensor]] = {}  # (numel, device, dtype) -> free
         if mechanism == "hooks":
             by_id = {id(p): i for i, p in enumerate(space.params)}
             for module in model.modules():  # type: ignore[union-attr]
@@ -73,8 +73,9 @@ class Prober:
                 if owned:
                     self._owners.append((module, swapped, added))
                 if type(module) in COPYING_LAYERS:  # exact types: a subclass may override forward
-                    self._reusable.update((id(module), i) for i in swapped if space.params[i].dtype == torch.float32
-                                          and space.params[i].numel() >= REUSE_MIN_NUMEL)
+                    # Any dtype: a bf16 weight's copy is bf16 (perturbed_many rounds into the weight's dtype).
+                    self._reusable.update((id(module), i) for i in swapped
+                                          if space.params[i].numel() >= REUSE_MIN_NUMEL)
 
     def evaluate(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float,
                  step: int | None = None) -> float:
@@ -152,7 +153,7 @@ class Prober:
                     if stack:
                         p = self.space.params[i]
                         if (id(module), i) in self._reusable:  # only the module that took it gives it back
-                            self._scratch.setdefault((p.numel(), str(p.device)), []).append(p.data)
+                            self._scratch.setdefault((p.numel(), str(p.device), p.dtype), []).append(p.data)
                         p.data = stack.pop()
             return hook
 
@@ -206,7 +207,7 @@ class Prober:
         if (id(module), index) not in self._reusable:
             return None
         p = self.space.params[index]
-        free = self._scratch.get((p.numel(), str(p.device)))
+        free = self._scratch.get((p.numel(), str(p.device), p.dtype))
         return free.pop() if free else None
 
     def _naive(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float, step: int | None) -> float:

@@ -250,14 +250,16 @@ def test_rademacher_signs_are_the_bits_of_the_random_words():
         assert out.tolist() == [2.0 * b - 1.0 for b in bits[:numel]]
 
 
-def test_hooks_reuse_buffers_of_large_weights_without_leaking_values():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hooks_reuse_buffers_of_large_weights_without_leaking_values(dtype):
     # Weights of at least REUSE_MIN_NUMEL elements get their perturbed copies in buffers kept between
-    # probes: a probe must not see the previous direction's values, and the weights stay intact.
+    # probes, half-precision ones in buffers of their dtype: a probe must not see the previous direction's
+    # values, and the weights stay intact.
     from ray_s2p.zo.probes import REUSE_MIN_NUMEL
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(600, 600), torch.nn.Tanh(), torch.nn.Linear(600, 2))
+    model = torch.nn.Sequential(torch.nn.Linear(600, 600), torch.nn.Tanh(), torch.nn.Linear(600, 2)).to(dtype)
     assert model[0].weight.numel() >= REUSE_MIN_NUMEL
-    x = torch.randn(4, 600, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(4, 600, generator=torch.Generator().manual_seed(1)).to(dtype)
     fn = lambda: model(x).pow(2).mean()  # noqa: E731
     space = space_of(model)
     before = model_digest(model)
@@ -267,4 +269,5 @@ def test_hooks_reuse_buffers_of_large_weights_without_leaking_values():
     assert values == [swap.evaluate(fn, seed, 0.05) for seed in (1, 2, 1, 3, 2)]
     assert values[0] == values[2] and values[1] == values[4] and len(set(values)) == 3
     assert hooks._scratch, "the large weight's buffer is kept for the next probe"
+    assert {key[2] for key in hooks._scratch} == {dtype}
     assert model_digest(model) == before
