@@ -8,6 +8,7 @@ strings, tuples, mappings, nested sections), and every error names the dotted fi
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 import warnings
@@ -55,6 +56,8 @@ def coerce(value: Any, annotation: Any, path: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             value = parse_scalar(value, float, path)
+        if not math.isfinite(value):  # YAML .inf / .nan, or --set key=inf: no setting means infinity here
+            raise ConfigError(f"config field '{path}': {value!r} is not a finite number. Fix: write a finite number")
         return float(value)
     if annotation is int:
         if isinstance(value, float) and value.is_integer():

@@ -3,6 +3,8 @@ and --debug shows every traceback."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ray_s2p.cli import main
@@ -43,3 +45,15 @@ def test_every_project_error_is_still_the_builtin_type_it_was():
     assert issubclass(ConfigError, ValueError) and issubclass(LedgerError, ValueError)
     assert issubclass(CheckpointError, ValueError) and issubclass(ReplicaFailure, RuntimeError)
     assert all(issubclass(c, RayS2PError) for c in (ConfigError, CheckpointError, ReplicaFailure, LedgerError))
+
+
+@pytest.mark.parametrize("override", ["optimizer.rho=inf", "optimizer.eta=.nan", "cluster.memory_per_replica_gb=-.inf",
+                                      "optimizer.weight_decay=nan"])
+def test_a_number_that_is_not_finite_is_refused_by_name_and_nothing_is_written(override, tmp_path, capsys):
+    out = tmp_path / "run"
+    smoke = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "smoke.yaml"
+    assert main(["train", "--config", str(smoke), "--output", str(out), "--set", override]) == 2
+    key, value = override.split("=")
+    err = capsys.readouterr().err
+    assert f"config field '{key}': " in err and "is not a finite number. Fix: write a finite number" in err
+    assert not out.exists()
