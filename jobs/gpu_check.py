@@ -55,8 +55,9 @@ from gpu_check_plan import (CHECK_NAMES, DEFAULT_CONFIG, LLAMA_PRECISIONS, MEMOR
                             Budget, BudgetExceeded, Plan)
 import torch  # noqa: E402
 
-from gpu_check_checks import (Comparison, LlamaHolder, free_memory, memory_llama, oom_errors,  # noqa: E402
-                              step_llama, step_lm)
+from gpu_check_checks import (Comparison, LlamaHolder, free_memory, oom_errors, step_llama,  # noqa: E402
+                              step_lm)
+from gpu_check_memory import memory_llama  # noqa: E402
 from gpu_check_report import markdown  # noqa: E402
 from ray_s2p.bench.common import emit, log, machine_info  # noqa: E402
 from ray_s2p.config import load_config  # noqa: E402
