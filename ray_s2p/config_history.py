@@ -13,16 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 from .config import RENAMED, RunConfig
+from .config_parse import apply_renames
 
 
 def recorded_names(data: dict[str, Any]) -> dict[str, Any]:
     """A ``RunConfig.to_dict()`` with renamed keys under their old names, for fingerprints: a rename alone
     leaves every recorded result, progress entry and checkpoint findable."""
-    out = dict(data)
-    for (section, old), new in RENAMED.items():
-        if isinstance(out.get(section), dict) and new in out[section]:
-            out[section] = {(old if k == new else k): v for k, v in out[section].items()}
-    return out
+    return apply_renames(data, {(section, new): old for (section, old), new in RENAMED.items()})
 
 
 def saved_config(data: dict[str, Any]) -> RunConfig:
@@ -32,10 +29,7 @@ def saved_config(data: dict[str, Any]) -> RunConfig:
     scaling, so it loads with ``step_scaling: none`` (a resumed old run continues as it started); keys
     written under an old name (``RENAMED``) load under the new one.
     """
-    data = dict(data or {})
-    for (section, old), new in RENAMED.items():
-        if isinstance(data.get(section), dict) and old in data[section]:
-            data[section] = {(new if k == old else k): v for k, v in data[section].items()}
+    data = apply_renames(data or {}, RENAMED)  # silently: the file is the run's, not the user's mistake
     optimizer = data.get("optimizer")
     if isinstance(optimizer, dict) and "step_scaling" not in optimizer:
         data = {**data, "optimizer": {**optimizer, "step_scaling": "none"}}

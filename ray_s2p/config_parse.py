@@ -126,8 +126,10 @@ def _warn_renamed(section: str, key: str, renamed: Renames, why: dict[tuple[str,
                   f"Fix: write {new}", FutureWarning, stacklevel=4)
 
 
-def apply_renames(data: dict[str, Any], renamed: Renames, why: dict[tuple[str, str], str]) -> dict[str, Any]:
-    """``data`` with keys written under an old name moved to the new one, with one FutureWarning each.
+def apply_renames(data: dict[str, Any], renamed: Renames, why: dict[tuple[str, str], str] | None = None
+                  ) -> dict[str, Any]:
+    """``data`` with keys written under an old name moved to the new one, with one FutureWarning each when
+    ``why`` gives the reasons (None: silently, e.g. for files an earlier version wrote).
 
     Raises:
         ConfigError: a key given under both its old and its new name.
@@ -139,7 +141,8 @@ def apply_renames(data: dict[str, Any], renamed: Renames, why: dict[tuple[str, s
             if new in part:
                 raise ConfigError(f"config field '{section}.{key}': the old name of '{section}.{new}', and both "
                                   f"are given. Fix: keep {section}.{new} only")
-            _warn_renamed(section, key, renamed, why)
+            if why is not None:
+                _warn_renamed(section, key, renamed, why)
             data[section] = {(new if k == key else k): v for k, v in part.items()}
     return data
 

@@ -268,13 +268,18 @@ def bench_step(ctx: BenchContext) -> dict[str, Any]:
     split["remainder_s"] = steps["hooks_gaussian"] - (2 * split["copies_gaussian_s"] + 2 * forward
                                                       + split["update_gaussian_s"])
 
-    def time_naive_mezo() -> tuple[float, float]:  # its own scope: the extra model is freed on return
+    def fresh_model() -> tuple[torch.nn.Module, list[str], Any]:
+        """A new copy of the model on the device, its trainable names and its prepared benchmark batch."""
         model = task.build_model()
-        names, params = select_parameters(model, task.trainable_names(model))
+        names = task.trainable_names(model)
         if device.type != "cpu":
             model.to(device)
         with torch.no_grad():
-            inputs = task.prepare(model, on_device, names)
+            return model, names, task.prepare(model, on_device, names)
+
+    def time_naive_mezo() -> tuple[float, float]:  # its own scope: the extra model is freed on return
+        model, names, inputs = fresh_model()
+        _, params = select_parameters(model, names)
         return paired_median_seconds(two_forwards_of(model, names),
                                      naive_mezo_fn(params, lambda: task.loss(model, inputs), rho), repeats, device)
 
@@ -282,12 +287,7 @@ def bench_step(ctx: BenchContext) -> dict[str, Any]:
     floors["naive_mezo"], steps["naive_mezo"] = time_naive_mezo()
 
     def time_plain_api() -> tuple[float, float]:  # its own scope, as time_naive_mezo
-        model = task.build_model()
-        names = task.trainable_names(model)
-        if device.type != "cpu":
-            model.to(device)
-        with torch.no_grad():
-            inputs = task.prepare(model, on_device, names)
+        model, names, inputs = fresh_model()
         perturbation = dataclasses.replace(base.perturbation, mechanism="hooks", distribution="gaussian")
         # MeZO's rule with the naive step's tiny lr: the same update work, parameters that stay put.
         opt = ZerothOrderOptimizer(model, OptimizerConfig(name="mezo", lr=1e-7, rho=rho), seed=BENCH_SEED,

@@ -543,3 +543,19 @@ def test_eval_metrics_merge_the_shards_and_match_classification_metrics():
     assert whole["macro_f1"] == pytest.approx(2 / 3)
     assert eval_metrics([EvalTotals(3.0, 6)]) == {"eval_loss": 0.5}  # a language model's loss only
     assert eval_metrics([EvalTotals()]) == {}  # nothing evaluated: no row values
+
+
+def test_the_synthetic_task_reads_only_the_keys_its_config_yaml_keeps() -> None:
+    # tasks.KEYS_READ decides which task keys a synthetic run's config.yaml leaves out: every key that
+    # tasks/synthetic.py reads from its config must be in it, or a run directory would lose a setting.
+    import ast
+    import pathlib
+
+    import ray_s2p.tasks.synthetic as synthetic
+    from ray_s2p.tasks import KEYS_READ, unused_keys
+    source = pathlib.Path(synthetic.__file__)
+    read = {node.attr for node in ast.walk(ast.parse(source.read_text()))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, (ast.Name, ast.Attribute))
+            and (getattr(node.value, "id", None) == "cfg" or getattr(node.value, "attr", None) == "cfg")}
+    assert read and read <= set(KEYS_READ["synthetic"])
+    assert "model" in unused_keys(TaskConfig(name="synthetic")) and unused_keys(TaskConfig()) == ()
