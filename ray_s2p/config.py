@@ -23,6 +23,7 @@ Trainable = Literal["all", "head", "bitfit", "lora", "top_k", "patterns"]
 Autocast = Literal["fp32", "bf16", "fp16"]
 Distribution = Literal["gaussian", "rademacher", "sphere", "table", "lowrank"]
 Mechanism = Literal["hooks", "swap", "naive"]
+NoiseSource = Literal["generator", "philox"]
 SigmaWarmup = Literal["abs_gamma", "skip", "unit"]
 Clip = Literal["soft", "fixed", "none"]
 Decay = Literal["constant", "linear", "cosine", "inverse_sqrt", "step"]
@@ -39,6 +40,7 @@ TRAINABLE: tuple[str, ...] = get_args(Trainable)
 AUTOCASTS: tuple[str, ...] = get_args(Autocast)
 DISTRIBUTIONS: tuple[str, ...] = get_args(Distribution)
 MECHANISMS: tuple[str, ...] = get_args(Mechanism)
+NOISE_SOURCES: tuple[str, ...] = get_args(NoiseSource)
 SIGMA_WARMUPS: tuple[str, ...] = get_args(SigmaWarmup)
 CLIPS: tuple[str, ...] = get_args(Clip)
 DECAYS: tuple[str, ...] = get_args(Decay)
@@ -200,6 +202,7 @@ class PerturbationConfig:
     table_size: int = 1 << 24         # floats in the shared noise table (distribution=table)
     rank: int = 2                     # r of the low-rank directions U V^T / sqrt(r) (distribution=lowrank)
     lowrank_interval: int = 1         # lazy V: redraw V every this many steps (1: fresh V per direction)
+    noise: NoiseSource = "generator"  # generator (seeded torch generators), philox (counter-based, fused GPU kernels)
 
     def __post_init__(self) -> None:
         require(self.distribution in DISTRIBUTIONS, "perturbation.distribution", f"got {self.distribution!r}",
@@ -212,6 +215,10 @@ class PerturbationConfig:
         require(self.mechanism in MECHANISMS, "perturbation.mechanism", f"got {self.mechanism!r}",
                  f"use {one_of(MECHANISMS)}")
         require(self.table_size >= 1024, "perturbation.table_size", f"got {self.table_size}", "use at least 1024")
+        require(self.noise in NOISE_SOURCES, "perturbation.noise", f"got {self.noise!r}", f"use {one_of(NOISE_SOURCES)}")
+        require(self.noise == "generator" or self.distribution == "gaussian", "perturbation.noise",
+                 f"philox makes Gaussian directions, not {self.distribution}",
+                 "use perturbation.distribution gaussian with philox, or perturbation.noise generator")
 
 
 WEIGHT_PRECISIONS: tuple[str, ...] = get_args(WeightPrecision)
@@ -316,6 +323,9 @@ class RunConfig:
         require(c.batch_scaling == "weak" or c.mode == "direction" or self.task.batch_size % shards == 0,
                  "cluster.batch_scaling", f"strong: task.batch_size {self.task.batch_size} does not split evenly "
                  f"among {shards} data shards", "use a task.batch_size divisible by the shards per group, or weak")
+        require(self.perturbation.noise == "generator" or self.precision.weights in ("fp32", "bf16"),
+                 "perturbation.noise", f"philox handles fp32 and bf16 weights, not precision.weights "
+                 f"{self.precision.weights}", "use precision.weights fp32 or bf16, or perturbation.noise generator")
 
     @property
     def direction_groups(self) -> int:

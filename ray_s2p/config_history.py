@@ -22,6 +22,22 @@ def recorded_names(data: dict[str, Any]) -> dict[str, Any]:
     return apply_renames(data, {(section, new): old for (section, old), new in RENAMED.items()})
 
 
+# Keys added later whose value here reproduces what every run before them computed: a fingerprint leaves such a
+# key out at that value, so recorded results and checkpoints are still found.
+ADDED_AT_OLD_MEANING = {("perturbation", "noise"): "generator"}
+
+
+def fingerprint_data(data: dict[str, Any]) -> dict[str, Any]:
+    """A ``RunConfig.to_dict()`` as fingerprints hash it: renamed keys under their old names
+    (``recorded_names``), and keys of ``ADDED_AT_OLD_MEANING`` left out where they hold that meaning."""
+    data = recorded_names(data)
+    for (section, key), value in ADDED_AT_OLD_MEANING.items():
+        part = data.get(section)
+        if isinstance(part, dict) and part.get(key, value) == value:
+            data = {**data, section: {k: v for k, v in part.items() if k != key}}
+    return data
+
+
 def saved_config(data: dict[str, Any]) -> RunConfig:
     """A run directory's config.yaml as a ``RunConfig``, keeping the meaning it was written with.
 
@@ -41,11 +57,12 @@ def trajectory_dict(config: RunConfig) -> dict[str, Any]:
 
     Left out: ``optimizer.step_scaling`` and ``optimizer.tuned_directions`` when the step factor at the
     config's directions per step is 1 (``none``, or Q = tuned_directions), and ``cluster.batch_scaling``
-    when it is ``weak`` (what data mode did before the key existed). Results recorded before these keys
+    when it is ``weak`` (what data mode did before the key existed), and what ``fingerprint_data`` leaves
+    out. Results recorded before these keys
     existed (sweeps/progress.py) keep their fingerprints, and a change that does compute something else
     changes the fingerprint.
     """
-    data = recorded_names(config.to_dict())
+    data = fingerprint_data(config.to_dict())
     o = config.optimizer
     if o.step_scaling == "none" or config.directions_per_step == o.tuned_directions:
         del data["optimizer"]["step_scaling"], data["optimizer"]["tuned_directions"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig
-from ..config_history import recorded_names
+from ..config_history import fingerprint_data
 from ..errors import RayS2PError
 from ..files import write_text
 from ..sweeps.progress import fingerprint
@@ -31,9 +31,9 @@ def run_key(task: str, q: int, m: float, seed: int, split: str, shards: int = 1)
 
 
 def run_fingerprint(config: RunConfig) -> str:
-    """The fingerprint a run of ``config`` is recorded under (renamed keys under their old names, so a
-    rename alone leaves recorded runs valid)."""
-    return fingerprint(recorded_names(config.to_dict()))
+    """The fingerprint a run of ``config`` is recorded under (``fingerprint_data``: a rename or a key added at
+    its old meaning leaves recorded runs valid)."""
+    return fingerprint(fingerprint_data(config.to_dict()))
 
 
 class SpeedupProgress:

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config_history import recorded_names
+from ..config_history import fingerprint_data
 from ..errors import RayS2PError
 from ..files import fsync_file, replace_dir
 from ..storage_fs import (
@@ -73,8 +73,8 @@ class CheckpointRecord:
 
 def config_fingerprint(config_dict: dict[str, Any]) -> str:
     """sha256 of the parts of a config that change the trajectory (not steps, logging or cluster size)."""
-    # Renamed keys hash under their old names: a rename alone leaves checkpoints resumable.
-    keep = {k: v for k, v in recorded_names(config_dict).items() if k in ("seed", "task", "optimizer", "perturbation")}
+    # Renamed keys hash under their old names, added keys at their old meaning not at all: checkpoints stay resumable.
+    keep = {k: v for k, v in fingerprint_data(config_dict).items() if k in ("seed", "task", "optimizer", "perturbation")}
     weights = (config_dict.get("precision") or {}).get("weights", "fp32")
     if weights != "fp32":
         # Only half-precision weights change the trajectory; fp32 runs keep the fingerprint they had

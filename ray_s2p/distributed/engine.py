@@ -243,7 +243,8 @@ class ReplicaEngine:
 
     def environment(self) -> dict[str, Any]:
         """Device, kernels and torch build of this replica's arithmetic (zo/environment.py)."""
-        return numerics_environment(self.device, self.config.perturbation.distribution, self.config.precision.weights)
+        return numerics_environment(self.device, self.config.perturbation.distribution, self.config.precision.weights,
+                                    self.config.perturbation.noise)
 
 
 def _replica_device(config: RunConfig, model: torch.nn.Module) -> torch.device:

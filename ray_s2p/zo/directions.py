@@ -27,7 +27,8 @@ from typing import Sequence
 
 import torch
 
-from ..config import DISTRIBUTIONS
+from ..config import DISTRIBUTIONS, NOISE_SOURCES
+from . import counter_noise
 from .factors import FactorStreams
 from .jobs import INLINE_MAX_NUMEL, Job, JobRunner
 from .lowrank import materialise
@@ -57,6 +58,8 @@ class DirectionSpace:
             bf16/fp16 parameters (``apply_update``) mix in.
         decay_exempt: one flag per parameter, True where weight decay (``param_scale``) must not
             apply (biases and norm weights, ``weight_decay.decay_exempt``); empty: every parameter decays.
+        noise_source: ``generator`` (chunks of seeded torch generators, noise.py) or ``philox`` (counter-based
+            Gaussian noise made inside fused kernels on an accelerator, counter_noise.py).
     """
 
     names: list[str]
@@ -68,10 +71,19 @@ class DirectionSpace:
     lowrank_interval: int = 1
     run_seed: int = 0
     decay_exempt: tuple[bool, ...] = ()
+    noise_source: str = "generator"
 
     def __post_init__(self) -> None:
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"unknown distribution {self.distribution!r}; use {', '.join(DISTRIBUTIONS)}")
+        if self.noise_source not in NOISE_SOURCES:
+            raise ValueError(f"unknown noise source {self.noise_source!r}; use {', '.join(NOISE_SOURCES)}")
+        if self.counter_based:
+            if self.distribution != "gaussian":
+                raise ValueError(f"noise source 'philox' makes Gaussian directions, not {self.distribution}. "
+                                 "Fix: use distribution gaussian, or noise source generator")
+            for p in self.params:
+                counter_noise.check_dtype(p.dtype)
         if self.rank < 1 or self.lowrank_interval < 1:
             raise ValueError(f"rank and lowrank_interval must be >= 1, got {self.rank} and {self.lowrank_interval}")
         if self.distribution == "table" and self.table is None:
@@ -85,6 +97,12 @@ class DirectionSpace:
         self.factor_streams = FactorStreams(matrices, self.rank, self.lowrank_interval, self.run_seed,
                                             self.params[matrices[0][0]].device if matrices else torch.device("cpu"),
                                             vectors)
+
+    @property
+    def counter_based(self) -> bool:
+        """True when the noise is counter-based (``noise_source`` philox): element j of parameter i's noise for
+        seed s is ``philox.randn(mix_seed(s, i), j)``."""
+        return self.noise_source == "philox"
 
     def run_jobs(self, jobs: list[Job]) -> None:
         """Run independent jobs on the space's noise threads (``JobRunner.run``)."""
@@ -137,6 +155,8 @@ class DirectionSpace:
             return materialise(*self.factors(seed, index, step))
         if self._in_stream(index):
             return self.factor_streams.vector(seed, index, step, p.device).view(p.shape)
+        if self.counter_based:
+            return counter_noise.normal(p.numel(), key, p.device).view(p.shape)
         return draw(p.shape, key, self._stream(), p.device)
 
     def noise(self, seed: int, index: int, step: int | None = None) -> torch.Tensor:
@@ -195,6 +215,9 @@ class DirectionSpace:
                 buffer = torch.empty(p.numel(), dtype=dtype, device=p.device)
             out_i = buffer
             outs.append(out_i)
+            if self.counter_based:  # one fused pass per weight (slices of it on a CPU)
+                jobs.extend(counter_noise.perturb_jobs(out_i, p.detach().reshape(-1), mix_seed(seed, i), factor))
+                continue
             if not self._chunked(i):
                 def whole(i: int = i, out: torch.Tensor = out_i) -> None:
                     out.copy_(self.params[i].detach().to(torch.float32).add(self.noise(seed, i, step),

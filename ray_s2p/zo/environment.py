@@ -3,7 +3,9 @@
 Replicas stay bitwise identical because they run the same kernels on the same inputs.
 Across device types (CPU against GPU), GPU models, CPU kernel families (torch's
 AVX-512 / AVX2 / generic builds pick other vectorised kernels for ``normal_`` and
-``add_``) or torch versions the same ledger gives other bits. The run records its
+``add_``) torch versions or noise implementations (``perturbation.noise``: torch generators, or counter-based noise
+from Triton kernels or the CPU reference, whose float32 libraries differ in the last bit) the same ledger
+gives other bits. The run records its
 environment (the ledger's metadata and summary.json) so that ``replay --check`` can say
 so plainly instead of reporting a digest mismatch, and so that a run can refuse
 replicas that could never agree.
@@ -17,17 +19,30 @@ from typing import Any
 import torch
 
 # The keys that decide the bits of an update; the others are recorded for the reader.
-BITWISE_KEYS = ("device_type", "device_name", "cpu_capability", "torch", "cuda")
+BITWISE_KEYS = ("device_type", "device_name", "cpu_capability", "torch", "cuda", "noise")
+# The value a record written before a key existed stands for: every such run drew generator noise.
+RECORDED_DEFAULTS = {"noise": "generator"}
 METADATA_KEY = b"ray_s2p.environment"
 
 
-def numerics_environment(device: torch.device, distribution: str, weights: str) -> dict[str, Any]:
+def noise_implementation(device: torch.device, source: str) -> str:
+    """What makes the noise: ``generator``, or the counter-based implementation on ``device`` (e.g.
+    'philox/triton 3.9.0', 'philox/reference numpy 2.3.5')."""
+    if source == "generator":
+        return "generator"
+    from .counter_noise import implementation
+    return implementation(device)
+
+
+def numerics_environment(device: torch.device, distribution: str, weights: str,
+                         noise: str = "generator") -> dict[str, Any]:
     """The environment of one replica's arithmetic.
 
     Args:
         device: where the replica's parameters live.
         distribution: the direction family (``perturbation.distribution``).
         weights: the weights' dtype (``precision.weights``).
+        noise: the noise source (``perturbation.noise``).
     """
     cuda = device.type == "cuda"
     return {
@@ -40,19 +55,26 @@ def numerics_environment(device: torch.device, distribution: str, weights: str) 
         "cuda": torch.version.cuda if cuda else None,
         "distribution": distribution,
         "weights": weights,
+        "noise": noise_implementation(device, noise),
     }
 
 
 def differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The bitwise-relevant keys on which two environments differ, as 'key: recorded -> current'."""
-    return [f"{k}: {recorded.get(k)} -> {current.get(k)}" for k in BITWISE_KEYS if recorded.get(k) != current.get(k)]
+    def value(env: dict[str, Any], key: str) -> Any:
+        return env.get(key, RECORDED_DEFAULTS.get(key))
+    return [f"{k}: {value(recorded, k)} -> {value(current, k)}" for k in BITWISE_KEYS
+            if value(recorded, k) != value(current, k)]
 
 
 def describe(env: dict[str, Any]) -> str:
-    """One line: 'cpu (AVX2), torch 2.13.0' or 'cuda (NVIDIA H200, CUDA 12.8), torch 2.13.0'."""
+    """One line: 'cpu (AVX2), torch 2.13.0' or 'cuda (NVIDIA H200, CUDA 12.8), torch 2.13.0, noise philox/triton
+    3.9.0' (the noise is named where it is not the generators')."""
     where = env.get("cpu_capability") if env.get("device_type") == "cpu" else \
         f"{env.get('device_name')}, CUDA {env.get('cuda')}"
-    return f"{env.get('device_type')} ({where}), torch {env.get('torch')}"
+    noise = env.get("noise", "generator")
+    return f"{env.get('device_type')} ({where}), torch {env.get('torch')}" + (
+        f", noise {noise}" if noise != "generator" else "")
 
 
 def agreed(environments: list[dict[str, Any]]) -> dict[str, Any]:
@@ -112,5 +134,5 @@ def replay_problem(recorded: dict[str, Any] | None, current: dict[str, Any]) -> 
     diff = differences(recorded, current)
     if diff:
         return (f"the run was trained on {describe(recorded)} and this replay runs on {describe(current)} "
-                f"({'; '.join(diff)}); bitwise equality cannot hold across device types, kernels or torch builds")
+                f"({'; '.join(diff)}); bitwise equality cannot hold across device types, kernels, torch builds or noise implementations")
     return None

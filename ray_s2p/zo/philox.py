@@ -84,30 +84,34 @@ def randn(key: int, offsets: torch.Tensor, rounds: int = ROUNDS) -> torch.Tensor
     return torch.from_numpy(radius * np.cos(theta))
 
 
-def _rows(x: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+def _rows(x: torch.Tensor, start: int) -> tuple[np.ndarray, torch.Tensor]:
     flat = x.detach().reshape(-1)
-    return flat.to(torch.float32).numpy().copy(), torch.arange(flat.numel())
+    return flat.to(torch.float32).numpy().copy(), torch.arange(start, start + flat.numel())
 
 
-def perturbed_reference(x: torch.Tensor, key: int, radius: float) -> torch.Tensor:
+def perturbed_reference(x: torch.Tensor, key: int, radius: float, start: int = 0) -> torch.Tensor:
     """What the fused probe kernel (zo/kernels.py ``perturb``) writes: x + radius z in float32, z = ``randn(key,
-    element index)``, rounded to nearest into x's dtype; x itself is not touched."""
-    acc, offsets = _rows(x)
+    element index)``, rounded to nearest into x's dtype; x itself is not touched.
+
+    ``start``: the element index of x's first element, for a slice of a larger tensor (every element's result
+    depends only on its own index, so a tensor done in slices gives the same bits as done whole).
+    """
+    acc, offsets = _rows(x, start)
     acc = acc + np.float32(radius) * randn(key, offsets).numpy()
     return torch.from_numpy(acc).to(x.dtype).view(x.shape)
 
 
 def updated_reference(x: torch.Tensor, pairs: list[tuple[int, float]], param_scale: float = 1.0,
-                      sign_step: float | None = None, rounding_key: int = 0) -> torch.Tensor:
+                      sign_step: float | None = None, rounding_key: int = 0, start: int = 0) -> torch.Tensor:
     """What the fused update kernel (zo/kernels.py ``update``) leaves in x, as a new tensor.
 
     In float32 per element j: ``acc = x * param_scale``, then for each (key, c) in order ``acc += c z`` (z =
     ``randn(key, j)``), or with ``sign_step = a`` the same sum ``g`` apart and ``acc += -a sign(g)``. A bf16 x
     gets acc rounded stochastically: 16 random bits (the low half of ``randint4x(rounding_key, j)``'s first word)
     added to acc's bit pattern, the low 16 bits cleared (zo/rounding.py explains why that is unbiased); NaN
-    rounds to nearest. A float32 x gets acc.
+    rounds to nearest. A float32 x gets acc. ``start`` as in ``perturbed_reference``.
     """
-    acc, offsets = _rows(x)
+    acc, offsets = _rows(x, start)
     acc = acc * np.float32(param_scale)
     sink = np.zeros_like(acc) if sign_step is not None else acc
     for key, coefficient in pairs:

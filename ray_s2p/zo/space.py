@@ -70,7 +70,7 @@ def build_space(model: torch.nn.Module, names: Sequence[str] | None, perturbatio
     Args:
         model: the model whose parameters move.
         names: the trainable parameter names, or None.
-        perturbation: distribution, table size, rank and the low-rank interval (docs/config.md).
+        perturbation: distribution, noise source, table size, rank and the low-rank interval (docs/config.md).
         seed: the run seed (low-rank factor streams are keyed by it).
         weight_decay_exempt: ``optimizer.weight_decay_exempt`` (which parameters weight decay spares).
         threads: ``cluster.noise_threads`` (0: torch's thread count on a CPU).
@@ -80,4 +80,4 @@ def build_space(model: torch.nn.Module, names: Sequence[str] | None, perturbatio
     table = noise_table(p.table_size, params[0].device) if p.distribution == "table" else None
     return DirectionSpace(names, params, p.distribution, table, noise_threads(threads, params[0].device),
                           rank=p.rank, lowrank_interval=p.lowrank_interval, run_seed=seed,
-                          decay_exempt=decay_exempt(model, names, weight_decay_exempt))
+                          decay_exempt=decay_exempt(model, names, weight_decay_exempt), noise_source=p.noise)

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import torch
 
+from .counter_noise import update_jobs
 from .directions import DirectionSpace
 from .jobs import Job
 from .lowrank import add_lowrank
@@ -54,6 +55,10 @@ def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], para
     ``rounding_generator(space, step, index, chunk)`` (chunk 0 for a whole tensor): round to
     nearest would drop every update below half an ulp.
 
+    Counter-based noise (``space.counter_based``): each weight takes the whole step in one pass
+    (counter_noise.update_jobs; a fused kernel on an accelerator), in float32, with the bf16 rounding's bits
+    from the key ``mix_seed(run_seed, step, index)``.
+
     Args:
         space: the selected parameters.
         pairs: (seed, coefficient) per direction; zero coefficients are skipped.
@@ -89,6 +94,11 @@ def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], para
     for i, p in enumerate(space.params):
         half = p.dtype in HALF_DTYPES
         scale_i = space.scale_of(i, param_scale)
+        if space.counter_based:  # every pair, the decay, the sign and the rounding in one pass over the weight
+            rounding_key = mix_seed(space.run_seed, step, i) if step is not None else 0
+            jobs.extend(update_jobs(p.detach(), [(mix_seed(s, i), c) for s, c in active], scale_i,
+                                    sign_step if signed else None, rounding_key))
+            continue
         if not space._chunked(i):
             def whole(i: int = i, p: torch.Tensor = p, half: bool = half, scale_i: float = scale_i) -> None:
                 target = p.detach().float() if half else p  # half: a float32 copy, rounded once at the end

@@ -88,3 +88,19 @@ def test_gpus_asked_of_a_cluster_without_them_fail_before_any_replica(tmp_path, 
     err = capsys.readouterr().err
     assert "cluster.replicas=2 x GPU=1.0 per replica needs 2 GPU, but the cluster has 0" in err
     assert "gpus_per_replica" in err and not run.exists()  # nothing was started or written
+
+
+def test_the_noise_implementation_decides_bitwise_replay(tmp_path, capsys):
+    run = _run(tmp_path)
+    env = read_environment(run / "ledger.parquet")
+    assert env["noise"] == "generator"
+    # A ledger written before the key existed drew generator noise: it still replays bit for bit.
+    path = run / "ledger.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table.replace_schema_metadata(to_metadata({k: v for k, v in env.items() if k != "noise"})), path)
+    assert cli(["replay", str(run), "--check"]) == 0
+    _rewrite_environment(run, noise="philox/triton 3.9.0")
+    capsys.readouterr()
+    assert cli(["replay", str(run), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "noise: philox/triton 3.9.0 -> generator" in err and "noise implementations" in err
