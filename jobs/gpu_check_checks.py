@@ -20,6 +20,7 @@ from ray_s2p.bench.common import log, median_seconds
 from ray_s2p.bench.step import FixedBatchTask, engine_step_fn, naive_mezo_fn
 from ray_s2p.config import RunConfig
 from ray_s2p.distributed.engine import ReplicaEngine
+from ray_s2p.zo.kernels import KernelUnavailable
 from ray_s2p.zo.noise import mix_seed
 from ray_s2p.zo.space import select_parameters
 
@@ -111,12 +112,12 @@ def build_llama(spec: dict[str, int], device: torch.device) -> torch.nn.Module:
 
 
 def engine_config(base: RunConfig, device: torch.device, mechanism: str, distribution: str,
-                  table_size: int) -> RunConfig:
+                  table_size: int, noise: str = "generator") -> RunConfig:
     """An in-process engine config; a reserved GPU is what makes the engine put the model on cuda."""
     return base.replace({"cluster.use_ray": False, "cluster.replicas": 1,
                          "cluster.gpus_per_replica": 1 if device.type == "cuda" else 0,
                          "perturbation.mechanism": mechanism, "perturbation.distribution": distribution,
-                         "perturbation.table_size": table_size})
+                         "perturbation.table_size": table_size, "perturbation.noise": noise})
 
 
 def table_size_for(model: torch.nn.Module, base: RunConfig) -> int:
@@ -155,13 +156,17 @@ def time_steps(model: torch.nn.Module, task: Any, batch: dict[str, Any], base: R
     floor = median_seconds(two_forwards, plan.repeats, device, plan.warmup)
     table_size = table_size_for(model, base)
     steps: dict[str, float] = {}
+    unavailable: dict[str, str] = {}
     trainable = 0
-    for mechanism, distribution in VARIANTS:
-        name = f"{mechanism}_{distribution}"
+    for name, mechanism, distribution, noise in VARIANTS:
         log(f"    {name}")
-        engine = ReplicaEngine(engine_config(base, device, mechanism, distribution, table_size), 0, task=shared)
+        engine = ReplicaEngine(engine_config(base, device, mechanism, distribution, table_size, noise), 0,
+                               task=shared)
         trainable = engine.space.dim
-        steps[name] = median_seconds(engine_step_fn(engine, rho), plan.repeats, device, plan.warmup)
+        try:
+            steps[name] = median_seconds(engine_step_fn(engine, rho), plan.repeats, device, plan.warmup)
+        except KernelUnavailable as exc:  # no Triton on this machine: the other variants still count
+            unavailable[name] = str(exc)
         del engine
         free_memory(device)
     log("    naive_mezo")
@@ -170,10 +175,11 @@ def time_steps(model: torch.nn.Module, task: Any, batch: dict[str, Any], base: R
     steps["naive_mezo"] = median_seconds(naive_mezo_fn(params, loss, rho), plan.repeats, device, plan.warmup)
     target = STEP_RATIO_MAX[device.type]
     variants = {n: {"step_s": s, "ratio": s / floor} for n, s in steps.items()}
+    variants.update({n: {"step_s": None, "ratio": None, "error": why} for n, why in unavailable.items()})
     return {"batch_shape": list(batch["input_ids"].shape), "parameters": sum(p.numel() for p in model.parameters()),
             "trainable_parameters": trainable, "rho": rho, "table_size": table_size, "repeats": plan.repeats,
             "two_forwards_s": floor, "forward_s": floor / 2.0, "variants": variants, "ratio_max": target,
-            "met": {n: v["ratio"] <= target for n, v in variants.items()}}
+            "met": {n: v["ratio"] <= target for n, v in variants.items() if v["ratio"] is not None}}
 
 
 def step_lm(base: RunConfig, device: torch.device, plan: Plan) -> dict[str, Any]:

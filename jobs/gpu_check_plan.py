@@ -21,10 +21,12 @@ ROOT = _common.ROOT
 DEFAULT_CONFIG = ROOT / "jobs" / "configs" / "smollm2_prompt_rt.yaml"
 CHECK_SEED = 0x6C0C  # seeds of this script's own model init and token batches (never the global RNG)
 
-# The engine step variants of check 1 (mechanism, distribution); naive MeZO is timed separately.
-VARIANTS = (("hooks", "gaussian"), ("swap", "gaussian"), ("hooks", "table"))
-VARIANT_LABELS = {"hooks_gaussian": "hooks+gaussian", "swap_gaussian": "swap+gaussian", "hooks_table": "hooks+table",
-                  "naive_mezo": "naive MeZO"}
+# The engine step variants of check 1 (name, mechanism, distribution, noise source); naive MeZO is timed
+# separately. philox is the counter-based noise of the fused Triton kernels (perturbation.noise).
+VARIANTS = (("hooks_gaussian", "hooks", "gaussian", "generator"), ("hooks_philox", "hooks", "gaussian", "philox"),
+            ("hooks_rademacher", "hooks", "rademacher", "generator"), ("hooks_lowrank", "hooks", "lowrank", "generator"))
+VARIANT_LABELS = {"hooks_gaussian": "gaussian", "hooks_philox": "gaussian (philox kernels)",
+                  "hooks_rademacher": "rademacher", "hooks_lowrank": "low-rank", "naive_mezo": "naive MeZO"}
 STEP_RATIO_MAX = {"cuda": 1.1, "cpu": 1.3}
 MEMORY_ZO_MAX, MEMORY_ADAMW_MIN = 1.2, 3.0
 

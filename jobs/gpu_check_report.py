@@ -43,6 +43,12 @@ def _ratio(value: float | None, met: bool | None) -> str:
     return "-" if value is None else f"{value:.2f}x ({'met' if met else 'NOT met'})"
 
 
+def _variant_cell(variant: dict[str, Any] | None) -> str:
+    if not variant or variant.get("ratio") is None:
+        return "n/a" if not variant else f"n/a ({variant.get('error', 'not run')})"
+    return f"{_ms(variant['step_s'])} ({variant['ratio']:.2f}x)"
+
+
 def _step_table(records: list[dict[str, Any]], device: torch.device) -> list[str]:
     labels = list(VARIANT_LABELS.values())
     lines = [f"Step overhead: median of one zeroth-order step (update + probes at +-rho) over two bare forwards; "
@@ -53,7 +59,7 @@ def _step_table(records: list[dict[str, Any]], device: torch.device) -> list[str
         if r["status"] != "ok":
             lines.append(f"| {r['model']} | {r['precision']} | {_not_ok(r)} |" + " - |" * (3 + len(labels)))
             continue
-        cells = [f"{_ms(r['variants'][k]['step_s'])} ({r['variants'][k]['ratio']:.2f}x)" for k in VARIANT_LABELS]
+        cells = [_variant_cell(r["variants"].get(k)) for k in VARIANT_LABELS]
         met = sum(bool(v) for v in r["met"].values())
         lines.append(f"| {r['model']} | {r['precision']} | {'x'.join(map(str, r['batch_shape']))} | "
                      f"{_count(r['parameters'])} | {_ms(r['two_forwards_s'])} | " + " | ".join(cells)
