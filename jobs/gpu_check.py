@@ -9,7 +9,8 @@ Markdown summary for docs/benchmarks.md on stdout; progress goes to stderr):
 1. ``step_overhead``: median wall time (``torch.cuda.synchronize`` around each
    timing) of two bare forwards against one full zeroth-order step (the previous
    step's update plus probes at +rho and -rho, through ``ReplicaEngine``) for
-   hooks+gaussian, swap+gaussian, hooks+table, and the naive in-place MeZO step;
+   Gaussian (generator and Philox-kernel noise), Rademacher and low-rank directions,
+   and the naive in-place MeZO step;
    ``ratio`` = step / two forwards (target <= 1.1 on a GPU, 1.3 on CPU).
    Models: SmolLM2-135M (prompt_classification, trainable all, random 16 x 64
    tokens) and a randomly initialised Llama (``LLAMA_1B``, ~1 B parameters, built
