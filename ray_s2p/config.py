@@ -41,6 +41,7 @@ AUTOCASTS: tuple[str, ...] = get_args(Autocast)
 DISTRIBUTIONS: tuple[str, ...] = get_args(Distribution)
 MECHANISMS: tuple[str, ...] = get_args(Mechanism)
 NOISE_SOURCES: tuple[str, ...] = get_args(NoiseSource)
+COUNTER_DISTRIBUTIONS = ("gaussian", "lowrank")  # what perturbation.noise: philox makes
 SIGMA_WARMUPS: tuple[str, ...] = get_args(SigmaWarmup)
 CLIPS: tuple[str, ...] = get_args(Clip)
 DECAYS: tuple[str, ...] = get_args(Decay)
@@ -216,9 +217,9 @@ class PerturbationConfig:
                  f"use {one_of(MECHANISMS)}")
         require(self.table_size >= 1024, "perturbation.table_size", f"got {self.table_size}", "use at least 1024")
         require(self.noise in NOISE_SOURCES, "perturbation.noise", f"got {self.noise!r}", f"use {one_of(NOISE_SOURCES)}")
-        require(self.noise == "generator" or self.distribution == "gaussian", "perturbation.noise",
-                 f"philox makes Gaussian directions, not {self.distribution}",
-                 "use perturbation.distribution gaussian with philox, or perturbation.noise generator")
+        require(self.noise == "generator" or self.distribution in COUNTER_DISTRIBUTIONS, "perturbation.noise",
+                 f"philox makes Gaussian and low-rank directions, not {self.distribution}",
+                 "use perturbation.distribution gaussian or lowrank with philox, or perturbation.noise generator")
 
 
 WEIGHT_PRECISIONS: tuple[str, ...] = get_args(WeightPrecision)

@@ -1,5 +1,5 @@
-"""Counter-based Gaussian directions (``perturbation.noise: philox``): the fused kernels on an accelerator, the
-plain reference on a CPU.
+"""Counter-based directions and rounding (``perturbation.noise: philox``): the fused kernels on an accelerator,
+the plain reference on a CPU.
 
 Element j of parameter i's noise for direction seed s is ``randn(mix_seed(s, i), j)`` (zo/philox.py): Philox
 of the element's index under the parameter's key. A probe's perturbed copy and a step's whole update are one
@@ -7,7 +7,8 @@ pass over each weight: on an accelerator the Triton kernels of zo/kernels.py, on
 slices of ``noise.CHUNK`` elements run on the space's noise threads (each element depends only on its own
 index, so the slicing changes no bit). A bf16 weight's update is rounded stochastically with the bits of the
 rounding key ``mix_seed(run_seed, step, i)``, a function of the run, the step and the parameter only, so every
-replica and every replay round alike.
+replica and every replay round alike. Low-rank directions keep their factors (zo/factors.py); their update is
+the float32 product handed to the same one-pass update as ``delta``, with the same rounding.
 
 The kernels' Box-Muller runs on the GPU's float32 library (libdevice), the reference on numpy's: the two agree
 to a few ulps, not bit for bit, so ``implementation`` names which made a run's noise and the environment record
@@ -91,31 +92,39 @@ def perturb_jobs(out: torch.Tensor, x: torch.Tensor, key: int, radius: float) ->
 
 
 def update_jobs(x: torch.Tensor, pairs: Sequence[tuple[int, float]], param_scale: float,
-                sign_step: float | None, rounding_key: int) -> list[Job]:
-    """Jobs that apply a step to the weight ``x`` in place, one pass: ``x <- param_scale x + sum_i c_i z_i`` in
-    float32 over the (stream key, coefficient) ``pairs`` in order (with ``sign_step = a``: ``- a sign(sum_i c_i
-    z_i)``), rounded stochastically into a bf16 x with the bits of ``rounding_key`` (zo/philox.py
-    ``updated_reference``).
+                sign_step: float | None, rounding_key: int, delta: torch.Tensor | None = None) -> list[Job]:
+    """Jobs that apply a step to the weight ``x`` in place, one pass: ``x <- param_scale x + delta + sum_i c_i
+    z_i`` in float32 over the (stream key, coefficient) ``pairs`` in order (with ``sign_step = a``: ``- a
+    sign(delta + sum_i c_i z_i)``), rounded stochastically into a bf16 x with the bits of ``rounding_key``
+    (zo/philox.py ``updated_reference``).
+
+    Args:
+        delta: an optional float32 term of x's size, added first: the sum of a step's low-rank products, or of
+            the factor-stream noise of small parameters, so that low-rank directions get the same one-pass
+            update and rounding.
     """
     check_dtype(x.dtype)
     pairs = list(pairs)
+    flat_delta = None if delta is None else delta.to(torch.float32).reshape(-1).contiguous()
     if backend(x.device) == "triton":
         def fused() -> None:
             if x.is_contiguous():
-                kernels.update(x, pairs, param_scale, sign_step, rounding_key)
+                kernels.update(x, pairs, param_scale, sign_step, rounding_key, flat_delta)
             else:  # the same bits on a contiguous copy, written back
                 work = x.contiguous()
-                kernels.update(work, pairs, param_scale, sign_step, rounding_key)
+                kernels.update(work, pairs, param_scale, sign_step, rounding_key, flat_delta)
                 x.copy_(work)
         return [(x.numel(), fused)]
     flat = x.view(-1) if x.is_contiguous() else None
     if flat is None:
         def whole() -> None:
-            x.copy_(philox.updated_reference(x, pairs, param_scale, sign_step, rounding_key))
+            x.copy_(philox.updated_reference(x, pairs, param_scale, sign_step, rounding_key, delta=flat_delta))
         return [(x.numel(), whole)]
 
     def part(lo: int, hi: int, segment: torch.Tensor) -> Callable[[], None]:
         def run() -> None:
-            segment.copy_(philox.updated_reference(segment, pairs, param_scale, sign_step, rounding_key, start=lo))
+            part_delta = None if flat_delta is None else flat_delta[lo:hi]
+            segment.copy_(philox.updated_reference(segment, pairs, param_scale, sign_step, rounding_key, start=lo,
+                                                   delta=part_delta))
         return run
     return [(hi - lo, part(lo, hi, flat[lo:hi])) for lo, hi in _slices(x.numel())]

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from ..config import DISTRIBUTIONS, NOISE_SOURCES
+from ..config import COUNTER_DISTRIBUTIONS, DISTRIBUTIONS, NOISE_SOURCES
 from . import counter_noise
 from .factors import FactorStreams
 from .jobs import INLINE_MAX_NUMEL, Job, JobRunner
@@ -79,9 +79,10 @@ class DirectionSpace:
         if self.noise_source not in NOISE_SOURCES:
             raise ValueError(f"unknown noise source {self.noise_source!r}; use {', '.join(NOISE_SOURCES)}")
         if self.counter_based:
-            if self.distribution != "gaussian":
-                raise ValueError(f"noise source 'philox' makes Gaussian directions, not {self.distribution}. "
-                                 "Fix: use distribution gaussian, or noise source generator")
+            if self.distribution not in COUNTER_DISTRIBUTIONS:
+                raise ValueError(f"noise source 'philox' makes Gaussian and low-rank directions, not "
+                                 f"{self.distribution}. Fix: use distribution gaussian or lowrank, or noise source "
+                                 "generator")
             for p in self.params:
                 counter_noise.check_dtype(p.dtype)
         if self.rank < 1 or self.lowrank_interval < 1:
@@ -101,8 +102,14 @@ class DirectionSpace:
     @property
     def counter_based(self) -> bool:
         """True when the noise is counter-based (``noise_source`` philox): element j of parameter i's noise for
-        seed s is ``philox.randn(mix_seed(s, i), j)``."""
+        seed s is ``philox.randn(mix_seed(s, i), j)`` (low-rank matrices and the small parameters of low-rank
+        directions keep their factor streams), and updates round with counter-based bits."""
         return self.noise_source == "philox"
+
+    def _counter(self, index: int) -> bool:
+        # Parameters whose elementwise noise is counter-based: all of them under gaussian; under lowrank the
+        # ones that are neither low-rank matrices nor drawn from the factor stream.
+        return self.counter_based and not self.is_lowrank(index) and not self._in_stream(index)
 
     def run_jobs(self, jobs: list[Job]) -> None:
         """Run independent jobs on the space's noise threads (``JobRunner.run``)."""
@@ -155,7 +162,7 @@ class DirectionSpace:
             return materialise(*self.factors(seed, index, step))
         if self._in_stream(index):
             return self.factor_streams.vector(seed, index, step, p.device).view(p.shape)
-        if self.counter_based:
+        if self._counter(index):
             return counter_noise.normal(p.numel(), key, p.device).view(p.shape)
         return draw(p.shape, key, self._stream(), p.device)
 
@@ -215,7 +222,7 @@ class DirectionSpace:
                 buffer = torch.empty(p.numel(), dtype=dtype, device=p.device)
             out_i = buffer
             outs.append(out_i)
-            if self.counter_based:  # one fused pass per weight (slices of it on a CPU)
+            if self._counter(i):  # one fused pass per weight (slices of it on a CPU)
                 jobs.extend(counter_noise.perturb_jobs(out_i, p.detach().reshape(-1), mix_seed(seed, i), factor))
                 continue
             if not self._chunked(i):

@@ -6,9 +6,9 @@ and written once:
 
 - ``perturb(x, key, radius, out)``: ``out = x + radius z`` in float32, rounded to nearest into ``out``'s dtype;
   the weight is not touched;
-- ``update(x, pairs, ...)``: ``x <- param_scale x + sum_i c_i z_i`` (or the sign step) in float32 for every
-  (key, coefficient) pair of the step, then rounded into x: stochastically for bf16 weights, with random bits
-  from ``rounding_key``.
+- ``update(x, pairs, ...)``: ``x <- param_scale x + delta + sum_i c_i z_i`` (or the sign step) in float32 for
+  every (key, coefficient) pair of the step (``delta``: an optional precomputed float32 term, the low-rank
+  product), then rounded into x: stochastically for bf16 weights, with random bits from ``rounding_key``.
 
 Element j of a direction's noise is ``tl.randn(key, j)``: Philox4x32-10 of the counter j under the stream's
 key, a pure function of (key, j) whatever the launch grid, so training and replay, and every replica, make
@@ -67,15 +67,21 @@ def perturb(x: torch.Tensor, key: int, radius: float, out: torch.Tensor | None =
 
 
 def update(x: torch.Tensor, pairs: Sequence[tuple[int, float]], param_scale: float = 1.0,
-           sign_step: float | None = None, rounding_key: int = 0) -> None:
-    """In place, one pass: ``x <- param_scale x + sum_i c_i z_i`` over the (key, coefficient) ``pairs`` in order
-    (with ``sign_step = a``: ``x <- param_scale x - a sign(sum_i c_i z_i)``), in float32, rounded stochastically
-    into bf16 weights with the random bits of ``rounding_key`` (zo/philox.py ``updated_reference``)."""
+           sign_step: float | None = None, rounding_key: int = 0, delta: torch.Tensor | None = None) -> None:
+    """In place, one pass: ``x <- param_scale x + delta + sum_i c_i z_i`` over the (key, coefficient) ``pairs``
+    in order (with ``sign_step = a``: ``x <- param_scale x - a sign(delta + sum_i c_i z_i)``), in float32, rounded
+    stochastically into bf16 weights with the random bits of ``rounding_key`` (zo/philox.py
+    ``updated_reference``). ``delta``: an optional float32 tensor of x's size (a low-rank product)."""
     _check(x, "update")
+    if delta is not None and (delta.dtype != torch.float32 or delta.numel() != x.numel()
+                              or not delta.is_contiguous() or delta.device != x.device):
+        raise KernelUnavailable(f"the fused update's delta must be a contiguous float32 tensor of x's size on "
+                                f"{x.device}, not {delta.dtype} {tuple(delta.shape)} on {delta.device}")
     triton, _, kernel = _kernels()
     keys = torch.tensor([int(k) for k, _ in pairs] or [0], dtype=torch.int64, device=x.device)
     coefs = torch.tensor([float(c) for _, c in pairs] or [0.0], dtype=torch.float32, device=x.device)
     n = x.numel()
-    kernel[(triton.cdiv(n, BLOCK),)](x, n, keys, coefs, len(pairs), float(param_scale), float(sign_step or 0.0),
-                                     int(rounding_key), SIGNED=sign_step is not None,
-                                     ROUND_BF16=x.dtype == torch.bfloat16, BLOCK=BLOCK)
+    kernel[(triton.cdiv(n, BLOCK),)](x, x if delta is None else delta, n, keys, coefs, len(pairs),
+                                     float(param_scale), float(sign_step or 0.0), int(rounding_key),
+                                     SIGNED=sign_step is not None, ROUND_BF16=x.dtype == torch.bfloat16,
+                                     HAS_DELTA=delta is not None, BLOCK=BLOCK)

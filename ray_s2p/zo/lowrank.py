@@ -81,6 +81,21 @@ def add_output_delta(module: torch.nn.Module, inputs: tuple, output: torch.Tenso
     return output + (left @ right.T).mul_(scale).to(output.dtype)
 
 
+def _stacked(factors: Sequence[tuple[float, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    # [c_1 U_1, ..., c_N U_N] and [V_1, ..., V_N]: the sum of N rank-r products is one (m x Nr) @ (Nr x n).
+    rank = factors[0][1].shape[1]
+    us = torch.cat([u * c for c, u, _ in factors], dim=1)
+    vs = torch.cat([v for _, _, v in factors], dim=1)
+    return us, vs, 1.0 / math.sqrt(rank)
+
+
+def lowrank_sum(factors: Sequence[tuple[float, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """sum_i c_i U_i V_i^T / sqrt(r) as a new float32 (m, n) tensor: one product, for an update that adds it in
+    its own pass (the fused update of counter-based noise, zo/counter_noise.py)."""
+    us, vs, alpha = _stacked(factors)
+    return (us @ vs.T).mul_(alpha)
+
+
 def add_lowrank(param: torch.Tensor, factors: Sequence[tuple[float, torch.Tensor, torch.Tensor]]) -> None:
     """param += sum_i c_i U_i V_i^T / sqrt(r), as one (m x Nr) @ (Nr x n) product, in place.
 
@@ -91,10 +106,7 @@ def add_lowrank(param: torch.Tensor, factors: Sequence[tuple[float, torch.Tensor
     """
     if not factors:
         return
-    rank = factors[0][1].shape[1]
-    us = torch.cat([u * c for c, u, _ in factors], dim=1)
-    vs = torch.cat([v for _, _, v in factors], dim=1)
-    alpha = 1.0 / math.sqrt(rank)
+    us, vs, alpha = _stacked(factors)
     if param.dtype == torch.float32:
         param.addmm_(us, vs.T, alpha=alpha)
     else:

@@ -102,18 +102,22 @@ def perturbed_reference(x: torch.Tensor, key: int, radius: float, start: int = 0
 
 
 def updated_reference(x: torch.Tensor, pairs: list[tuple[int, float]], param_scale: float = 1.0,
-                      sign_step: float | None = None, rounding_key: int = 0, start: int = 0) -> torch.Tensor:
+                      sign_step: float | None = None, rounding_key: int = 0, start: int = 0,
+                      delta: torch.Tensor | None = None) -> torch.Tensor:
     """What the fused update kernel (zo/kernels.py ``update``) leaves in x, as a new tensor.
 
     In float32 per element j: ``acc = x * param_scale``, then for each (key, c) in order ``acc += c z`` (z =
     ``randn(key, j)``), or with ``sign_step = a`` the same sum ``g`` apart and ``acc += -a sign(g)``. A bf16 x
     gets acc rounded stochastically: 16 random bits (the low half of ``randint4x(rounding_key, j)``'s first word)
     added to acc's bit pattern, the low 16 bits cleared (zo/rounding.py explains why that is unbiased); NaN
-    rounds to nearest. A float32 x gets acc. ``start`` as in ``perturbed_reference``.
+    rounds to nearest. A float32 x gets acc. ``start`` as in ``perturbed_reference``. ``delta``: an optional
+    float32 tensor of x's size added first of the terms (before the pairs; into the sum under the sign).
     """
     acc, offsets = _rows(x, start)
     acc = acc * np.float32(param_scale)
     sink = np.zeros_like(acc) if sign_step is not None else acc
+    if delta is not None:
+        sink = sink + delta.detach().reshape(-1).to(torch.float32).numpy()
     for key, coefficient in pairs:
         sink = sink + np.float32(coefficient) * randn(key, offsets).numpy()
     if sign_step is not None:

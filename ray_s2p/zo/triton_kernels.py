@@ -34,14 +34,20 @@ def perturb_kernel(x_ptr, out_ptr, n, key, radius, OUT_BF16: tl.constexpr, BLOCK
 
 
 @triton.jit
-def update_kernel(x_ptr, n, keys_ptr, coefs_ptr, n_pairs, param_scale, sign_step, rounding_key,
-                  SIGNED: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    """x <- param_scale x + sum_i c_i z_i (or - sign_step sign(sum_i c_i z_i)) in float32, then into x's dtype
-    (bf16: stochastically, with the random bits of rounding_key at the element's index)."""
+def update_kernel(x_ptr, delta_ptr, n, keys_ptr, coefs_ptr, n_pairs, param_scale, sign_step, rounding_key,
+                  SIGNED: tl.constexpr, ROUND_BF16: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    """x <- param_scale x + delta + sum_i c_i z_i (or - sign_step sign(delta + sum_i c_i z_i)) in float32, then
+    into x's dtype (bf16: stochastically, with the random bits of rounding_key at the element's index)."""
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = index < n
     acc = tl.load(x_ptr + index, mask=mask, other=0.0).to(tl.float32) * param_scale
     g = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_DELTA:  # a precomputed float32 sum of directions (a low-rank product), first of the terms
+        delta = tl.load(delta_ptr + index, mask=mask, other=0.0)
+        if SIGNED:
+            g = g + delta
+        else:
+            acc = acc + delta
     for i in range(n_pairs):
         z = tl.randn(tl.load(keys_ptr + i), index)
         if SIGNED:

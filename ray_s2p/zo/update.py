@@ -12,7 +12,7 @@ import torch
 from .counter_noise import update_jobs
 from .directions import DirectionSpace
 from .jobs import Job
-from .lowrank import add_lowrank
+from .lowrank import add_lowrank, lowrank_sum
 from .noise import chunk_bounds, fill_chunk, mix_seed
 from .rounding import HALF_DTYPES, stochastic_round
 
@@ -96,8 +96,25 @@ def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], para
         scale_i = space.scale_of(i, param_scale)
         if space.counter_based:  # every pair, the decay, the sign and the rounding in one pass over the weight
             rounding_key = mix_seed(space.run_seed, step, i) if step is not None else 0
-            jobs.extend(update_jobs(p.detach(), [(mix_seed(s, i), c) for s, c in active], scale_i,
-                                    sign_step if signed else None, rounding_key))
+            sign = sign_step if signed else None
+            if space._counter(i):
+                jobs.extend(update_jobs(p.detach(), [(mix_seed(s, i), c) for s, c in active], scale_i, sign,
+                                        rounding_key))
+                continue
+
+            def fused_lowrank(i: int = i, p: torch.Tensor = p, scale_i: float = scale_i, sign: float | None = sign,
+                              rounding_key: int = rounding_key) -> None:
+                # The low-rank product (or the small parameter's factor-stream noise) in float32, then one pass.
+                delta = None
+                if active and space.is_lowrank(i):
+                    delta = lowrank_sum([(1.0, streams.slice_u(u_sum, i, p.device),
+                                          space.factors(active[0][0], i, step)[1])] if u_sum is not None
+                                        else [(c, *space.factors(s, i, step)) for s, c in active])
+                elif active and w_sum is not None:
+                    delta = streams.slice_w(w_sum, i, p.device)
+                for _, run in update_jobs(p.detach(), [], scale_i, sign, rounding_key, delta):
+                    run()
+            jobs.append((p.numel(), fused_lowrank))
             continue
         if not space._chunked(i):
             def whole(i: int = i, p: torch.Tensor = p, half: bool = half, scale_i: float = scale_i) -> None:

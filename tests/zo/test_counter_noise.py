@@ -15,6 +15,7 @@ from ray_s2p.distributed.driver import train
 from ray_s2p.distributed.replay import replay_run
 from ray_s2p.zo import counter_noise
 from ray_s2p.zo.directions import DirectionSpace
+from ray_s2p.zo.lowrank import lowrank_sum
 from ray_s2p.zo.noise import CHUNK, mix_seed
 from ray_s2p.zo.optimizer import ZerothOrderOptimizer, optimizer_config
 from ray_s2p.zo.philox import perturbed_reference, randn, updated_reference
@@ -40,8 +41,9 @@ def params(dtype: torch.dtype, big: int = CHUNK + 1000) -> list[torch.nn.Paramet
     return out
 
 
-def space_of(ps: list[torch.nn.Parameter], threads: int = 2, decay_exempt: tuple[bool, ...] = ()) -> DirectionSpace:
-    return DirectionSpace([f"p{i}" for i in range(len(ps))], ps, "gaussian", threads=threads, run_seed=RUN_SEED,
+def space_of(ps: list[torch.nn.Parameter], threads: int = 2, decay_exempt: tuple[bool, ...] = (),
+             distribution: str = "gaussian") -> DirectionSpace:
+    return DirectionSpace([f"p{i}" for i in range(len(ps))], ps, distribution, threads=threads, run_seed=RUN_SEED,
                           noise_source="philox", decay_exempt=decay_exempt)
 
 
@@ -76,17 +78,46 @@ def test_update_is_the_reference_with_decay_exemptions_signs_and_seeded_rounding
     assert not same_bits(ps[0].detach(), before[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sign_step", [None, 0.01])
+def test_lowrank_update_is_its_product_through_the_one_pass_update(dtype, sign_step):
+    """Low-rank matrices and factor-stream vectors keep their noise; the product (or the stream's sum) is the
+    delta of the same one-pass update and rounding as Gaussian parameters."""
+    ps = params(dtype)
+    space = space_of(ps, distribution="lowrank")
+    before = [p.detach().clone() for p in ps]
+    pairs, step = [(5, 0.3), (6, -0.2)], 4
+    streams = space.factor_streams
+    streams.prefetch([s for s, _ in pairs], step)
+    _, w_sum = streams.combined(pairs, step)
+    deltas = [lowrank_sum([(c, *space.factors(s, 0, step)) for s, c in pairs]),
+              streams.slice_w(w_sum, 1, torch.device("cpu")),
+              lowrank_sum([(c, *space.factors(s, 2, step)) for s, c in pairs])]
+    apply_update(space, pairs, param_scale=0.99, step=step, sign_step=sign_step)
+    for i, p in enumerate(ps):
+        expected = updated_reference(before[i], [], 0.99, sign_step, mix_seed(RUN_SEED, step, i), delta=deltas[i])
+        assert same_bits(p.detach(), expected)
+        assert not same_bits(p.detach(), before[i])
+    # Probes: a low-rank matrix's copy is x + radius U V^T / sqrt(r), as with generator noise.
+    generator = DirectionSpace(["a", "b", "c"], [torch.nn.Parameter(b.clone()) for b in before], "lowrank",
+                               run_seed=RUN_SEED)
+    for i in range(3):
+        assert same_bits(space_of([torch.nn.Parameter(b.clone()) for b in before], distribution="lowrank")
+                         .perturbed(9, i, 1e-2, step=step), generator.perturbed(9, i, 1e-2, step=step))
+
+
 def test_bf16_update_needs_the_step_and_unsupported_dtypes_are_refused():
     space = space_of(params(torch.bfloat16, big=100))
     with pytest.raises(ValueError, match="needs the step of the update"):
         apply_update(space, [(1, 0.1)])
     with pytest.raises(ValueError, match="handles float32 and bfloat16 weights, not torch.float16"):
         space_of(params(torch.float16, big=100))
-    with pytest.raises(ValueError, match="makes Gaussian directions, not rademacher"):
+    with pytest.raises(ValueError, match="makes Gaussian and low-rank directions, not rademacher"):
         DirectionSpace(["w"], params(torch.float32, big=100)[:1], "rademacher", noise_source="philox")
 
 
-def test_the_kernel_path_gives_the_reference_bits(monkeypatch):
+@pytest.mark.parametrize("distribution", ["gaussian", "lowrank"])
+def test_the_kernel_path_gives_the_reference_bits(monkeypatch, distribution):
     """What runs on a GPU (one fused kernel per weight, here in Triton's interpreter) against the CPU path."""
     pytest.importorskip("triton", reason="triton is not installed (it comes with the test and gpu extras on Linux "
                                          "x86_64 only)")
@@ -95,7 +126,7 @@ def test_the_kernel_path_gives_the_reference_bits(monkeypatch):
         monkeypatch.setattr(counter_noise, "backend", lambda device, path=path: path)
         for dtype in (torch.float32, torch.bfloat16):
             ps = params(dtype, big=2000)
-            space = space_of(ps)
+            space = space_of(ps, distribution=distribution)
             copies = space.perturbed_many(77, [0, 1, 2], -2e-3)
             noise = space.noise(77, 2)
             apply_update(space, [(77, 0.5), (78, -0.25)], param_scale=0.995, step=3)
@@ -123,8 +154,9 @@ def test_the_plain_optimizer_learns_with_philox_noise():
 
 
 def test_config_refuses_philox_with_other_distributions_and_fp16_weights():
-    with pytest.raises(ConfigError, match="perturbation.noise.*philox makes Gaussian directions, not lowrank"):
-        RunConfig.from_dict(smoke_dict(**{"perturbation.noise": "philox", "perturbation.distribution": "lowrank"}))
+    with pytest.raises(ConfigError, match="perturbation.noise.*philox makes Gaussian and low-rank directions, not "
+                                          "table"):
+        RunConfig.from_dict(smoke_dict(**{"perturbation.noise": "philox", "perturbation.distribution": "table"}))
     with pytest.raises(ConfigError, match="perturbation.noise.*not precision.weights fp16"):
         RunConfig.from_dict(smoke_dict(**{"perturbation.noise": "philox", "precision.weights": "fp16"}))
     with pytest.raises(ConfigError, match="perturbation.noise.*use generator or philox"):
@@ -139,17 +171,18 @@ def test_fingerprints_keep_generator_runs_and_separate_philox_ones():
     assert config_fingerprint(philox) != config_fingerprint(plain)
 
 
-@pytest.mark.parametrize("weights", ["fp32", "bf16"])
-def test_a_philox_run_keeps_replicas_identical_learns_and_replays_bit_for_bit(tmp_path, weights):
+@pytest.mark.parametrize("weights,distribution", [("fp32", "gaussian"), ("bf16", "gaussian"), ("bf16", "lowrank")])
+def test_a_philox_run_keeps_replicas_identical_learns_and_replays_bit_for_bit(tmp_path, weights, distribution):
     cfg = RunConfig.from_dict(smoke_dict(**{"perturbation.noise": "philox", "precision.weights": weights,
-                                            "cluster.digest_every": 1}))
+                                            "perturbation.distribution": distribution, "cluster.digest_every": 1}))
     result = train(cfg, tmp_path / "run", log=lambda m: None)
     s = result.summary
     assert s["replica_resyncs"] == 0
     assert s["final_metrics"]["eval_loss"] < 0.8 * s["initial_metrics"]["eval_loss"]
     assert s["environment"]["noise"] == f"philox/reference numpy {np.__version__}"
     assert replay_run(tmp_path / "run").digest == result.final_digest
-    generator = train(RunConfig.from_dict(smoke_dict(**{"precision.weights": weights})), tmp_path / "gen",
-                      log=lambda m: None)
+    generator = train(RunConfig.from_dict(smoke_dict(**{"precision.weights": weights,
+                                                        "perturbation.distribution": distribution})),
+                      tmp_path / "gen", log=lambda m: None)
     assert generator.final_digest != result.final_digest  # another noise, another trajectory
     assert generator.summary["environment"]["noise"] == "generator"
