@@ -14,7 +14,16 @@ from typing import Any, Literal, get_args
 
 import yaml
 
-from .config_parse import ConfigError, apply_renames, build_section, plain_data, renamed_key, require, set_dotted
+from .config_parse import (
+    ConfigError,
+    apply_renames,
+    build_section,
+    parse_override,
+    plain_data,
+    renamed_key,
+    require,
+    set_dotted,
+)
 
 # Every choice a config offers is declared once here, as a Literal type; its values as a tuple are what the
 # config checks and what the modules that act on the choice (zo/, distributed/) import and check against.
@@ -42,6 +51,7 @@ DISTRIBUTIONS: tuple[str, ...] = get_args(Distribution)
 MECHANISMS: tuple[str, ...] = get_args(Mechanism)
 NOISE_SOURCES: tuple[str, ...] = get_args(NoiseSource)
 COUNTER_DISTRIBUTIONS = ("gaussian", "lowrank")  # what perturbation.noise: philox makes
+WANDB_MODES = ("", "offline", "online")
 SIGMA_WARMUPS: tuple[str, ...] = get_args(SigmaWarmup)
 CLIPS: tuple[str, ...] = get_args(Clip)
 DECAYS: tuple[str, ...] = get_args(Decay)
@@ -307,6 +317,8 @@ class RunConfig:
     log_every: int = 10
     progress: bool = True
     tensorboard: bool = False
+    mlflow: str = ""                  # MLflow tracking URI ("" off; a local store: file:/path/mlruns)
+    wandb: str = ""                   # Weights & Biases: "" off, offline (local files, wandb sync) or online
     task: TaskConfig = field(default_factory=TaskConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     perturbation: PerturbationConfig = field(default_factory=PerturbationConfig)
@@ -319,6 +331,8 @@ class RunConfig:
         require(self.eval_every >= 0, "eval_every", f"got {self.eval_every}", "use 0 (end only) or more")
         require(self.checkpoint_every >= 0, "checkpoint_every", f"got {self.checkpoint_every}", "use 0 (end only) or more")
         require(self.log_every > 0, "log_every", f"got {self.log_every}", "use a positive interval")
+        require(self.wandb in WANDB_MODES, "wandb", f"got {self.wandb!r}",
+                 "use '' (off), offline (local run files, uploaded later by wandb sync) or online")
         c = self.cluster
         shards = c.replicas // self.direction_groups
         require(c.batch_scaling == "weak" or c.mode == "direction" or self.task.batch_size % shards == 0,
@@ -361,18 +375,6 @@ class RunConfig:
         for dotted, value in overrides.items():
             set_dotted(data, renamed_key(dotted, RENAMED, RENAMED_WHY), value)
         return RunConfig.from_dict(data)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Parse one ``--set dotted.key=value`` (value read as YAML)."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected dotted.key=value. Fix: e.g. --set optimizer.lr=0.01")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw  # e.g. an unquoted glob such as *.bias: take it as a string
-    return key.strip(), value
 
 
 DEFAULT_JOB = Path(__file__).resolve().parent / "default_job.yaml"

@@ -24,7 +24,9 @@ def recorded_names(data: dict[str, Any]) -> dict[str, Any]:
 
 # Keys added later whose value here reproduces what every run before them computed: a fingerprint leaves such a
 # key out at that value, so recorded results and checkpoints are still found.
-ADDED_AT_OLD_MEANING = {("perturbation", "noise"): "generator"}
+# (A section of None is a top-level key.)
+ADDED_AT_OLD_MEANING: dict[tuple[str | None, str], Any] = {
+    ("perturbation", "noise"): "generator", (None, "mlflow"): "", (None, "wandb"): ""}
 
 
 def fingerprint_data(data: dict[str, Any]) -> dict[str, Any]:
@@ -32,6 +34,10 @@ def fingerprint_data(data: dict[str, Any]) -> dict[str, Any]:
     (``recorded_names``), and keys of ``ADDED_AT_OLD_MEANING`` left out where they hold that meaning."""
     data = recorded_names(data)
     for (section, key), value in ADDED_AT_OLD_MEANING.items():
+        if section is None:
+            if data.get(key, value) == value:
+                data = {k: v for k, v in data.items() if k != key}
+            continue
         part = data.get(section)
         if isinstance(part, dict) and part.get(key, value) == value:
             data = {**data, section: {k: v for k, v in part.items() if k != key}}

@@ -14,6 +14,8 @@ import typing
 import warnings
 from typing import Any
 
+import yaml
+
 from .errors import RayS2PError
 
 
@@ -154,3 +156,15 @@ def renamed_key(dotted: str, renamed: Renames, why: dict[tuple[str, str], str]) 
         return dotted
     _warn_renamed(section, key, renamed, why)
     return f"{section}.{renamed[section, key]}"
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one ``--set dotted.key=value`` (value read as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value. Fix: e.g. --set optimizer.lr=0.01")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # e.g. an unquoted glob such as *.bias: take it as a string
+    return key.strip(), value

@@ -46,7 +46,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ..config import RunConfig, load_config, parse_override
+from ..config import RunConfig, load_config
+from ..config_parse import parse_override
 from ..errors import RayS2PError
 from .cluster import bench_recovery, bench_replay, bench_scaling, bench_traffic
 from .common import BENCH_BASE, BenchContext, emit, log, machine_info

@@ -98,7 +98,7 @@ def _scaling_note(config: "RunConfig") -> str:
 
 
 def _parse_sets(items: Sequence[str]) -> list[tuple[str, object]]:
-    from ..config import parse_override
+    from ..config_parse import parse_override
     return [parse_override(i) for i in items]
 
 

@@ -115,6 +115,7 @@ class Driver:
             state = self._open(pool, infos)
             if self.rd.resumed:
                 self.rd.confirm_resume()  # checkpoint and ledger verified: only now may the resume write
+            self.rd.open_sinks(self.log)  # TensorBoard, MLflow, W&B as configured
             # Replica logs go into a local or mounted run directory; at a URI they stay in node-local files.
             logs = self.rd.path / "logs" if isinstance(self.rd.path, Path) and self.config.cluster.use_ray \
                 and not self.verbose else None
@@ -134,6 +135,7 @@ class Driver:
             progress.close()
             return self._finish(pool, state)
         finally:
+            self.rd.close_sinks("FAILED")  # nothing left to close after a finished run's summary
             pool.shutdown()
 
     def _open(self, pool: ReplicaPool, infos: list[dict[str, Any]]) -> RunState:

@@ -7,9 +7,8 @@ See docs/ledger.md for the layout.
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import pyarrow as pa
 import yaml
@@ -28,6 +27,7 @@ from ..storage_fs import (
     write_yaml,
 )
 from ..tasks import unused_keys
+from .metrics_sinks import MetricsSink, check_sinks, open_sinks
 
 if TYPE_CHECKING:
     from ..zo.ledger import LedgerRow
@@ -63,9 +63,7 @@ class RunDirectory:
                                     f"not a run directory. Fix: choose another --output (a new or run directory)")
         self.created = not self.path.exists()  # a failed start removes only a directory it created
         existing = (self.path / "config.yaml").exists()
-        if config.tensorboard and isinstance(self.path, StoragePath):
-            raise ConfigError(f"tensorboard: event files are written on a local path only, and the run directory is "
-                              f"{str(self.path)!r}. Fix: --set tensorboard=false, or a local --output")
+        check_sinks(config, self.path)  # tensorboard, mlflow, wandb: refused before anything is written
         if resume and not existing:
             raise RunDirectoryError(f"--resume: {str(self.path)!r} holds no run (no config.yaml). "
                                     f"Fix: point --resume at an existing run directory")
@@ -94,26 +92,26 @@ class RunDirectory:
             except Exception as exc:  # pyarrow raises several types; the driver rebuilds from the ledger
                 self.metrics_problem = f"{type(exc).__name__}: {exc}".splitlines()[0]
         self.resyncs = 0
-        self._writer = None
-        if not resume:
-            self._open_tensorboard()
+        self.sinks: list[MetricsSink] = []
 
-    def _open_tensorboard(self) -> None:
-        if self.config.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self._writer = SummaryWriter(str(self.path / "tensorboard"))
-            except ImportError:
-                print("tensorboard is not installed; skipping event files (pip install tensorboard)", file=sys.stderr)
+    def open_sinks(self, log: Callable[[str], None]) -> None:
+        """Open TensorBoard, MLflow and W&B as configured (metrics_sinks.py): once the replicas are up and, on a
+        resume, the checkpoint and ledger verified, so a failed start leaves no tracker run behind."""
+        self.sinks = open_sinks(self.config, self.path, log)
+
+    def close_sinks(self, status: str) -> None:
+        """End every sink's record (``FINISHED`` or ``FAILED``); a second call does nothing."""
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close(status)
 
     def confirm_resume(self) -> None:
         """The resume has been verified: record its overrides (e.g. ``cluster.replicas``) in config.yaml, so a
-        later plain ``--resume`` continues with them, and open the TensorBoard writer."""
+        later plain ``--resume`` continues with them."""
         data = written_config(self.config)
         file = self.path / "config.yaml"
         if yaml.safe_load(file.read_text()) != data:
             write_yaml(file, data)
-        self._open_tensorboard()
 
     @staticmethod
     def load_config(path: str | Path | StoragePath) -> RunConfig:
@@ -181,8 +179,9 @@ class RunDirectory:
     def record_step(self, step: int, loss: float, passes: int, wall: float, sent: int, recv: int, skipped: int) -> None:
         self.rows.append(self._row(step=step, kind="train", loss=loss, forward_passes=passes, wall_seconds=wall,
                                    bytes_sent=sent, bytes_received=recv, skipped_directions=skipped))
-        if self._writer is not None and math.isfinite(loss):
-            self._writer.add_scalar("train/loss", loss, step)
+        if math.isfinite(loss):
+            for sink in self.sinks:
+                sink.scalars(step, {"train/loss": loss, "train/forward_passes": passes})
 
     def record_eval(self, step: int, metrics: dict[str, float], passes: int, wall: float) -> None:
         # eval_split says which held-out split (validation or test) the numbers come from.
@@ -190,9 +189,9 @@ class RunDirectory:
                         eval_split=self.config.task.eval_split, **metrics)
         # The step-0 evaluation of a resume with rebuilt metrics goes before the rebuilt train rows.
         self.rows.insert(0, row) if step == 0 else self.rows.append(row)
-        if self._writer is not None:
-            for key, value in metrics.items():
-                self._writer.add_scalar(f"eval/{key.removeprefix('eval_')}", value, step)
+        values = {f"eval/{key.removeprefix('eval_')}": value for key, value in metrics.items()}
+        for sink in self.sinks:
+            sink.scalars(step, values)
 
     def report_row(self, step: int) -> dict[str, Any]:
         """Latest train loss and eval metrics, for Tune reports."""
@@ -212,8 +211,8 @@ class RunDirectory:
             ("wall_seconds", pa.float64()), ("bytes_sent", pa.int64()), ("bytes_received", pa.int64()),
             ("skipped_directions", pa.int64()), ("eval_split", pa.string())]))
         write_parquet(self.metrics_path, table)
-        if self._writer is not None:
-            self._writer.flush()
+        for sink in self.sinks:
+            sink.flush()
 
     def discard(self) -> None:
         """Remove the run directory if this run created it and never trained a step (failed start)."""
@@ -228,6 +227,5 @@ class RunDirectory:
         fields["replica_resyncs"] = self.resyncs
         fields["run_dir"] = str(self.path)
         write_json(self.path / "summary.json", fields)
-        if self._writer is not None:
-            self._writer.close()
+        self.close_sinks("FINISHED")
         return fields
