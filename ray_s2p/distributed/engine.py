@@ -19,7 +19,7 @@ from ..storage_fs import StoragePath, file_size, location
 from ..tasks.base import EvalTotals, Task
 from ..zo.directions import DirectionSpace
 from ..zo.environment import numerics_environment
-from ..zo.probes import Prober
+from ..zo.probes import Prober, read_losses
 from ..zo.space import build_space as space_from_config
 from ..zo.update import apply_update
 from .checkpoint import CheckpointError, CheckpointRecord, load_checkpoint, read_checkpoint, save_checkpoint
@@ -118,10 +118,11 @@ class ReplicaEngine:
         def loss_fn() -> torch.Tensor:
             return self.task.loss(self.model, prepared)
 
-        losses = []
+        rows = []
         for i, seed in enumerate(request.seeds):
             radii = request.per_seed_radii[i] if request.per_seed_radii is not None else request.radii
-            losses.append(tuple(self.prober.evaluate(loss_fn, seed, r, request.step) for r in radii))
+            rows.append([self.prober.loss(loss_fn, seed, r, request.step) for r in radii])
+        losses = read_losses(rows)  # the step's losses leave the device together: one host sync per step
         return ProbeReply(request.step, self.replica, tuple(losses), self.applied_step, time.perf_counter() - start)
 
     def first_order_step(self, step: int, shard: int = 0, num_shards: int = 1) -> float:

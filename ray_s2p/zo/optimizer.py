@@ -19,7 +19,7 @@ import torch
 
 from ..config import FIRST_ORDER, ConfigError, OptimizerConfig, PerturbationConfig
 from .noise import mix_seed
-from .probes import Prober
+from .probes import Prober, read_losses
 from .rules import StepDecision, build_rule
 from .space import build_space
 from .update import apply_update
@@ -117,11 +117,14 @@ class ZerothOrderOptimizer:
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         try:
-            losses = [[self.prober.evaluate(closure, s, r, k) for r in radii] for s in seeds]
+            # Each round's losses leave the device together (one host sync), as in the trainer's replicas.
+            losses = [list(row) for row in read_losses([[self.prober.loss(closure, s, r, k) for r in radii]
+                                                        for s in seeds])]
             follow = self.rule.followup(losses, self.state, k)
             if follow is not None:
-                losses = [row + [self.prober.evaluate(closure, s, r, k) for r in extra]
-                          for row, s, extra in zip(losses, seeds, follow)]
+                more = read_losses([[self.prober.loss(closure, s, r, k) for r in extra]
+                                    for s, extra in zip(seeds, follow)])
+                losses = [row + list(extra) for row, extra in zip(losses, more)]
         finally:
             for module, training in modes:  # each module back to its own mode (a frozen norm may be in eval)
                 module.training = training

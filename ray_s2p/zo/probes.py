@@ -83,14 +83,23 @@ class Prober:
 
         ``step`` is the direction's step; only lazy low-rank V needs it.
         """
+        return float(self.loss(loss_fn, seed, radius, step))
+
+    def loss(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float,
+             step: int | None = None) -> torch.Tensor:
+        """f(x + radius * z_seed) as the loss tensor, left on its device (``evaluate`` without the host sync).
+
+        A step's probes queue their forwards back to back and read every loss at once (``read_losses``); the
+        weights are restored as soon as each forward is queued, which on one device stream is after it ran.
+        """
         with torch.no_grad():
             if radius == 0.0:
-                return float(loss_fn())
+                return _detached(loss_fn())
             if self.mechanism == "naive":
                 return self._naive(loss_fn, seed, radius, step)
             if self.mechanism == "swap":
                 with self._swapped(range(len(self.space.params)), seed, radius, step):
-                    return float(loss_fn())
+                    return _detached(loss_fn())
             return self._hooked(loss_fn, seed, radius, step)
 
     @contextlib.contextmanager
@@ -113,7 +122,8 @@ class Prober:
         """Names of the parameters ``hooks`` swaps for the whole forward (known after the first probe)."""
         return [self.space.names[i] for i in sorted(self._eager or ())]
 
-    def _hooked(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float, step: int | None) -> float:
+    def _hooked(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float,
+                step: int | None) -> torch.Tensor:
         fired: set[int] = set()
         saved: dict[int, list[torch.Tensor]] = {}
         handles = []
@@ -182,10 +192,10 @@ class Prober:
             eager = sorted(self._eager) if self._eager is not None else []
             with self._swapped(eager, seed, radius, step):
                 if recorder is None:
-                    loss = float(loss_fn())
+                    loss = _detached(loss_fn())
                 else:
                     with recorder:
-                        loss = float(loss_fn())
+                        loss = _detached(loss_fn())
         finally:
             for h in handles:
                 h.remove()
@@ -210,11 +220,29 @@ class Prober:
         free = self._scratch.get((p.numel(), str(p.device), p.dtype))
         return free.pop() if free else None
 
-    def _naive(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float, step: int | None) -> float:
+    def _naive(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float,
+               step: int | None) -> torch.Tensor:
         for i, p in enumerate(self.space.params):
             p.data.add_(self.space.noise(seed, i, step).to(p.dtype), alpha=radius)
         try:
-            return float(loss_fn())
+            return _detached(loss_fn())
         finally:
             for i, p in enumerate(self.space.params):
                 p.data.add_(self.space.noise(seed, i, step).to(p.dtype), alpha=-radius)
+
+
+def _detached(value: torch.Tensor | float) -> torch.Tensor:
+    # A closure may return a tensor (kept on its device) or a plain number.
+    return value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float64)
+
+
+def read_losses(rows: Sequence[Sequence[torch.Tensor]]) -> list[tuple[float, ...]]:
+    """The Python floats of a step's loss tensors, in one device-to-host copy (float64 holds every float32,
+    bf16 or float64 loss exactly, so each value is what ``float(tensor)`` gives)."""
+    flat = [t.reshape(()).to(torch.float64) for row in rows for t in row]
+    values = torch.stack(flat).tolist() if flat else []
+    out, k = [], 0
+    for row in rows:
+        out.append(tuple(values[k:k + len(row)]))
+        k += len(row)
+    return out
