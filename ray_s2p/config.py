@@ -14,10 +14,12 @@ from typing import Any, Literal, get_args
 
 import yaml
 
+from .config_cluster import ClusterConfig
 from .config_parse import (
     ConfigError,
     apply_renames,
     build_section,
+    one_of,
     parse_override,
     plain_data,
     renamed_key,
@@ -25,8 +27,9 @@ from .config_parse import (
     set_dotted,
 )
 
-# Every choice a config offers is declared once here, as a Literal type; its values as a tuple are what the
-# config checks and what the modules that act on the choice (zo/, distributed/) import and check against.
+# Every choice a config offers is declared once, as a Literal type (here; the cluster section's in config_cluster.py);
+# its values as a tuple are what the config checks and what the modules that act on the choice (zo/,
+# distributed/) import and check against.
 EvalSplit = Literal["validation", "test"]
 Trainable = Literal["all", "head", "bitfit", "lora", "top_k", "patterns"]
 Autocast = Literal["fp32", "bf16", "fp16"]
@@ -39,10 +42,6 @@ Decay = Literal["constant", "linear", "cosine", "inverse_sqrt", "step"]
 WeightDecayExempt = Literal["bias_norm", "none"]
 StepScalingKind = Literal["linear", "sqrt", "none"]
 WeightPrecision = Literal["fp32", "bf16", "fp16"]
-Mode = Literal["direction", "data", "hybrid"]
-BatchScaling = Literal["weak", "strong"]
-OnMismatch = Literal["resync", "abort"]
-PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 EVAL_SPLITS: tuple[str, ...] = get_args(EvalSplit)
 TRAINABLE: tuple[str, ...] = get_args(Trainable)
@@ -55,14 +54,6 @@ WANDB_MODES = ("", "offline", "online")
 SIGMA_WARMUPS: tuple[str, ...] = get_args(SigmaWarmup)
 CLIPS: tuple[str, ...] = get_args(Clip)
 DECAYS: tuple[str, ...] = get_args(Decay)
-MODES: tuple[str, ...] = get_args(Mode)
-ON_MISMATCH: tuple[str, ...] = get_args(OnMismatch)
-PLACEMENT_STRATEGIES: tuple[str, ...] = get_args(PlacementStrategy)
-
-
-def one_of(values: tuple[str, ...]) -> str:
-    """"a, b or c": the values of a choice as a fix names them."""
-    return ", ".join(values[:-1]) + f" or {values[-1]}" if len(values) > 1 else values[0]
 
 
 @dataclass(frozen=True)
@@ -233,12 +224,6 @@ class PerturbationConfig:
 
 
 WEIGHT_PRECISIONS: tuple[str, ...] = get_args(WeightPrecision)
-# Data and hybrid mode: whether task.batch_size is each shard's batch (weak scaling, the effective batch
-# grows with the shards) or the group's batch split among its shards (strong scaling).
-BATCH_SCALINGS: tuple[str, ...] = get_args(BatchScaling)
-# Calls that read or write a whole model (checkpoint save, verify and load, evaluation, the final export) get
-# at least this long before the driver gives a replica up, however short the step timeout is.
-MODEL_IO_MIN_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -250,60 +235,6 @@ class PrecisionConfig:
     def __post_init__(self) -> None:
         require(self.weights in WEIGHT_PRECISIONS, "precision.weights", f"got {self.weights!r}",
                  "use fp32, bf16 or fp16 (task.autocast is the forward's autocast, a different setting)")
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    """Replicas and their resources."""
-
-    replicas: int = 2
-    mode: Mode = "direction"         # direction, data, hybrid
-    batch_scaling: BatchScaling = "weak"  # data/hybrid: weak (task.batch_size per shard) or strong (per group, split)
-    groups: int = 1                  # hybrid: number of direction groups (replicas split evenly)
-    cpus_per_replica: float = 1.0
-    gpus_per_replica: float = 0.0
-    memory_per_replica_gb: float = 0.0  # Ray's memory resource per replica (0: none reserved)
-    threads_per_replica: int | None = None
-    noise_threads: int = 0           # noise jobs run at once (CPU); 0: torch's thread count
-    use_ray: bool = True             # false: replicas run in-process (tests, debugging)
-    address: str | None = None
-    step_timeout_s: float = 300.0
-    startup_timeout_s: float = 120.0
-    digest_every: int = 50
-    on_mismatch: OnMismatch = "resync"  # resync or abort
-    max_replica_failures: int = 20
-    placement_strategy: PlacementStrategy = "PACK"
-
-    def __post_init__(self) -> None:
-        require(self.replicas >= 1, "cluster.replicas", f"got {self.replicas}", "use 1 or more")
-        require(self.mode in MODES, "cluster.mode", f"got {self.mode!r}", f"use {one_of(MODES)}")
-        require(self.batch_scaling in BATCH_SCALINGS, "cluster.batch_scaling", f"got {self.batch_scaling!r}",
-                 "use weak (each data shard draws task.batch_size examples) or strong (task.batch_size is "
-                 "split among a group's shards)")
-        require(self.groups >= 1 and self.replicas % self.groups == 0, "cluster.groups",
-                 f"{self.groups} does not divide replicas={self.replicas}", "pick groups dividing cluster.replicas")
-        require(self.noise_threads >= 0, "cluster.noise_threads", f"got {self.noise_threads}",
-                 "use 0 (as many as torch's threads) or a positive count")
-        require(self.cpus_per_replica >= 0, "cluster.cpus_per_replica", f"got {self.cpus_per_replica}", "use >= 0")
-        require(self.gpus_per_replica >= 0, "cluster.gpus_per_replica", f"got {self.gpus_per_replica}", "use >= 0")
-        require(self.memory_per_replica_gb >= 0, "cluster.memory_per_replica_gb", "negative", "use >= 0 (GiB)")
-        require(self.step_timeout_s > 0, "cluster.step_timeout_s", f"got {self.step_timeout_s}", "use > 0 seconds")
-        require(self.startup_timeout_s > 0, "cluster.startup_timeout_s", f"got {self.startup_timeout_s}", "use > 0")
-        require(self.digest_every >= 0, "cluster.digest_every", f"got {self.digest_every}", "use 0 (end only) or more")
-        require(self.on_mismatch in ON_MISMATCH, "cluster.on_mismatch", f"got {self.on_mismatch!r}",
-                 f"use {one_of(ON_MISMATCH)}")
-        require(self.placement_strategy in PLACEMENT_STRATEGIES, "cluster.placement_strategy",
-                 f"got {self.placement_strategy!r}", f"use {one_of(PLACEMENT_STRATEGIES)}")
-
-    @property
-    def model_io_timeout_s(self) -> float:
-        """Timeout of a call that writes, evaluates or exports the model: step_timeout_s, 10 minutes at least."""
-        return max(MODEL_IO_MIN_S, self.step_timeout_s)
-
-    @property
-    def model_load_timeout_s(self) -> float:
-        """Timeout of a call that reads a checkpoint in: startup_timeout_s, 10 minutes at least."""
-        return max(MODEL_IO_MIN_S, self.startup_timeout_s)
 
 
 @dataclass(frozen=True)

@@ -168,3 +168,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw  # e.g. an unquoted glob such as *.bias: take it as a string
     return key.strip(), value
+
+
+def one_of(values: tuple[str, ...]) -> str:
+    """"a, b or c": the values of a choice as a fix names them."""
+    return ", ".join(values[:-1]) + f" or {values[-1]}" if len(values) > 1 else values[0]
