@@ -44,6 +44,8 @@ class ClusterConfig:
     on_mismatch: OnMismatch = "resync"  # resync or abort
     max_replica_failures: int = 20
     placement_strategy: PlacementStrategy = "PACK"
+    min_replicas: int = 0            # direction mode: go on with this many or more when replicas are lost (0: all)
+    replace_timeout_s: float = 60.0  # with min_replicas: how long a lost replica's replacement may take to start
 
     def __post_init__(self) -> None:
         require(self.replicas >= 1, "cluster.replicas", f"got {self.replicas}", "use 1 or more")
@@ -65,6 +67,19 @@ class ClusterConfig:
                  f"use {one_of(ON_MISMATCH)}")
         require(self.placement_strategy in PLACEMENT_STRATEGIES, "cluster.placement_strategy",
                  f"got {self.placement_strategy!r}", f"use {one_of(PLACEMENT_STRATEGIES)}")
+        require(0 <= self.min_replicas <= self.replicas, "cluster.min_replicas",
+                 f"got {self.min_replicas} with replicas={self.replicas}",
+                 "use 0 (every replica is needed) or a count from 1 to cluster.replicas")
+        require(not self.elastic or self.mode == "direction", "cluster.min_replicas",
+                 f"a replica range ({self.min_replicas}-{self.replicas}) needs direction mode, not {self.mode}",
+                 "use cluster.mode direction, or cluster.min_replicas 0")
+        require(self.replace_timeout_s > 0, "cluster.replace_timeout_s", f"got {self.replace_timeout_s}",
+                 "use > 0 seconds")
+
+    @property
+    def elastic(self) -> bool:
+        """True when the run goes on with fewer replicas than ``replicas`` (down to ``min_replicas``)."""
+        return 0 < self.min_replicas < self.replicas
 
     @property
     def model_io_timeout_s(self) -> float:

@@ -26,7 +26,8 @@ def recorded_names(data: dict[str, Any]) -> dict[str, Any]:
 # key out at that value, so recorded results and checkpoints are still found.
 # (A section of None is a top-level key.)
 ADDED_AT_OLD_MEANING: dict[tuple[str | None, str], Any] = {
-    ("perturbation", "noise"): "generator", (None, "mlflow"): "", (None, "wandb"): ""}
+    ("perturbation", "noise"): "generator", (None, "mlflow"): "", (None, "wandb"): "",
+    ("cluster", "min_replicas"): 0, ("cluster", "replace_timeout_s"): 60.0}
 
 
 def fingerprint_data(data: dict[str, Any]) -> dict[str, Any]:

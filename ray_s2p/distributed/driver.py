@@ -45,9 +45,10 @@ from ..zo.ledger import Ledger, ledger_rows
 from ..zo.rules import build_rule
 from .checkpoint import Checkpoint, checkpoint_path, config_fingerprint, latest_checkpoint
 from .console import ProgressBar, ray_start_failure, replicas_up
-from .healing import Healer
+from .healing import Healer, ReplicasDropped
 from .layout import Layout
-from .messages import ProbeReply, ProbeRequest, Update
+from .membership import redone_on_drop, steps_at_size
+from .messages import ProbeRequest, Update
 from .pool import PoolFactory, ReplicaPool
 from .replica import ClusterError, LocalPool, RayPool, ReplicaFailure, quiet_libraries
 from .run_dir import RunDirectory
@@ -129,7 +130,7 @@ class Driver:
             for step in range(state.start_step + 1, self.config.steps + 1):
                 outcome = (self._first_order_step(pool, state, step) if self.first_order
                            else self._zo_step(pool, state, step))
-                self._record(state, step, outcome)
+                self._record(state, step, outcome, pool.size)
                 self._between_steps(pool, state, step)
                 progress.update(step, outcome.loss, state.last_eval, state.last_eval_step)
             progress.close()
@@ -197,16 +198,20 @@ class Driver:
             try:
                 self.healer.restore(pool, list(range(pool.size)), state.ckpt, state.ledger, state.start_step)
             except ReplicaFailure as failure:
-                self.healer.recover(pool, failure.failed, state, f"restoring the checkpoint failed: {failure.reason}")
+                try:
+                    self.healer.recover(pool, failure.failed, state,
+                                        f"restoring the checkpoint failed: {failure.reason}")
+                except ReplicasDropped:
+                    pass  # the others restored the checkpoint; the run goes on with them
         state.initial_eval = state.last_eval = initial
 
-    def _record(self, state: RunState, step: int, outcome: StepOutcome) -> None:
+    def _record(self, state: RunState, step: int, outcome: StepOutcome, replicas: int) -> None:
         state.bytes_sent += outcome.sent
         state.bytes_received += outcome.received
         state.forward_passes += outcome.passes
         state.wall = state.elapsed()
         self.rd.record_step(step, outcome.loss, state.forward_passes, state.wall, outcome.sent, outcome.received,
-                            outcome.skipped)
+                            outcome.skipped, replicas)
 
     def _between_steps(self, pool: ReplicaPool, state: RunState, step: int) -> None:
         """The periodic phases after a step: verify, evaluate, checkpoint, flush, report."""
@@ -236,16 +241,15 @@ class Driver:
         state.ledger.flush()
         self.rd.flush_metrics()
         steps_run = max(1, cfg.steps - state.start_step)
-        # Replica 0 writes final/ into the run directory itself and answers with file names and sizes.
-        self.healer.call(pool, state, "write_final", [(for_replica(self.rd.path),)], replicas=[0],
-                         timeout=cfg.cluster.model_io_timeout_s)
+        self._write_final(pool, state)
         summary = self.rd.write_summary(
             final_digest=digests[0], steps_completed=cfg.steps, wall_seconds=elapsed,
             startup_seconds=state.startup_seconds,
             bytes_sent_per_step=state.bytes_sent / steps_run, bytes_received_per_step=state.bytes_received / steps_run,
             replicas=pool.size, initial_metrics=state.initial_eval, final_metrics=final_eval,
             forward_passes=state.forward_passes, environment=state.ledger.environment, nodes=pool.places(),
-            replica_failures=self.healer.failures,
+            replica_failures=self.healer.failures, replica_drops=self.healer.drops,
+            steps_at_size=steps_at_size(state.ledger.rows, self.layout.directions) if cfg.cluster.elastic else None,
             recovery_seconds=self.healer.recoveries,
             skipped_directions=self.skipped_total, resumed_from=state.start_step if self.rd.resumed else None,
             traffic=pool.traffic.summary())
@@ -253,10 +257,20 @@ class Driver:
             self.report(self.rd.report_row(cfg.steps), ckpt_dir(self.rd.checkpoints, cfg.steps))
         return TrainResult(self.rd.path, digests[0], cfg.steps, summary)
 
+    @redone_on_drop
+    def _write_final(self, pool: ReplicaPool, state: RunState) -> None:
+        # Replica 0 writes final/ into the run directory itself and answers with file names and sizes.
+        self.healer.call(pool, state, "write_final", [(for_replica(self.rd.path),)], replicas=[0],
+                         timeout=self.config.cluster.model_io_timeout_s)
+
     # ------------------------------------------------ phase 1-2: probe, decide
+    @redone_on_drop
     def _zo_step(self, pool: ReplicaPool, state: RunState, step: int) -> StepOutcome:
-        """Probe round (and follow-up round, if the rule has one), then the rule's decision."""
+        """Probe round (and follow-up round, if the rule has one), then the rule's decision (redone whole with
+        the replicas left when some are dropped: membership.py)."""
         assert self.rule is not None
+        if self.layout.replicas != pool.size:  # a replica range lost replicas (direction mode): n groups of q
+            self.layout = Layout(pool.size, pool.size, self.layout.directions)
         lay = self.layout
         radii = tuple(self.rule.radii(state.rule_state, step))
         group_seeds = [lay.seeds(self.config.seed, step, g) for g in range(lay.groups)]
@@ -274,7 +288,8 @@ class Driver:
             losses = [list(a) + list(b) for a, b in zip(losses, extra)]
             sent, received, passes = sent + sent2, received + received2, passes + passes2
         seeds = [s for g in group_seeds for s in g]
-        loss, skipped = self._decide(state, step, seeds, radii, losses)
+        owners = [pool.slots[g * lay.shards] for g in range(lay.groups) for _ in range(lay.directions)]
+        loss, skipped = self._decide(state, step, seeds, radii, losses, owners)
         return StepOutcome(loss, sent, received, passes, skipped)
 
     def _probe_round(self, pool: ReplicaPool, state: RunState, step: int, requests: list[ProbeRequest],
@@ -282,19 +297,18 @@ class Driver:
         """One fan-out of probe requests: (losses per direction, bytes sent, bytes received, forward passes)."""
         # A dead replica is replaced, caught up to step - 1 and sent its request again (healing.py).
         replies = self.healer.call(pool, state, "probe", [(q,) for q in requests])
-        losses = self._group_losses(replies, width)
+        losses = self.layout.group_losses(replies, width)
         sent = sum(q.json_bytes() for q in requests)
         received = sum(r.json_bytes() for r in replies)
         passes = sum(len(r.losses) * width for r in replies)
         return losses, sent, received, passes
 
     def _decide(self, state: RunState, step: int, seeds: list[int], radii: tuple[float, ...],
-                losses: list[list[float]]) -> tuple[float, int]:
-        """The rule's update from the losses: ledger rows, the pending update; (mean loss, skipped directions)."""
+                losses: list[list[float]], owners: list[int]) -> tuple[float, int]:
+        """The rule's update from the losses: ledger rows (``owners``: the replica of each direction), the
+        pending update; (mean loss, skipped directions)."""
         assert self.rule is not None
-        lay = self.layout
         decision, state.rule_state = self.rule.update(losses, state.rule_state, step)
-        owners = [g * lay.shards for g in range(lay.groups) for _ in range(lay.directions)]
         state.ledger.extend(ledger_rows(step, seeds, radii, losses, decision, owners))
         skipped_bad = sum(1 for row in losses if not all(math.isfinite(v) for v in row))
         self.skipped_total += skipped_bad
@@ -306,16 +320,6 @@ class Driver:
                                decision.param_scale, decision.sign_step)
         finite = [v for row in losses for v in row[:2] if math.isfinite(v)]
         return (sum(finite) / len(finite) if finite else float("nan")), skipped_bad
-
-    def _group_losses(self, replies: list[ProbeReply], width: int) -> list[list[float]]:
-        """Average each direction's losses over the shards of its group (data-parallel reading)."""
-        lay = self.layout
-        out: list[list[float]] = []
-        for g in range(lay.groups):
-            members = [replies[r] for r in range(len(replies)) if lay.group(r) == g]
-            for i in range(lay.directions):
-                out.append([sum(m.losses[i][j] for m in members) / len(members) for j in range(width)])
-        return out
 
     def _first_order_step(self, pool: ReplicaPool, state: RunState, step: int) -> StepOutcome:
         """The backprop reference: one replica, nothing on the wire but the loss. A failure stops the run
@@ -329,6 +333,7 @@ class Driver:
         if state.pending is not None:
             self.healer.call(pool, state, "apply", [(state.pending,)] * pool.size)
 
+    @redone_on_drop
     def _verify(self, pool: ReplicaPool, state: RunState) -> list[str]:
         """Every replica's digest must equal replica 0's; heal (resync) or abort as configured."""
         self._apply(pool, state)
@@ -349,6 +354,7 @@ class Driver:
             self.rd.count_resync()
         return digests
 
+    @redone_on_drop
     def _evaluate(self, pool: ReplicaPool, state: RunState) -> dict[str, float]:
         """Held-out metrics of the current parameters, the eval set split among the replicas."""
         self._apply(pool, state)
@@ -358,6 +364,7 @@ class Driver:
                                   timeout=self.config.cluster.model_io_timeout_s)
         return eval_metrics(totals)
 
+    @redone_on_drop
     def _checkpoint(self, pool: ReplicaPool, state: RunState, step: int) -> None:
         """Replica 0 writes its trainable tensors with the rule state and the ledger digest of ``step``;
         the driver sends and receives only those scalars, digests and the path."""

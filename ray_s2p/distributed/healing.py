@@ -37,6 +37,11 @@ from .replica import ReplicaFailure
 from .run_state import RunState, TrainingError
 
 
+class ReplicasDropped(Exception):
+    """Replicas that could not be replaced were dropped (``cluster.min_replicas``): the phase that was running
+    is redone by the driver with the replicas left (positions have moved). Caught by the driver, never shown."""
+
+
 class Healer:
     """Calls replicas, and heals the failures of a call by replacing and catching up the failed replicas.
 
@@ -51,6 +56,7 @@ class Healer:
         self.fingerprint = fingerprint
         self.log = log
         self.failures = 0
+        self.drops = 0  # replicas dropped because no replacement started within cluster.replace_timeout_s
         self.recoveries: list[float] = []  # seconds from a failure to its replacements being caught up
 
     def call(self, pool: ReplicaPool, state: RunState, method: ReplicaMethod, args: Sequence[tuple],
@@ -92,9 +98,14 @@ class Healer:
         """Replace ``failed`` and catch them up to ``state.decided``; a replacement that fails too is replaced
         again (each failure counts toward ``cluster.max_replica_failures``).
 
+        With a replica range (``cluster.min_replicas``) a replacement gets ``cluster.replace_timeout_s`` to start
+        and catch up; when it does not make it, the failed replicas are dropped and the run goes on with the
+        others while at least ``min_replicas`` remain (``ReplicasDropped``: the driver redoes the phase).
+
         Raises:
-            TrainingError: the run is a first-order reference (nothing to catch a replacement up from), or
-                the failures exceed ``cluster.max_replica_failures``.
+            TrainingError: the run is a first-order reference (nothing to catch a replacement up from), the
+                failures exceed ``cluster.max_replica_failures``, or a replica range fell below its minimum.
+            ReplicasDropped: replicas were dropped; the positions of the others have moved.
         """
         name = self.config.optimizer.name
         if name in FIRST_ORDER:
@@ -103,25 +114,60 @@ class Healer:
                                 f"ledger, so a new replica cannot be caught up to this step. Fix: continue from the "
                                 f"newest checkpoint, {newest}, with `ray-s2p train --resume RUN_DIR`")
         started = time.perf_counter()
+        cluster = self.config.cluster
         while failed:
             self.failures += len(failed)
-            limit = self.config.cluster.max_replica_failures
+            limit = cluster.max_replica_failures
             if self.failures > limit:
                 raise TrainingError(f"{self.failures} replica failures exceed cluster.max_replica_failures="
                                     f"{limit}: {reason}")
             self.log(f"step {state.decided}: {reason}; replacing replicas {failed} and catching them up to step "
                      f"{state.decided} from checkpoint + ledger")
             try:
-                self.replace_and_catch_up(pool, failed, state)
+                self.replace_and_catch_up(pool, failed, state,
+                                          cluster.replace_timeout_s if cluster.elastic else None)
                 failed = []
             except ReplicaFailure as again:  # a replacement died or hung while it started or caught up
                 failed, reason = list(again.failed), f"a replacement failed while catching up: {again.reason}"
+                if cluster.elastic:
+                    self._drop(pool, failed, state, reason)
         self.recoveries.append(time.perf_counter() - started)
 
-    def replace_and_catch_up(self, pool: ReplicaPool, replicas: list[int], state: RunState) -> None:
-        """New actors for ``replicas``, restored to the last decided step (raises ReplicaFailure if one fails)."""
-        for r in replicas:
-            pool.replace(r)
+    def _drop(self, pool: ReplicaPool, failed: list[int], state: RunState, reason: str) -> None:
+        """Drop the replicas whose replacement did not start (a replica range), or stop below its minimum."""
+        cluster = self.config.cluster
+        slots = [pool.slots[r] for r in failed]
+        left = pool.size - len(failed)
+        if left < cluster.min_replicas:
+            newest = f"step {state.ckpt.step}" if state.ckpt is not None else "step 0 (no checkpoint yet)"
+            raise TrainingError(f"replicas {slots} were lost and not replaced within cluster.replace_timeout_s="
+                                f"{cluster.replace_timeout_s:g}s ({reason}): {left} would be left, below "
+                                f"cluster.min_replicas={cluster.min_replicas}. Fix: add capacity (nodes or GPUs) and "
+                                f"continue from the newest checkpoint, {newest}, with `ray-s2p train --resume RUN_DIR`")
+        for r in sorted(failed, reverse=True):  # from the back: the positions before each stay valid
+            pool.drop(r)
+        self.drops += len(failed)
+        self.log(f"step {state.decided}: replicas {slots} could not be replaced within cluster.replace_timeout_s="
+                 f"{cluster.replace_timeout_s:g}s; dropped, the run goes on with {pool.size} replicas "
+                 f"(cluster.min_replicas={cluster.min_replicas})")
+        raise ReplicasDropped(slots)
+
+    def replace_and_catch_up(self, pool: ReplicaPool, replicas: list[int], state: RunState,
+                             timeout: float | None = None) -> None:
+        """New actors for ``replicas``, restored to the last decided step (raises ReplicaFailure if one fails);
+        ``timeout``: seconds each new actor gets to start (default ``cluster.startup_timeout_s``)."""
+        failed, reasons = [], []
+        for r in replicas:  # every one is tried: the failure of one must not hide another's
+            try:
+                if timeout is None:
+                    pool.replace(r)
+                else:
+                    pool.replace(r, timeout)
+            except ReplicaFailure as failure:
+                failed.append(r)
+                reasons.append(failure.reason)
+        if failed:
+            raise ReplicaFailure(failed, [None] * len(failed), "; ".join(reasons))
         self.restore(pool, replicas, state.ckpt, state.ledger, state.decided)
 
     def restore(self, pool: ReplicaPool, replicas: list[int], ckpt: Checkpoint | None, ledger: Ledger,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ..config import RunConfig
 from ..zo.noise import mix_seed
+from .messages import ProbeReply
 
 
 @dataclass
@@ -41,3 +42,13 @@ class Layout:
     def seeds(self, run_seed: int, step: int, group: int) -> tuple[int, ...]:
         q = self.directions
         return tuple(mix_seed(run_seed, step, group * q + i) for i in range(q))
+
+    def group_losses(self, replies: list[ProbeReply], width: int) -> list[list[float]]:
+        """Each direction's ``width`` losses averaged over the shards of its group (data-parallel reading), in
+        direction order (group by group)."""
+        out: list[list[float]] = []
+        for g in range(self.groups):
+            members = [replies[r] for r in range(len(replies)) if self.group(r) == g]
+            for i in range(self.directions):
+                out.append([sum(m.losses[i][j] for m in members) / len(members) for j in range(width)])
+        return out

@@ -41,8 +41,19 @@ class ReplicaPool(Protocol):
         Raises ``ReplicaFailure`` (with the others' answers) when replicas die or hang."""
         ...
 
-    def replace(self, replica: int) -> None:
-        """A new replica in the place of ``replica`` (its state is the task's starting point)."""
+    @property
+    def slots(self) -> list[int]:
+        """The replica number of each position (``range(size)`` until a replica is dropped): what logs, the
+        ledger's ``replica`` column and the replica's bundle are named by."""
+        ...
+
+    def replace(self, replica: int, timeout: float | None = None) -> None:
+        """A new replica in the place of position ``replica`` (its state is the task's starting point), started
+        within ``timeout`` seconds (default: ``cluster.startup_timeout_s``), else ``ReplicaFailure``."""
+        ...
+
+    def drop(self, replica: int) -> None:
+        """Stop position ``replica`` and remove it: the positions after it move down by one."""
         ...
 
     def places(self) -> list[dict[str, Any]]: ...

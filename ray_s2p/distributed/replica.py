@@ -145,6 +145,7 @@ class LocalPool:
     def __init__(self, config: RunConfig) -> None:
         self.config = config
         self.engines = [ReplicaEngine(config, r) for r in range(config.cluster.replicas)]
+        self.slots = list(range(config.cluster.replicas))
         self.traffic = Traffic()
 
     @property
@@ -159,8 +160,11 @@ class LocalPool:
         self.traffic.record(method, list(args), results)  # what would cross a process boundary
         return results
 
-    def replace(self, replica: int) -> None:
-        self.engines[replica] = ReplicaEngine(self.config, replica)
+    def replace(self, replica: int, timeout: float | None = None) -> None:
+        self.engines[replica] = ReplicaEngine(self.config, self.slots[replica])
+
+    def drop(self, replica: int) -> None:
+        del self.engines[replica], self.slots[replica]
 
     def pids(self) -> list[int]:
         return [os.getpid()] * self.size
@@ -209,6 +213,7 @@ class RayPool:
                 f"cluster.startup_timeout_s={c.startup_timeout_s}s; the cluster has {ray.cluster_resources()}. "
                 f"Fix: lower cluster.replicas or cluster.cpus_per_replica/gpus_per_replica, or add nodes")
         self._remote = ray.remote(ReplicaHost)
+        self.slots = list(range(c.replicas))  # a position's replica number and bundle (positions shift on a drop)
         self.actors: list[Any] = [None] * c.replicas
         for r in range(c.replicas):
             self.actors[r] = self._spawn(r)
@@ -282,17 +287,28 @@ class RayPool:
             raise ReplicaFailure(failed, results, "; ".join(reasons))
         return results
 
-    def replace(self, replica: int) -> None:
+    def replace(self, replica: int, timeout: float | None = None) -> None:
         """Kill (if still there) and start a fresh actor in the same bundle."""
         import ray
         try:
             ray.kill(self.actors[replica], no_restart=True)
         except Exception:  # already gone
             pass
-        self.actors[replica] = self._spawn(replica)
-        self.call("info", [()], replicas=[replica], timeout=self.config.cluster.startup_timeout_s)
+        slot = self.slots[replica]
+        self.actors[replica] = self._spawn(slot)
+        self.call("info", [()], replicas=[replica],
+                  timeout=timeout if timeout is not None else self.config.cluster.startup_timeout_s)
         if self.log_dir is not None:
-            ray.get(self.actors[replica].attach_log.remote(str(self.log_dir / f"replica-{replica}.log")), timeout=60)
+            ray.get(self.actors[replica].attach_log.remote(str(self.log_dir / f"replica-{slot}.log")), timeout=60)
+
+    def drop(self, replica: int) -> None:
+        """Kill position ``replica`` (a replacement still waiting for its bundle too) and remove it."""
+        import ray
+        try:
+            ray.kill(self.actors[replica], no_restart=True)
+        except Exception:  # already gone
+            pass
+        del self.actors[replica], self.slots[replica]
 
     def pids(self) -> list[int]:
         import ray
@@ -312,8 +328,8 @@ class RayPool:
         import ray
         if self.quiet:
             self.log_dir = Path(directory)
-            ray.get([a.attach_log.remote(str(self.log_dir / f"replica-{r}.log")) for r, a in enumerate(self.actors)],
-                    timeout=60)
+            ray.get([a.attach_log.remote(str(self.log_dir / f"replica-{slot}.log"))
+                     for slot, a in zip(self.slots, self.actors)], timeout=60)
 
     def shutdown(self) -> None:
         import ray

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from ..zo.ledger import LedgerRow
 
 METRIC_COLUMNS = ["step", "kind", "loss", "eval_loss", "eval_accuracy", "eval_macro_f1", "forward_passes",
-                  "wall_seconds", "bytes_sent", "bytes_received", "skipped_directions", "eval_split"]
+                  "wall_seconds", "bytes_sent", "bytes_received", "skipped_directions", "eval_split", "replicas"]
 
 
 def written_config(config: RunConfig) -> dict[str, Any]:
@@ -176,12 +176,18 @@ class RunDirectory:
         row.update(values)
         return row
 
-    def record_step(self, step: int, loss: float, passes: int, wall: float, sent: int, recv: int, skipped: int) -> None:
+    def record_step(self, step: int, loss: float, passes: int, wall: float, sent: int, recv: int, skipped: int,
+                    replicas: int | None = None) -> None:
+        """A train row; ``replicas``: how many replicas the step ran on (a replica range can lose some)."""
         self.rows.append(self._row(step=step, kind="train", loss=loss, forward_passes=passes, wall_seconds=wall,
-                                   bytes_sent=sent, bytes_received=recv, skipped_directions=skipped))
+                                   bytes_sent=sent, bytes_received=recv, skipped_directions=skipped,
+                                   replicas=replicas))
         if math.isfinite(loss):
+            values = {"train/loss": loss, "train/forward_passes": passes}
+            if replicas is not None:
+                values["train/replicas"] = replicas
             for sink in self.sinks:
-                sink.scalars(step, {"train/loss": loss, "train/forward_passes": passes})
+                sink.scalars(step, values)
 
     def record_eval(self, step: int, metrics: dict[str, float], passes: int, wall: float) -> None:
         # eval_split says which held-out split (validation or test) the numbers come from.
@@ -209,7 +215,7 @@ class RunDirectory:
             ("step", pa.int64()), ("kind", pa.string()), ("loss", pa.float64()), ("eval_loss", pa.float64()),
             ("eval_accuracy", pa.float64()), ("eval_macro_f1", pa.float64()), ("forward_passes", pa.int64()),
             ("wall_seconds", pa.float64()), ("bytes_sent", pa.int64()), ("bytes_received", pa.int64()),
-            ("skipped_directions", pa.int64()), ("eval_split", pa.string())]))
+            ("skipped_directions", pa.int64()), ("eval_split", pa.string()), ("replicas", pa.int64())]))
         write_parquet(self.metrics_path, table)
         for sink in self.sinks:
             sink.flush()

@@ -1,0 +1,103 @@
+"""A replica range (cluster.min_replicas, direction mode): a replica whose replacement cannot start is dropped and
+the run goes on with the others, no step lost or repeated, exactly as a run resumed with fewer replicas; below
+the minimum the run stops with a resumable run directory."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import smoke_dict
+from ray_s2p.config import ConfigError, RunConfig
+from ray_s2p.distributed.driver import train
+from ray_s2p.distributed.replay import replay_run
+from ray_s2p.distributed.replica import LocalPool, ReplicaFailure
+from ray_s2p.distributed.run_state import TrainingError
+
+ELASTIC = {"cluster.min_replicas": 1, "cluster.replace_timeout_s": 5, "cluster.digest_every": 1}
+
+
+class LosingPool(LocalPool):
+    """Loses replica ``slot`` in the ``nth`` call of ``method``; no replacement can start (no capacity left)."""
+
+    def __init__(self, config: RunConfig, method: str, nth: int, slots: tuple[int, ...]) -> None:
+        super().__init__(config)
+        self.method, self.nth, self.lose = method, nth, slots
+        self.calls = 0
+        self.replacements_tried = 0
+
+    def call(self, method, args, replicas=None, timeout=None):
+        idx = list(range(self.size)) if replicas is None else list(replicas)
+        if method == self.method:
+            self.calls += 1
+            lost = [r for r in idx if self.slots[r] in self.lose]
+            if self.calls == self.nth and lost:
+                kept = [r for r in idx if r not in lost]
+                answers = dict(zip(kept, super().call(method, [a for r, a in zip(idx, args) if r in kept], kept)))
+                raise ReplicaFailure(lost, [answers.get(r) for r in idx], f"replicas {lost} died")
+        return super().call(method, args, replicas, timeout)
+
+    def replace(self, replica, timeout=None):
+        self.replacements_tried += 1
+        assert timeout == 5  # a replica range gives a replacement cluster.replace_timeout_s, not the start-up time
+        raise ReplicaFailure([replica], [None], f"replica {self.slots[replica]}'s replacement found no free bundle")
+
+
+def losing(method: str, nth: int, slots: tuple[int, ...] = (0,)):
+    return lambda config: LosingPool(config, method, nth, slots)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """2 replicas for 10 steps, then resumed with 1 replica to step 30: what losing one after step 10 must give."""
+    path = tmp_path_factory.mktemp("reference") / "run"
+    train(RunConfig.from_dict(smoke_dict(steps=10)), path, log=lambda m: None)
+    return train(RunConfig.from_dict(smoke_dict(**{"cluster.replicas": 1})), path, resume=True, log=lambda m: None)
+
+
+@pytest.mark.parametrize("method,nth", [("probe", 11), ("evaluate", 2), ("save_checkpoint", 1), ("digest", 10)])
+def test_a_replica_that_cannot_be_replaced_is_dropped_and_the_run_goes_on_exactly(tmp_path, reference, method,
+                                                                                   nth):
+    lines: list[str] = []
+    cfg = RunConfig.from_dict(smoke_dict(**ELASTIC))
+    result = train(cfg, tmp_path / "run", log=lines.append, pool=losing(method, nth))
+    # Steps 1-10 on two replicas, 11-30 on the one left: the digest of a run resumed with one replica at step 10.
+    assert result.final_digest == reference.final_digest
+    assert replay_run(tmp_path / "run").digest == result.final_digest
+    ledger = pq.read_table(tmp_path / "run" / "ledger.parquet").to_pylist()
+    per_step = {}
+    for row in ledger:
+        per_step.setdefault(row["step"], []).append(row["replica"])
+    assert sorted(per_step) == list(range(1, 31))  # no step lost or repeated
+    assert all(per_step[k] == [0, 1] for k in range(1, 11)) and all(per_step[k] == [1] for k in range(11, 31))
+    metrics = [r for r in pq.read_table(tmp_path / "run" / "metrics.parquet").to_pylist() if r["kind"] == "train"]
+    assert [r["replicas"] for r in metrics] == [2] * 10 + [1] * 20
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["replica_drops"] == 1 and summary["steps_at_size"] == {"2": 10, "1": 20}
+    assert summary["replicas"] == 1
+    dropped = [line for line in lines if "could not be replaced" in line]
+    assert len(dropped) == 1 and "replicas [0]" in dropped[0] and "goes on with 1 replicas" in dropped[0]
+
+
+def test_below_the_minimum_the_run_stops_and_resumes_from_its_checkpoint(tmp_path, reference):
+    cfg = RunConfig.from_dict(smoke_dict(**{**ELASTIC, "cluster.replicas": 3, "cluster.min_replicas": 2}))
+    with pytest.raises(TrainingError, match=r"replicas \[0, 2\] were lost and not replaced within "
+                                            r"cluster.replace_timeout_s=5s.*1 would be left, below "
+                                            r"cluster.min_replicas=2.*newest checkpoint, step 10.*--resume"):
+        train(cfg, tmp_path / "run", log=lambda m: None, pool=losing("probe", 15, slots=(0, 2)))
+    # The run directory is resumable: here on the one replica left (a resume may change the replica count).
+    resumed = train(RunConfig.from_dict(smoke_dict(**{"cluster.replicas": 1})), tmp_path / "run", resume=True,
+                    log=lambda m: None)
+    assert replay_run(tmp_path / "run").digest == resumed.final_digest
+
+
+def test_replica_range_config_errors_name_the_field_and_the_fix():
+    with pytest.raises(ConfigError, match=r"cluster.min_replicas.*got 3 with replicas=2.*use 0"):
+        RunConfig.from_dict(smoke_dict(**{"cluster.min_replicas": 3}))
+    with pytest.raises(ConfigError, match=r"cluster.min_replicas.*needs direction mode, not data"):
+        RunConfig.from_dict(smoke_dict(**{"cluster.min_replicas": 1, "cluster.mode": "data"}))
+    with pytest.raises(ConfigError, match=r"cluster.replace_timeout_s.*use > 0"):
+        RunConfig.from_dict(smoke_dict(**{"cluster.replace_timeout_s": 0}))
+    assert not RunConfig.from_dict(smoke_dict(**{"cluster.min_replicas": 2})).cluster.elastic  # all needed
