@@ -44,13 +44,13 @@ from ..zo.environment import agreed, settle
 from ..zo.ledger import Ledger, ledger_rows
 from ..zo.rules import build_rule
 from .checkpoint import Checkpoint, checkpoint_path, config_fingerprint, latest_checkpoint
-from .console import ProgressBar, ray_start_failure, replicas_up
+from .console import ProgressBar, replicas_up
 from .healing import Healer, ReplicasDropped
 from .layout import Layout
-from .membership import redone_on_drop, steps_at_size
+from .membership import admit_waiting, redone_on_drop, start_pool, steps_at_size
 from .messages import ProbeRequest, Update
 from .pool import PoolFactory, ReplicaPool
-from .replica import ClusterError, LocalPool, RayPool, ReplicaFailure, quiet_libraries
+from .replica import ReplicaFailure
 from .run_dir import RunDirectory
 from .run_state import RunState, StepOutcome, TrainingError, TrainResult
 from .storage import check_storage
@@ -95,13 +95,15 @@ class Driver:
         self.healer = Healer(config, self.fingerprint, log)
         self.bad_streak = 0
         self.skipped_total = 0
+        self.joins = 0
 
     # -------------------------------------------------------------- the run
     def run(self) -> TrainResult:
         """Train from the start, or from the newest checkpoint of a resumed run, to ``config.steps``."""
         begun = time.perf_counter()
         try:
-            pool = self._start_pool()
+            pool = start_pool(self.config, self.pool_factory, self.verbose, self.log,
+                              nothing_written=self.rd.created or self.rd.resumed)
         except BaseException:
             self.rd.discard()  # bad model path, data or resources: leave nothing half-written
             raise
@@ -128,6 +130,8 @@ class Driver:
             self._start(pool, state)
             progress = ProgressBar(self.config.steps, state.start_step, self.config.progress)
             for step in range(state.start_step + 1, self.config.steps + 1):
+                if self.config.cluster.elastic:  # replicas started since the last step join now, caught up
+                    self.joins += admit_waiting(pool, self.healer, state)
                 outcome = (self._first_order_step(pool, state, step) if self.first_order
                            else self._zo_step(pool, state, step))
                 self._record(state, step, outcome, pool.size)
@@ -166,25 +170,6 @@ class Driver:
         return RunState(start_step=start_step, rule_state=rule_state, ledger=ledger, ckpt=ckpt,
                         forward_passes=self.rd.previous_forward_passes(start_step),
                         wall_before=self.rd.previous_wall_seconds() if self.rd.resumed else 0.0)
-
-    def _start_pool(self) -> ReplicaPool:
-        if not self.config.cluster.use_ray:
-            with quiet_libraries(not self.verbose):  # in-process replicas share the driver's console
-                return (self.pool_factory or LocalPool)(self.config)
-        import logging
-
-        import ray
-        if not ray.is_initialized():
-            # Ray's own start-up lines only with --verbose; its warnings and errors always.
-            try:
-                ray.init(address=self.config.cluster.address or None, include_dashboard=False, log_to_driver=True,
-                         logging_level=logging.INFO if self.verbose else logging.WARNING)
-            except Exception as exc:  # noqa: BLE001 - whatever stopped Ray, the user gets one line and a fix
-                raise ClusterError(ray_start_failure(exc, self.config.cluster.address,
-                                                     nothing_written=self.rd.created or self.rd.resumed)) from exc
-        if self.pool_factory is not None:
-            return self.pool_factory(self.config)
-        return RayPool(self.config, log=self.log, quiet=not self.verbose)
 
     def _start(self, pool: ReplicaPool, state: RunState) -> None:
         """Restore a resumed run's replicas, and evaluate the starting point (once per run)."""
@@ -248,7 +233,7 @@ class Driver:
             bytes_sent_per_step=state.bytes_sent / steps_run, bytes_received_per_step=state.bytes_received / steps_run,
             replicas=pool.size, initial_metrics=state.initial_eval, final_metrics=final_eval,
             forward_passes=state.forward_passes, environment=state.ledger.environment, nodes=pool.places(),
-            replica_failures=self.healer.failures, replica_drops=self.healer.drops,
+            replica_failures=self.healer.failures, replica_drops=self.healer.drops, replica_joins=self.joins,
             steps_at_size=steps_at_size(state.ledger.rows, self.layout.directions) if cfg.cluster.elastic else None,
             recovery_seconds=self.healer.recoveries,
             skipped_directions=self.skipped_total, resumed_from=state.start_step if self.rd.resumed else None,

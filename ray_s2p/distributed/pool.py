@@ -1,5 +1,6 @@
 """The replica pool as the driver sees it: one protocol, the names of the calls it makes, and the factory a
-``Driver`` takes to build one (``LocalPool`` and ``RayPool`` in replica.py are the two it ships with).
+``Driver`` takes to build one (``LocalPool`` in replica.py and ``RayPool`` in ray_pool.py are the two it ships
+with).
 
 Kept apart from replica.py so that the modules the replicas themselves import (storage.py) can name the
 pool without importing the replicas.
@@ -52,8 +53,17 @@ class ReplicaPool(Protocol):
         within ``timeout`` seconds (default: ``cluster.startup_timeout_s``), else ``ReplicaFailure``."""
         ...
 
-    def drop(self, replica: int) -> None:
-        """Stop position ``replica`` and remove it: the positions after it move down by one."""
+    def drop(self, replica: int, rejoin: bool = True) -> None:
+        """Stop position ``replica`` and remove it: the positions after it move down by one. With a replica range
+        and ``rejoin``, a new replica is asked for in its place, to join when it starts (``waiting``)."""
+        ...
+
+    def waiting(self) -> list[int]:
+        """Slots whose replica has started and waits to be admitted (without waiting for any)."""
+        ...
+
+    def admit(self, slot: int) -> int:
+        """Move the waiting replica of ``slot`` into the pool; its position (the last)."""
         ...
 
     def places(self) -> list[dict[str, Any]]: ...

@@ -5,13 +5,14 @@ the minimum the run stops with a resumable run directory."""
 from __future__ import annotations
 
 import json
+import time
 
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import smoke_dict
 from ray_s2p.config import ConfigError, RunConfig
-from ray_s2p.distributed.driver import train
+from ray_s2p.distributed.driver import Driver, train
 from ray_s2p.distributed.replay import replay_run
 from ray_s2p.distributed.replica import LocalPool, ReplicaFailure
 from ray_s2p.distributed.run_state import TrainingError
@@ -101,3 +102,110 @@ def test_replica_range_config_errors_name_the_field_and_the_fix():
     with pytest.raises(ConfigError, match=r"cluster.replace_timeout_s.*use > 0"):
         RunConfig.from_dict(smoke_dict(**{"cluster.replace_timeout_s": 0}))
     assert not RunConfig.from_dict(smoke_dict(**{"cluster.min_replicas": 2})).cluster.elastic  # all needed
+
+
+class ReturningPool(LosingPool):
+    """Loses replica 1 in the 5th probe call (no replacement starts); from the 15th probe call on, a replica
+    for its slot has started (room came back) and waits to join; ``foreign`` makes that replica run elsewhere."""
+
+    def __init__(self, config: RunConfig, foreign: bool = False) -> None:
+        super().__init__(config, "probe", 5, (1,))
+        self.foreign = foreign
+
+    def waiting(self):
+        return [1] if self.calls >= 15 and 1 not in self.slots else []
+
+    def admit(self, slot):
+        position = super().admit(slot)
+        if self.foreign:
+            engine = self.engines[position]
+            env = {**engine.environment(), "torch": "0.0.0"}
+            engine.environment = lambda: env
+        return position
+
+
+def test_a_replica_that_starts_later_joins_caught_up_and_the_run_uses_it(tmp_path):
+    lines: list[str] = []
+    cfg = RunConfig.from_dict(smoke_dict(**ELASTIC))
+    result = train(cfg, tmp_path / "run", log=lines.append, pool=lambda c: ReturningPool(c))
+    summary = result.summary
+    assert summary["replica_drops"] == 1 and summary["replica_joins"] == 1
+    # The joined replica caught up from the step-10 checkpoint and 4 ledger steps: its digest equals the other's
+    # after every step (digest_every 1), so nothing was resynced.
+    assert summary["replica_resyncs"] == 0 and summary["replicas"] == 2
+    assert any("replica 1 joined (checkpoint of step 10 + 4 ledger steps); the run goes on with 2 replicas" in line
+               for line in lines)
+    assert summary["steps_at_size"] == {"2": 20, "1": 10}
+    metrics = [r for r in pq.read_table(tmp_path / "run" / "metrics.parquet").to_pylist() if r["kind"] == "train"]
+    assert [r["replicas"] for r in metrics] == [2] * 4 + [1] * 10 + [2] * 16
+    ledger = pq.read_table(tmp_path / "run" / "ledger.parquet").to_pylist()
+    assert sorted({r["step"] for r in ledger}) == list(range(1, 31))
+    assert [r["replica"] for r in ledger if r["step"] == 15] == [0, 1]
+    assert replay_run(tmp_path / "run").digest == result.final_digest
+
+
+def test_a_replica_in_another_environment_is_not_admitted(tmp_path):
+    lines: list[str] = []
+    cfg = RunConfig.from_dict(smoke_dict(**{**ELASTIC, "steps": 16}))
+    result = train(cfg, tmp_path / "run", log=lines.append, pool=lambda c: ReturningPool(c, foreign=True))
+    assert result.summary["replica_joins"] == 0 and result.summary["replicas"] == 1
+    refused = [line for line in lines if "is not admitted" in line]
+    assert refused and "torch: " in refused[0] and "-> 0.0.0" in refused[0]
+    assert replay_run(tmp_path / "run").digest == result.final_digest
+
+
+@pytest.mark.slow
+def test_on_a_ray_cluster_a_lost_node_drops_its_replica_and_a_new_node_brings_it_back(tmp_path):
+    """A ray.cluster_utils.Cluster with no spare capacity: a head without CPUs and two 1-CPU worker nodes, one
+    replica each. The run starts once the minimum (replica 0) is up; replica 1 joins when it has started (held
+    here until after step 1). The node of replica 1 is removed after step 10: its replacement finds no room, it
+    is dropped after cluster.replace_timeout_s and the run goes on with replica 0. After step 20 a node is added:
+    the requested replica starts there, joins caught up and the run ends on two replicas, every step once in
+    the ledger and its replay exact."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                            "object_store_memory": 100 * 1024 * 1024})
+    nodes = [cluster.add_node(num_cpus=1, object_store_memory=80 * 1024 * 1024) for _ in range(2)]
+    lines: list[str] = []
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        cfg = RunConfig.from_dict(smoke_dict(**{**ELASTIC, "cluster.use_ray": True, "cluster.replace_timeout_s": 10,
+                                                "cluster.step_timeout_s": 20, "log_every": 1}))
+
+        def wait_for_replica_1() -> None:
+            deadline = time.monotonic() + 120
+            while not driver.pool.waiting() and 1 not in driver.pool.slots and time.monotonic() < deadline:
+                time.sleep(0.5)
+
+        def report(metrics, checkpoint):
+            if metrics["step"] == 1:
+                wait_for_replica_1()
+            if metrics["step"] == 10:
+                position = driver.pool.slots.index(1)
+                victim = next(n for n in nodes if n.node_id == driver.pool.node_ids()[position])
+                cluster.remove_node(victim)
+            if metrics["step"] == 20:
+                cluster.add_node(num_cpus=1, object_store_memory=80 * 1024 * 1024)
+                wait_for_replica_1()  # the replica requested after the drop starts on the new node
+
+        driver = Driver(cfg, tmp_path / "run", report=report, log=lines.append)
+        result = driver.run()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    summary = result.summary
+    assert summary["replica_drops"] == 1 and summary["replica_joins"] == 2 and summary["replicas"] == 2, lines
+    # Replica 1 joins before step 1 when it is up in time, else after step 1 (the run does not wait for it);
+    # then 2-10 on both, 11-20 on replica 0 alone, 21-30 on both again.
+    joins = [line.split(": ", 1)[0] for line in lines if "replica 1 joined" in line]
+    assert joins in (["step 0", "step 20"], ["step 1", "step 20"]), lines
+    alone = 10 + (joins[0] == "step 1")
+    assert summary["steps_at_size"] == {"2": 30 - alone, "1": alone}, lines
+    rows = pq.read_table(tmp_path / "run" / "ledger.parquet").to_pylist()
+    assert sorted({r["step"] for r in rows}) == list(range(1, 31))
+    assert len(rows) == (30 - alone) * 2 + alone
+    assert replay_run(tmp_path / "run").digest == result.final_digest

@@ -23,7 +23,7 @@ from conftest import smoke_dict
 from ray_s2p.config import RunConfig
 from ray_s2p.distributed.digest import model_digest
 from ray_s2p.distributed.driver import train
-from ray_s2p.distributed.replica import RayPool
+from ray_s2p.distributed.ray_pool import RayPool
 from ray_s2p.tasks import build_task
 
 # (method, which call of it, the replica killed): steps 20, digest every 5, evaluation and checkpoint every 10.

@@ -8,7 +8,8 @@ from conftest import smoke_dict
 from ray_s2p.config import ConfigError, RunConfig
 from ray_s2p.distributed.engine import ReplicaEngine
 from ray_s2p.distributed.pool import REPLICA_METHODS
-from ray_s2p.distributed.replica import LocalPool, ReplicaError, _remote_error, _root_cause
+from ray_s2p.distributed.ray_pool import _remote_error, _root_cause
+from ray_s2p.distributed.replica import LocalPool, ReplicaError
 
 
 @pytest.mark.parametrize("where", ["start", "method"])
