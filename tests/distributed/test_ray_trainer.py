@@ -64,14 +64,18 @@ def test_sigkill_of_a_replica_process_mid_step_is_healed(tmp_path, ray_session, 
     assert_every_step_once(tmp_path / "run", cfg.steps, 2)
 
 
-def test_external_sigkill_of_replica_worker_is_healed(tmp_path, ray_session):
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_external_sigkill_of_replica_worker_is_healed(tmp_path, ray_session, signum):
+    """SIGKILL: a crashed machine. SIGTERM: the notice a preempted (spot) node's processes get; the worker exits
+    at once and its step is abandoned, then healed as any lost replica (the phase is redone, nothing half-written
+    is kept: checkpoints are staged and renamed)."""
     cfg = fault_config(tmp_path, "none", **{"steps": 40})
     killed: list[int] = []
 
     def report(metrics, checkpoint):
         if metrics["step"] == 15 and not killed:
             pid = driver.pool.pids()[0]  # the worker process of replica 0
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signum)
             killed.append(pid)
 
     driver = Driver(cfg, tmp_path / "run", report=report, log=lambda m: None)
