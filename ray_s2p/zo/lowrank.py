@@ -61,21 +61,26 @@ def add_output_delta(module: torch.nn.Module, inputs: tuple, output: torch.Tenso
     - Conv1D, W (in, out) = U V^T: x Z = (x U) V^T;
     - nn.Embedding, W (rows, dim): Z[ids] = U[ids] V^T.
 
-    A float32 contiguous output (a fresh tensor made by the module) gets the delta added in
-    place, as one ``addmm_`` of the skinny factors: no output-sized temporary.
+    A float32 or bf16 contiguous output (a fresh tensor made by the module) gets the delta added in
+    place, as one ``addmm_`` of the skinny factors in the output's dtype: no output-sized temporary
+    and no float32 round trip of the activations (a bf16 layer's delta is made from its bf16 input
+    and factors rounded to bf16, accumulated in float32 inside the GEMM and rounded once into the
+    output). Other outputs (fp16, non-contiguous) get a float32 delta rounded to their dtype.
     """
     rank = u.shape[1]
     scale = radius / math.sqrt(rank)
     x = inputs[0]
+    in_place = output.dtype in (torch.float32, torch.bfloat16) and output.is_contiguous()
+    dtype = output.dtype if in_place else torch.float32
     # x @ V is written as linear(x, V^T) with V^T contiguous: the skinny (tokens x n) @ (n x r) GEMM
     # takes a slow path in the BLAS otherwise (about 5x slower on a CPU, measured in docs/benchmarks.md).
     if isinstance(module, torch.nn.Embedding):
-        left, right = u[x], v
+        left, right = u[x].to(dtype), v.to(dtype)
     elif is_conv1d(module):
-        left, right = torch.nn.functional.linear(x.to(torch.float32), u.T.contiguous()), v
+        left, right = torch.nn.functional.linear(x.to(dtype), u.T.contiguous().to(dtype)), v.to(dtype)
     else:
-        left, right = torch.nn.functional.linear(x.to(torch.float32), v.T.contiguous()), u
-    if output.dtype == torch.float32 and output.is_contiguous():
+        left, right = torch.nn.functional.linear(x.to(dtype), v.T.contiguous().to(dtype)), u.to(dtype)
+    if in_place:
         output.view(-1, output.shape[-1]).addmm_(left.reshape(-1, rank), right.T, alpha=scale)
         return output
     return output + (left @ right.T).mul_(scale).to(output.dtype)

@@ -14,7 +14,7 @@ from .directions import DirectionSpace
 from .jobs import Job
 from .lowrank import add_lowrank, lowrank_sum
 from .noise import chunk_bounds, fill_chunk, mix_seed
-from .rounding import HALF_DTYPES, stochastic_round
+from .rounding import HALF_DTYPES, round_rows_into, stochastic_round
 
 
 def rounding_generator(space: DirectionSpace, step: int, index: int, chunk: int,
@@ -53,7 +53,8 @@ def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], para
     (of the whole tensor for low-rank, table and non-contiguous parameters) and rounded back
     once, stochastically (``rounding.stochastic_round``), with the generator
     ``rounding_generator(space, step, index, chunk)`` (chunk 0 for a whole tensor): round to
-    nearest would drop every update below half an ulp.
+    nearest would drop every update below half an ulp. A low-rank matrix is summed and rounded a block of
+    rows at a time (``rounding.round_rows_into``), with the bits of the whole tensor's rounding.
 
     Counter-based noise (``space.counter_based``): each weight takes the whole step in one pass
     (counter_noise.update_jobs; a fused kernel on an accelerator), in float32, with the bf16 rounding's bits
@@ -115,6 +116,23 @@ def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], para
                 for _, run in update_jobs(p.detach(), [], scale_i, sign, rounding_key, delta):
                     run()
             jobs.append((p.numel(), fused_lowrank))
+            continue
+        if half and active and not signed and space.is_lowrank(i) and step is not None:
+            def lowrank_rows(i: int = i, p: torch.Tensor = p, scale_i: float = scale_i) -> None:
+                # The same float32 arithmetic as ``whole`` below, a block of rows at a time (row r of U V^T needs
+                # row r of U only), rounded as it is made: the same bits, in cache.
+                factors = ([(1.0, streams.slice_u(u_sum, i, p.device), space.factors(active[0][0], i, step)[1])]
+                           if u_sum is not None else [(c, *space.factors(s, i, step)) for s, c in active])
+                weight = p.detach()
+
+                def rows(first: int, end: int) -> torch.Tensor:
+                    target = weight[first:end].float()
+                    if scale_i != 1.0:
+                        target.mul_(scale_i)
+                    add_lowrank(target, [(c, u[first:end], v) for c, u, v in factors])
+                    return target
+                round_rows_into(weight, rows, rounding_generator(space, step, i, 0, p.device))
+            jobs.append((p.numel(), lowrank_rows))
             continue
         if not space._chunked(i):
             def whole(i: int = i, p: torch.Tensor = p, half: bool = half, scale_i: float = scale_i) -> None:

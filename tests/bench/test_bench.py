@@ -85,6 +85,30 @@ def test_step_through_the_cli(tmp_path, capsys):
     assert 0 < mem["hooks"] < mem["swap"]
 
 
+def test_step_with_bf16_weights_times_every_model_in_bf16_against_the_half_precision_targets(tmp_path, monkeypatch):
+    import ray_s2p.bench.step as step_bench
+    dtypes = set()
+    naive = step_bench.naive_mezo_fn
+
+    def recording(params, *args, **kwargs):
+        dtypes.update(p.dtype for p in params)
+        return naive(params, *args, **kwargs)
+    monkeypatch.setattr(step_bench, "naive_mezo_fn", recording)
+    results = tmp_path / "r.jsonl"
+    assert run_benches(["step"], results=results, repeats=1,
+                       sets=[*TINY_BERT, "precision.weights=bf16"]) == 0
+    r = read_lines(results)["step"]
+    assert r["config"]["weights"] == "bf16" and dtypes == {torch.bfloat16}  # the naive step too
+    targets = r["targets"]
+    assert targets["gaussian_overhead_vs_naive_max"] == 0.6 and targets["ratio_max"]["lowrank"] == 1.3
+    # Table and Rademacher have no half-precision target.
+    assert set(targets["met"]) == {"hooks_gaussian", "swap_gaussian", "hooks_lowrank", "plain_gaussian"}
+    naive_overhead = r["variants"]["naive_mezo"]["ratio"] - 1.0
+    for name, v in r["variants"].items():
+        if name != "naive_mezo":
+            assert v["overhead_vs_naive"] == pytest.approx((v["ratio"] - 1.0) / naive_overhead, rel=1e-3)
+
+
 def test_memory_and_replay(tmp_path):
     results = tmp_path / "r.jsonl"
     assert run_benches(["memory", "replay"], results=results, sets=SYNTHETIC, steps=3, repeats=1) == 0

@@ -124,6 +124,38 @@ def test_rademacher_directions_are_signs_with_balanced_halves():
     assert torch.equal(space.noise(3, 0), space.noise(3, 0)) and not torch.equal(space.noise(3, 0), space.noise(4, 0))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layer", ["linear", "embedding"])
+def test_half_layer_delta_is_added_in_the_layers_dtype(dtype, layer):
+    # bf16: one addmm_ into the module's own output (no output-sized temporary, no float32 copy of the
+    # activations); fp16 keeps a float32 delta rounded once. Both within a few of the dtype's ulps of
+    # the float32 delta, and the weight is never touched.
+    from ray_s2p.zo.lowrank import add_output_delta
+    gen = torch.Generator().manual_seed(3)
+    if layer == "linear":
+        module = torch.nn.Linear(48, 40).to(dtype)
+        x = torch.randn(4, 6, 48, generator=gen).to(dtype)
+    else:
+        module = torch.nn.Embedding(50, 40).to(dtype)
+        x = torch.randint(0, 50, (4, 6), generator=gen)
+    rows, cols = module.weight.shape
+    u, v = torch.randn(rows, 2, generator=gen), torch.randn(cols, 2, generator=gen)
+    weight = module.weight.detach().clone()
+    with torch.no_grad():
+        output = module(x)
+        plain = output.float()  # copied before the delta goes in
+        result = add_output_delta(module, (x,), output, u, v, 0.05)
+    z = (u @ v.T) / math.sqrt(2)
+    expected = plain + 0.05 * (torch.nn.functional.embedding(x, z) if layer == "embedding"
+                               else x.float() @ z.T)
+    assert result.dtype == dtype
+    assert (result is output) == (dtype == torch.bfloat16)
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    assert (result.float() - expected).abs().max() <= 2 * ulp * expected.abs().max()
+    assert (result.float() - plain).abs().max() > 0.01  # the delta is there
+    assert torch.equal(module.weight.detach(), weight)
+
+
 def test_gpt2_conv1d_and_tied_embedding_probe_equals_the_materialised_direction():
     # GPT-2's attention and MLP use Conv1D (weight stored (in, out)); its output head is tied to the
     # token embedding, so the same low-rank Z must reach both the gather and the head's product.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -11,7 +12,7 @@ import torch
 from conftest import TinyLM
 from ray_s2p.config import ConfigError, RunConfig
 from ray_s2p.distributed.digest import model_digest
-from ray_s2p.zo import noise
+from ray_s2p.zo import noise, rounding
 from ray_s2p.zo.directions import DirectionSpace, NoiseTable
 from ray_s2p.zo.lowrank import add_lowrank
 from ray_s2p.zo.noise import mix_seed
@@ -87,6 +88,25 @@ def test_same_generator_seed_same_bits(dtype):
     c = stochastic_round(x, dtype, gen(43))
     assert not torch.equal(a.view(torch.int16), c.view(torch.int16))
     assert torch.equal(x, torch.randn(10000, generator=gen(1)))  # the input is not modified
+
+
+# The bf16 rounding's bits are part of every recorded bf16 trajectory: these digests were taken with the first
+# implementation (int16 words masked to 16 bits, isnan + any as the NaN screen) and must never change.
+BF16_ROUNDING_PINS = {"with_nan": "4b79566496649ed863eaffb43ad8223816b7e16747d94d8e8485ca8ce3481ef2",
+                      "finite": "b3815794c6a20ed3d5204192f8960baaa84ec6bad0971e4681fb49f7acd33fe1"}
+
+
+@pytest.mark.parametrize("case", sorted(BF16_ROUNDING_PINS))
+def test_bf16_rounding_bits_are_pinned(case):
+    x = torch.randn(100_003, generator=gen(7)) * torch.logspace(-6, 4, 100_003)  # odd size: a partial word
+    x[::997] = float("nan") if case == "with_nan" else 1.0
+    x[5], x[6], x[7], x[8] = float("inf"), -float("inf"), 0.0, -0.0
+    x[9] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)  # a NaN whose pattern would wrap
+    if case == "finite":
+        x[9] = 2.0
+    out = stochastic_round(x, torch.bfloat16, gen(11))
+    assert hashlib.sha256(out.view(torch.int16).numpy().tobytes()).hexdigest() == BF16_ROUNDING_PINS[case]
+    assert torch.isnan(out).sum() == torch.isnan(x).sum()  # NaN in, NaN out, nothing else
 
 
 def test_wrong_input_or_target_dtype_is_refused():
@@ -189,11 +209,13 @@ def test_half_update_is_the_same_for_any_thread_count_and_on_every_replica(distr
 
 
 @pytest.mark.parametrize("dtype", HALF)
-def test_half_update_equals_one_stochastic_rounding_of_the_float32_sum_per_chunk(dtype, monkeypatch):
+@pytest.mark.parametrize("block", [1 << 17, 20])
+def test_half_update_equals_one_stochastic_rounding_of_the_float32_sum_per_chunk(dtype, block, monkeypatch):
     # A chunked parameter: every chunk of 64 elements is x * s + c1 z1 + c2 z2 in float32, rounded once
     # with the generator of (run seed, step, parameter, chunk). A low-rank matrix: the whole tensor with
-    # chunk 0.
+    # chunk 0, whether it is made in one block of rows or in blocks of 2 rows (block=20 elements, 9 columns).
     monkeypatch.setattr(noise, "CHUNK", 64)
+    monkeypatch.setattr(rounding, "BLOCK_NUMEL", block)
     weight = torch.nn.Parameter((torch.randn(10, 20, generator=gen(1)) * 0.5).to(dtype))  # chunks 64, 64, 64, 8
     start = weight.detach().clone()
     space = DirectionSpace(["w"], [weight], "gaussian", run_seed=5)
@@ -217,6 +239,26 @@ def test_half_update_equals_one_stochastic_rounding_of_the_float32_sum_per_chunk
     rounded = stochastic_round(acc, dtype, gen(mix_seed(5, step, 0, 0)))
     assert torch.equal(matrix.detach().view(torch.int16), rounded.view(torch.int16))
     torch.testing.assert_close(acc, start.float() * scale + sum(c * space.noise(s, 0) for s, c in pairs))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("block", [1, 7, 64, 1 << 17])
+def test_rounding_rows_block_by_block_gives_the_bits_of_the_whole(dtype, block, monkeypatch):
+    monkeypatch.setattr(rounding, "BLOCK_NUMEL", block)
+    x = torch.randn(37, 11, generator=gen(4)) * torch.logspace(-4, 3, 11)  # 407 elements: a partial last word
+    x[3, 4], x[20, 0], x[30, 10] = float("nan"), float("inf"), -float("inf")
+    whole = stochastic_round(x, dtype, gen(21))
+    out = torch.zeros(37, 11, dtype=dtype)
+    made = []
+
+    def rows(lo: int, hi: int) -> torch.Tensor:
+        made.append((lo, hi))
+        return x[lo:hi].clone()
+    rounding.round_rows_into(out, rows, gen(21))
+    assert torch.equal(out.view(torch.int16), whole.view(torch.int16))
+    if dtype == torch.bfloat16:  # every row once, in order, in blocks of about ``block`` elements
+        step = max(1, block // 11)
+        assert made == [(lo, min(37, lo + step)) for lo in range(0, 37, step)]
 
 
 @pytest.mark.parametrize("dtype", HALF)
