@@ -269,6 +269,13 @@ class RunConfig:
         require(c.batch_scaling == "weak" or c.mode == "direction" or self.task.batch_size % shards == 0,
                  "cluster.batch_scaling", f"strong: task.batch_size {self.task.batch_size} does not split evenly "
                  f"among {shards} data shards", "use a task.batch_size divisible by the shards per group, or weak")
+        if c.elastic and c.mode != "direction":  # the batch is re-cut among the replicas present: every cut even
+            cuts = sorted({n for r in range(c.min_replicas, c.replicas + 1)
+                           for n in (r // self.direction_groups, -(-r // self.direction_groups))})
+            uneven = [n for n in cuts if self.task.batch_size % n]
+            require(not uneven, "task.batch_size", f"{self.task.batch_size} does not split evenly among {uneven} data "
+                    f"shards, which a group has with {c.min_replicas}-{c.replicas} replicas present",
+                    f"use a task.batch_size divisible by each of {cuts}, or a narrower cluster.min_replicas")
         require(self.perturbation.noise == "generator" or self.precision.weights in ("fp32", "bf16"),
                  "perturbation.noise", f"philox handles fp32 and bf16 weights, not precision.weights "
                  f"{self.precision.weights}", "use precision.weights fp32 or bf16, or perturbation.noise generator")

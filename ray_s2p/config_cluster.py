@@ -44,7 +44,7 @@ class ClusterConfig:
     on_mismatch: OnMismatch = "resync"  # resync or abort
     max_replica_failures: int = 20
     placement_strategy: PlacementStrategy = "PACK"
-    min_replicas: int = 0            # direction mode: go on with this many or more when replicas are lost (0: all)
+    min_replicas: int = 0            # go on with this many or more when replicas are lost (0: every one is needed)
     replace_timeout_s: float = 60.0  # with min_replicas: how long a lost replica's replacement may take to start
 
     def __post_init__(self) -> None:
@@ -70,9 +70,13 @@ class ClusterConfig:
         require(0 <= self.min_replicas <= self.replicas, "cluster.min_replicas",
                  f"got {self.min_replicas} with replicas={self.replicas}",
                  "use 0 (every replica is needed) or a count from 1 to cluster.replicas")
-        require(not self.elastic or self.mode == "direction", "cluster.min_replicas",
-                 f"a replica range ({self.min_replicas}-{self.replicas}) needs direction mode, not {self.mode}",
-                 "use cluster.mode direction, or cluster.min_replicas 0")
+        require(not self.elastic or self.mode == "direction" or self.batch_scaling == "strong",
+                 "cluster.batch_scaling", f"a replica range ({self.min_replicas}-{self.replicas}) in {self.mode} mode "
+                 "cuts each step's batch among the replicas present, which weak scaling (task.batch_size per "
+                 "replica) cannot do", "use cluster.batch_scaling strong, or cluster.min_replicas 0")
+        require(not self.elastic or self.mode != "hybrid" or self.min_replicas >= self.groups, "cluster.min_replicas",
+                 f"got {self.min_replicas} with groups={self.groups}: every group needs a replica",
+                 f"use cluster.min_replicas {self.groups} or more")
         require(self.replace_timeout_s > 0, "cluster.replace_timeout_s", f"got {self.replace_timeout_s}",
                  "use > 0 seconds")
 

@@ -254,27 +254,33 @@ class Driver:
         """Probe round (and follow-up round, if the rule has one), then the rule's decision (redone whole with
         the replicas left when some are dropped: membership.py)."""
         assert self.rule is not None
-        if self.layout.replicas != pool.size:  # a replica range lost replicas (direction mode): n groups of q
-            self.layout = Layout(pool.size, pool.size, self.layout.directions)
+        if self.layout.replicas != pool.size:  # a replica range lost or gained replicas: deal them out again
+            groups = pool.size if self.config.cluster.mode == "direction" else self.layout.groups
+            self.layout = Layout(pool.size, groups, self.layout.directions)
         lay = self.layout
         radii = tuple(self.rule.radii(state.rule_state, step))
         group_seeds = [lay.seeds(self.config.seed, step, g) for g in range(lay.groups)]
-        requests = [ProbeRequest(step, group_seeds[lay.group(r)], radii, lay.shard(r), lay.shards, state.pending)
-                    for r in range(pool.size)]
+        requests = [ProbeRequest(step, group_seeds[lay.group(r)], radii, lay.shard(r), lay.shards_of(lay.group(r)),
+                                 state.pending) for r in range(pool.size)]
         losses, sent, received, passes = self._probe_round(pool, state, step, requests, len(radii))
         follow = self.rule.followup(losses, state.rule_state, step)
         if follow is not None:
             # Follow-up round (S2P options 2/4 without the sign trick): radii depend on each gamma.
             q = lay.directions
-            requests2 = [ProbeRequest(step, group_seeds[lay.group(r)], (), lay.shard(r), lay.shards, None,
+            requests2 = [ProbeRequest(step, group_seeds[lay.group(r)], (), lay.shard(r), lay.shards_of(lay.group(r)),
+                                      None,
                                       tuple(tuple(x) for x in follow[lay.group(r) * q:(lay.group(r) + 1) * q]))
                          for r in range(pool.size)]
             extra, sent2, received2, passes2 = self._probe_round(pool, state, step, requests2, len(follow[0]))
             losses = [list(a) + list(b) for a, b in zip(losses, extra)]
             sent, received, passes = sent + sent2, received + received2, passes + passes2
         seeds = [s for g in group_seeds for s in g]
-        owners = [pool.slots[g * lay.shards] for g in range(lay.groups) for _ in range(lay.directions)]
-        loss, skipped = self._decide(state, step, seeds, radii, losses, owners)
+        owners = [pool.slots[lay.first(g)] for g in range(lay.groups) for _ in range(lay.directions)]
+        # Data shards behind each direction's losses (recorded in data and hybrid mode: the ledger says how many
+        # replicas a step used there too).
+        shards = ([lay.shards_of(g) for g in range(lay.groups) for _ in range(lay.directions)]
+                  if self.config.cluster.mode != "direction" else None)
+        loss, skipped = self._decide(state, step, seeds, radii, losses, owners, shards)
         return StepOutcome(loss, sent, received, passes, skipped)
 
     def _probe_round(self, pool: ReplicaPool, state: RunState, step: int, requests: list[ProbeRequest],
@@ -289,12 +295,12 @@ class Driver:
         return losses, sent, received, passes
 
     def _decide(self, state: RunState, step: int, seeds: list[int], radii: tuple[float, ...],
-                losses: list[list[float]], owners: list[int]) -> tuple[float, int]:
+                losses: list[list[float]], owners: list[int], shards: list[int] | None = None) -> tuple[float, int]:
         """The rule's update from the losses: ledger rows (``owners``: the replica of each direction), the
         pending update; (mean loss, skipped directions)."""
         assert self.rule is not None
         decision, state.rule_state = self.rule.update(losses, state.rule_state, step)
-        state.ledger.extend(ledger_rows(step, seeds, radii, losses, decision, owners))
+        state.ledger.extend(ledger_rows(step, seeds, radii, losses, decision, owners, shards))
         skipped_bad = sum(1 for row in losses if not all(math.isfinite(v) for v in row))
         self.skipped_total += skipped_bad
         self.bad_streak = self.bad_streak + 1 if skipped_bad == len(losses) else 0

@@ -39,16 +39,18 @@ def build_space(model: torch.nn.Module, names: list[str], config: RunConfig) -> 
                              threads=config.cluster.noise_threads)
 
 
-def use_shard_batch_size(task: Task, config: RunConfig) -> None:
+def use_shard_batch_size(task: Task, config: RunConfig, shards: int | None = None) -> None:
     """Set the examples per train batch of a data shard: the task's ``train_batch_size`` (None: ``task.batch_size``).
 
     Weak scaling and one-shard layouts (direction mode, first-order runs) set None, so they draw exactly the
-    batches they always drew; strong sets ``task.batch_size / shards``. Eval batches keep ``task.batch_size``.
+    batches they always drew; strong sets ``task.batch_size / shards`` (``shards``: the config's shards per group,
+    or those of the step's request when a replica range re-cut the batch). Eval batches keep ``task.batch_size``.
 
     Raises:
         ConfigError: strong scaling splits the batch, and the task has no ``train_batch_size``.
     """
-    size = shard_batch_size(config.task.batch_size, Layout.from_config(config).shards, config.cluster.batch_scaling)
+    size = shard_batch_size(config.task.batch_size, Layout.from_config(config).shards if shards is None else shards,
+                            config.cluster.batch_scaling)
     share = None if size == config.task.batch_size else size
     if hasattr(task, "train_batch_size"):
         task.train_batch_size = share  # not in the Task protocol: user tasks may lack it
@@ -111,6 +113,8 @@ class ReplicaEngine:
         """Apply the pending update, then evaluate every (seed, radius) on this step's shard."""
         start = time.perf_counter()
         self.apply(request.update)
+        if self.config.cluster.batch_scaling == "strong":  # the group's batch, cut among the shards of this step
+            use_shard_batch_size(self.task, self.config, request.num_shards)
         batch = to_device(self.task.train_batch(request.step, request.shard, request.num_shards), self.device)
         with torch.no_grad():
             prepared = self.task.prepare(self.model, batch, self.trainable)

@@ -4,6 +4,11 @@
 - data mode: one group (shared seeds, the batch split into shards);
 - hybrid: ``cluster.groups`` groups, each splitting the batch among its members.
 
+With a replica range the replicas present are dealt out again after a loss or a join: groups keep their
+count (so a step's directions do not change in data and hybrid mode), the first ``replicas % groups`` groups
+get one member more, and each group cuts the step's batch among its members (config.py checks every cut is
+even).
+
 Direction j of step k has seed ``mix_seed(run_seed, k, j)`` with j = group * q + i,
 so a run is a pure function of its config.
 """
@@ -31,13 +36,22 @@ class Layout:
 
     @property
     def shards(self) -> int:
+        """Members of the smallest group (of every group when the replicas divide evenly)."""
         return self.replicas // self.groups
 
+    def shards_of(self, group: int) -> int:
+        """The members of ``group``, the data shards its batch is cut into."""
+        return self.shards + (1 if group < self.replicas % self.groups else 0)
+
+    def first(self, group: int) -> int:
+        """The position of ``group``'s first member (the owner of its directions in the ledger)."""
+        return group * self.shards + min(group, self.replicas % self.groups)
+
     def group(self, replica: int) -> int:
-        return replica // self.shards
+        return max(g for g in range(self.groups) if self.first(g) <= replica)
 
     def shard(self, replica: int) -> int:
-        return replica % self.shards
+        return replica - self.first(self.group(replica))
 
     def seeds(self, run_seed: int, step: int, group: int) -> tuple[int, ...]:
         q = self.directions

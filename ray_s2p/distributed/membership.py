@@ -46,9 +46,12 @@ def redone_on_drop(phase: F) -> F:
 
 
 def steps_at_size(rows: Sequence[LedgerRow], directions: int) -> dict[str, int]:
-    """{replica count: steps} of a direction-mode run, read from its ledger (each replica evaluates
-    ``directions`` directions of a step), so a resumed run counts its steps from before the resume too."""
-    per_step = Counter(row.step for row in rows)
+    """{replica count: steps} of a run, read from its ledger, so a resumed run counts its steps from before the
+    resume too: each group of replicas evaluates ``directions`` directions of a step, and a row's ``shards`` says
+    how many replicas its group had (data and hybrid mode; 1 in direction mode)."""
+    per_step: Counter[int] = Counter()
+    for row in rows:
+        per_step[row.step] += row.shards or 1
     sizes = Counter(count // directions for count in per_step.values())
     return {str(n): sizes[n] for n in sorted(sizes, reverse=True)}
 

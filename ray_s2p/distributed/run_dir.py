@@ -144,7 +144,9 @@ class RunDirectory:
         for step in range(1, upto + 1):
             values = [([r.loss_plus, r.loss_minus] if r.radius is not None else []) + list(r.extra_losses or ())
                       for r in by_step.get(step, [])]
-            passes += sum(len(v) for v in values) * shards if values else (passes_per_step or 0)
+            rows = by_step.get(step, [])  # a row's own shards where recorded (a replica range may have changed them)
+            passes += (sum(len(v) * (r.shards or shards) for v, r in zip(values, rows)) if values
+                       else (passes_per_step or 0))
             finite = [x for v in values for x in v[:2] if x is not None and math.isfinite(x)]
             skipped = sum(1 for v in values if not all(x is not None and math.isfinite(x) for x in v))
             self.rows.append(self._row(step=step, kind="train", loss=sum(finite) / len(finite) if finite else None,

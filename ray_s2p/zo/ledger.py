@@ -38,9 +38,10 @@ SCHEMA = pa.schema([
     pa.field("skipped", pa.bool_(), nullable=False),
     pa.field("param_scale", pa.float64(), nullable=False),
     pa.field("sign_step", pa.float64(), nullable=True),
+    pa.field("shards", pa.int32(), nullable=True),
 ])
 # Columns a ledger written before they existed may lack; reading fills them with nulls (their meaning then).
-OPTIONAL_COLUMNS = ("sign_step",)
+OPTIONAL_COLUMNS = ("sign_step", "shards")
 
 
 class LedgerError(RayS2PError, ValueError):
@@ -66,11 +67,13 @@ class LedgerRow:
     skipped: bool
     param_scale: float
     sign_step: float | None = None  # ZO-signSGD: x <- param_scale x - sign_step sign(sum c z); None: linear
+    shards: int | None = None  # data/hybrid mode: the data shards (replicas) whose losses were averaged; None: 1
 
 
 def ledger_rows(step: int, seeds: Sequence[int], radii: Sequence[float], losses: Sequence[Sequence[float]],
-                decision: "StepDecision", replicas: Sequence[int] | None = None) -> list[LedgerRow]:
-    """Ledger rows of one step (one per direction)."""
+                decision: "StepDecision", replicas: Sequence[int] | None = None,
+                shards: Sequence[int] | None = None) -> list[LedgerRow]:
+    """Ledger rows of one step (one per direction); ``replicas`` and ``shards`` per direction where known."""
     rows = []
     two_point = len(radii) >= 2 and radii[0] == -radii[1] and radii[0] > 0
     for i, seed in enumerate(seeds):
@@ -84,7 +87,8 @@ def ledger_rows(step: int, seeds: Sequence[int], radii: Sequence[float], losses:
             radius=radius, loss_plus=plus, loss_minus=minus, extra_losses=tuple(extra) if extra else None,
             gamma=decision.gammas[i], sigma=decision.sigma, step_size=decision.step_sizes[i],
             coefficient=float(decision.coefficients[i]), skipped=bool(decision.skipped[i]),
-            param_scale=float(decision.param_scale), sign_step=_clean(decision.sign_step)))
+            param_scale=float(decision.param_scale), sign_step=_clean(decision.sign_step),
+            shards=int(shards[i]) if shards is not None else None))
     return rows
 
 

@@ -1,6 +1,6 @@
-"""A replica range (cluster.min_replicas, direction mode): a replica whose replacement cannot start is dropped and
-the run goes on with the others, no step lost or repeated, exactly as a run resumed with fewer replicas; below
-the minimum the run stops with a resumable run directory."""
+"""A replica range (cluster.min_replicas): a replica whose replacement cannot start is dropped and the run goes on
+with the others (in data and hybrid mode with the step's batch cut among them), no step lost or repeated, exactly
+as a run resumed with fewer replicas; below the minimum the run stops with a resumable run directory."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from conftest import smoke_dict
 from ray_s2p.config import ConfigError, RunConfig
@@ -98,11 +99,61 @@ def test_below_the_minimum_the_run_stops_and_resumes_from_its_checkpoint(tmp_pat
 def test_replica_range_config_errors_name_the_field_and_the_fix():
     with pytest.raises(ConfigError, match=r"cluster.min_replicas.*got 3 with replicas=2.*use 0"):
         RunConfig.from_dict(smoke_dict(**{"cluster.min_replicas": 3}))
-    with pytest.raises(ConfigError, match=r"cluster.min_replicas.*needs direction mode, not data"):
+    with pytest.raises(ConfigError, match=r"cluster.batch_scaling.*in data mode cuts each step's batch.*weak.*"
+                                          r"use cluster.batch_scaling strong"):
         RunConfig.from_dict(smoke_dict(**{"cluster.min_replicas": 1, "cluster.mode": "data"}))
+    with pytest.raises(ConfigError, match=r"cluster.min_replicas.*got 1 with groups=2: every group needs a replica"):
+        RunConfig.from_dict(smoke_dict(**{**DATA_RANGE, "cluster.mode": "hybrid", "cluster.groups": 2,
+                                          "cluster.min_replicas": 1}))
+    with pytest.raises(ConfigError, match=r"task.batch_size.*32 does not split evenly among \[3\] data shards.*"
+                                          r"2-4 replicas present.*divisible by each of \[2, 3, 4\]"):
+        RunConfig.from_dict(smoke_dict(**{**DATA_RANGE, "task.batch_size": 32}))
     with pytest.raises(ConfigError, match=r"cluster.replace_timeout_s.*use > 0"):
         RunConfig.from_dict(smoke_dict(**{"cluster.replace_timeout_s": 0}))
     assert not RunConfig.from_dict(smoke_dict(**{"cluster.min_replicas": 2})).cluster.elastic  # all needed
+
+
+DATA_RANGE = {"cluster.mode": "data", "cluster.batch_scaling": "strong", "cluster.replicas": 4, "cluster.min_replicas": 2,
+              "task.batch_size": 24, "cluster.replace_timeout_s": 5, "cluster.digest_every": 1}
+
+
+@pytest.mark.parametrize("mode,lose,left", [("data", (1,), 3), ("hybrid", (1, 3), 2)])
+def test_data_and_hybrid_mode_recut_the_batch_among_the_replicas_left(tmp_path, mode, lose, left):
+    # 4 replicas (hybrid: 2 groups of 2) lose replicas after step 10 and go on with the others: the step's batch of
+    # 24 examples is cut 4 ways, then 3 (data) or 1 per group (hybrid), and the directions per step stay the same.
+    # Exactly a run of 10 steps on 4 replicas resumed with the replicas left.
+    base = {**DATA_RANGE, "cluster.mode": mode, **({"cluster.groups": 2} if mode == "hybrid" else {})}
+    ref = tmp_path / "reference"
+    train(RunConfig.from_dict(smoke_dict(**{**base, "steps": 10})), ref, log=lambda m: None)
+    resumed = train(RunConfig.from_dict(smoke_dict(**{**base, "cluster.replicas": left, "cluster.min_replicas": 0})),
+                    ref, resume=True, log=lambda m: None)
+    result = train(RunConfig.from_dict(smoke_dict(**base)), tmp_path / "run", log=lambda m: None,
+                   pool=losing("probe", 11, lose))
+    assert result.final_digest == resumed.final_digest
+    assert replay_run(tmp_path / "run").digest == result.final_digest
+    ledger = pq.read_table(tmp_path / "run" / "ledger.parquet").to_pylist()
+    groups = 1 if mode == "data" else 2
+    per_step: dict[int, list[int]] = {}
+    for row in ledger:
+        per_step.setdefault(row["step"], []).append(row["shards"])
+    assert sorted(per_step) == list(range(1, 31))  # no step lost or repeated, the same directions every step
+    assert all(per_step[k] == [4 // groups] * groups for k in range(1, 11))
+    assert all(per_step[k] == [left // groups] * groups for k in range(11, 31))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps_at_size"] == {"4": 10, str(left): 20} and summary["replica_drops"] == len(lose)
+
+
+def test_uneven_groups_cut_their_own_batches_and_the_step_keeps_its_examples():
+    from ray_s2p.data.batching import train_positions
+    from ray_s2p.distributed.layout import Layout
+    lay = Layout(5, 2, 1)  # 5 replicas in 2 groups: 3 and 2 members
+    assert [lay.group(r) for r in range(5)] == [0, 0, 0, 1, 1] and [lay.shard(r) for r in range(5)] == [0, 1, 2, 0, 1]
+    assert [lay.shards_of(g) for g in range(2)] == [3, 2] and [lay.first(g) for g in range(2)] == [0, 3]
+    # Strong scaling: whatever the cut, the shards of a step together draw the same 24 examples.
+    for step in (1, 7):
+        cuts = [torch.cat([train_positions(100, 24 // n, seed=1, step=step, shard=s, num_shards=n) for s in range(n)])
+                for n in (1, 2, 3, 4)]
+        assert all(torch.equal(c, cuts[0]) for c in cuts)
 
 
 class ReturningPool(LosingPool):
@@ -248,14 +299,17 @@ class ChurnPool(LocalPool):
         return ready
 
 
-def test_a_churn_run_loses_and_regains_replicas_and_replays_to_its_digest(tmp_path, capsys):
+@pytest.mark.parametrize("mode", ["direction", "data", "hybrid"])
+def test_a_churn_run_loses_and_regains_replicas_and_replays_to_its_digest(tmp_path, capsys, mode):
     """300 steps on 4 replicas with at least 2, replicas lost and regained at seeded random moments: every step
-    once in the ledger, the digests agree at every check, and `replay --check` is exact."""
+    once in the ledger, the digests agree at every check, and `replay --check` is exact. In data and hybrid mode
+    (2 groups) the batch of 24 is re-cut among the replicas present and every step keeps its directions."""
     from ray_s2p.cli import main as cli
 
-    cfg = RunConfig.from_dict(smoke_dict(**{**ELASTIC, "steps": 300, "cluster.replicas": 4, "cluster.min_replicas": 2,
-                                            "cluster.digest_every": 10, "checkpoint_every": 50, "eval_every": 100,
-                                            "log_every": 50}))
+    modes = {"direction": {}, "data": DATA_RANGE, "hybrid": {**DATA_RANGE, "cluster.mode": "hybrid", "cluster.groups": 2}}
+    cfg = RunConfig.from_dict(smoke_dict(**{**ELASTIC, **modes[mode], "steps": 300, "cluster.replicas": 4,
+                                            "cluster.min_replicas": 2, "cluster.digest_every": 10,
+                                            "checkpoint_every": 50, "eval_every": 100, "log_every": 50}))
     pools: list[ChurnPool] = []
 
     def factory(config: RunConfig) -> ChurnPool:
@@ -269,12 +323,16 @@ def test_a_churn_run_loses_and_regains_replicas_and_replays_to_its_digest(tmp_pa
     sizes = summary["steps_at_size"]
     assert sum(sizes.values()) == 300 and set(sizes) >= {"4", "3"} and set(sizes) <= {"4", "3", "2"}
     rows = pq.read_table(tmp_path / "run" / "ledger.parquet").to_pylist()
-    per_step: dict[int, int] = {}
+    present: dict[int, int] = {}  # replicas per step, from the ledger: a row per replica, or its group's shards
+    directions: dict[int, int] = {}
     for row in rows:
-        per_step[row["step"]] = per_step.get(row["step"], 0) + 1
-    assert sorted(per_step) == list(range(1, 301)) and set(per_step.values()) <= {2, 3, 4}
+        present[row["step"]] = present.get(row["step"], 0) + (row["shards"] or 1)
+        directions[row["step"]] = directions.get(row["step"], 0) + 1
+    assert sorted(present) == list(range(1, 301)) and set(present.values()) <= {2, 3, 4}
+    if mode != "direction":  # the directions per step never change, the shards do
+        assert set(directions.values()) == {cfg.directions_per_step} and len(set(present.values())) > 1
     metrics = [r for r in pq.read_table(tmp_path / "run" / "metrics.parquet").to_pylist() if r["kind"] == "train"]
-    assert [r["replicas"] for r in metrics] == [per_step[k] for k in range(1, 301)]
+    assert [r["replicas"] for r in metrics] == [present[k] for k in range(1, 301)]
     capsys.readouterr()
     assert cli(["replay", str(tmp_path / "run"), "--check"]) == 0
     assert replay_run(tmp_path / "run").digest == result.final_digest
