@@ -131,7 +131,7 @@ class Driver:
             progress = ProgressBar(self.config.steps, state.start_step, self.config.progress)
             for step in range(state.start_step + 1, self.config.steps + 1):
                 if self.config.cluster.elastic:  # replicas started since the last step join now, caught up
-                    self.joins += admit_waiting(pool, self.healer, state)
+                    self.joins += admit_waiting(pool, self.healer, state, self.rd.path)
                 outcome = (self._first_order_step(pool, state, step) if self.first_order
                            else self._zo_step(pool, state, step))
                 self._record(state, step, outcome, pool.size)

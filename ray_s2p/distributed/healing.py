@@ -148,7 +148,7 @@ class Healer:
             pool.drop(r)
         self.drops += len(failed)
         self.log(f"step {state.decided}: replicas {slots} could not be replaced within cluster.replace_timeout_s="
-                 f"{cluster.replace_timeout_s:g}s; dropped, the run goes on with {pool.size} replicas "
+                 f"{cluster.replace_timeout_s:g}s ({reason}); dropped, the run goes on with {pool.size} replicas "
                  f"(cluster.min_replicas={cluster.min_replicas})")
         raise ReplicasDropped(slots)
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from ..config import RunConfig
 from ..errors import RayS2PError
+from ..storage_fs import Location
 from ..zo.environment import describe, differences
 from ..zo.ledger import LedgerRow
 from .console import ray_start_failure
@@ -29,6 +30,7 @@ from .pool import PoolFactory, ReplicaPool
 from .ray_pool import RayPool
 from .replica import ClusterError, LocalPool, ReplicaFailure, quiet_libraries
 from .run_state import RunState
+from .storage import StorageError, check_storage
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -83,12 +85,15 @@ def start_pool(config: RunConfig, factory: PoolFactory | None, verbose: bool, lo
     return RayPool(config, log=log, quiet=not verbose)
 
 
-def admit_waiting(pool: ReplicaPool, healer: Healer, state: RunState) -> int:
+def admit_waiting(pool: ReplicaPool, healer: Healer, state: RunState, run_dir: str | Location) -> int:
     """Admit the replicas that have started since the last step (a replica range, ``pool.waiting``).
 
-    Each must run in the run's environment (else its updates could never stay bitwise identical) and catch up
-    from the newest checkpoint plus the ledger since it (``Healer.restore``: one checkpoint load and a replay,
-    no forward passes) before it takes part in the next step; one that cannot is sent away with one line.
+    Each must run in the run's environment (else its updates could never stay bitwise identical), reach the run
+    directory (``storage.check_storage``: it reads checkpoints and writes there), and catch up from the newest
+    checkpoint plus the ledger since it (``Healer.restore``: one checkpoint load and a replay, no forward passes)
+    before it takes part in the next step. One in another environment or without the run directory is sent away
+    for good with one line (asking again would place it on the same kind of node); one that died or failed while
+    catching up is asked for again.
 
     Returns:
         How many joined.
@@ -104,6 +109,13 @@ def admit_waiting(pool: ReplicaPool, healer: Healer, state: RunState) -> int:
                 pool.drop(position, rejoin=False)
                 healer.log(f"step {state.decided}: replica {slot} started on {describe(env)}, not in the run's "
                            f"environment ({'; '.join(diff)}); it is not admitted")
+                continue
+            try:
+                check_storage(pool, run_dir, timeout=healer.config.cluster.startup_timeout_s, replicas=[position])
+            except StorageError as exc:
+                pool.drop(position, rejoin=False)
+                healer.log(f"step {state.decided}: replica {slot} started where the run directory cannot be reached "
+                           f"and is not admitted or asked for again ({exc})")
                 continue
             healer.restore(pool, [position], state.ckpt, state.ledger, state.decided)
         except (ReplicaFailure, RayS2PError) as exc:  # died while catching up, or cannot read the checkpoint

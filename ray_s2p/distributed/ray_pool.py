@@ -20,6 +20,8 @@ from .messages import Traffic
 from .pool import ReplicaMethod, check_method
 from .replica import ClusterError, ReplicaError, ReplicaFailure, ReplicaHost, replica_bundle
 
+PLACEMENT_GRACE_S = 3.0  # a replica range: how long a lost bundle may take to be placed on another node
+
 
 class RayPool:
     """One Ray actor per replica, each in its own placement-group bundle."""
@@ -171,11 +173,29 @@ class RayPool:
         except Exception:  # already gone
             pass
         slot = self.slots[replica]
+        if self.elastic and not _autoscaling() and not self._placed(slot):
+            # Without an autoscaler nothing can make room: waiting out cluster.replace_timeout_s would only stall
+            # the run. Dropped now; its drop asks for it again, and it joins when room appears (membership.py).
+            raise ReplicaFailure([replica], [None], f"replica {slot}'s bundle lost its node and no other node has "
+                                                    f"room for it")
         self.actors[replica] = self._spawn(slot)
         self.call("info", [()], replicas=[replica],
                   timeout=timeout if timeout is not None else self.config.cluster.startup_timeout_s)
         if self.log_dir is not None:
             ray.get(self.actors[replica].attach_log.remote(str(self.log_dir / f"replica-{slot}.log")), timeout=60)
+
+    def _placed(self, slot: int) -> bool:
+        """Whether the placement group of ``slot``'s bundle is placed, given PLACEMENT_GRACE_S to be placed again
+        after losing a node (Ray moves the group's bundles to a node with room, if there is one)."""
+        from ray.util import placement_group_table
+        group = self.slot_groups.get(slot, self.pg)
+        deadline = time.monotonic() + PLACEMENT_GRACE_S
+        while True:
+            if placement_group_table(group).get("state") == "CREATED":
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
 
     def drop(self, replica: int, rejoin: bool = True) -> None:
         """Kill position ``replica`` (a replacement still waiting for its bundle too) and remove it; in a replica

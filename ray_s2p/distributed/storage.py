@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import RayS2PError
 from ..storage_fs import Location, StoragePath, for_replica, location, remove_tree, write_text
@@ -64,13 +64,15 @@ def probe_storage(directory: str | Path | StoragePath, token: str, replica: int)
     return out
 
 
-def check_storage(pool: ReplicaPool, directory: str | Location, timeout: float | None = None) -> list[dict[str, Any]]:
+def check_storage(pool: ReplicaPool, directory: str | Location, timeout: float | None = None,
+                  replicas: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Driver side: every replica must see the driver's run directory, and the driver every replica's writes.
 
     Args:
         pool: the replica pool.
         directory: the run directory (a local path or a location of storage_fs.py).
         timeout: seconds the replicas may take.
+        replicas: the positions to check (None: every replica; a replica joining a range: its own).
 
     Returns:
         Each replica's probe answer (replica, host, error None).
@@ -84,7 +86,8 @@ def check_storage(pool: ReplicaPool, directory: str | Location, timeout: float |
     token = os.urandom(16).hex()  # not the run's RNG: only tells this check's directory apart from any other
     write_text(check / "driver.token", token)
     try:
-        answers = pool.call("check_storage", [(for_replica(root), token)] * pool.size, timeout=timeout)
+        idx = list(range(pool.size)) if replicas is None else list(replicas)
+        answers = pool.call("check_storage", [(for_replica(root), token)] * len(idx), replicas=idx, timeout=timeout)
         problems = [f"replica {a['replica']} on host {a['host']}: {a['error']}" for a in answers if a["error"]]
         for a in answers:
             if a["error"] is None:

@@ -160,20 +160,29 @@ class ReturningPool(LosingPool):
     """Loses replica 1 in the 5th probe call (no replacement starts); from the 15th probe call on, a replica
     for its slot has started (room came back) and waits to join; ``foreign`` makes that replica run elsewhere."""
 
-    def __init__(self, config: RunConfig, foreign: bool = False) -> None:
+    def __init__(self, config: RunConfig, foreign: bool = False, no_storage: bool = False) -> None:
         super().__init__(config, "probe", 5, (1,))
-        self.foreign = foreign
+        self.foreign, self.no_storage = foreign, no_storage
+        self.sent_away: list[int] = []  # slots dropped without being asked for again
 
     def waiting(self):
-        return [1] if self.calls >= 15 and 1 not in self.slots else []
+        return [1] if self.calls >= 15 and 1 not in self.slots and 1 not in self.sent_away else []
 
     def admit(self, slot):
         position = super().admit(slot)
+        engine = self.engines[position]
         if self.foreign:
-            engine = self.engines[position]
             env = {**engine.environment(), "torch": "0.0.0"}
             engine.environment = lambda: env
+        if self.no_storage:  # started on a node that does not mount the run directory
+            engine.check_storage = lambda run_dir, token: {"replica": slot, "host": "node-b",
+                                                           "error": f"cannot read {run_dir} (no such directory)"}
         return position
+
+    def drop(self, replica, rejoin=True):
+        if not rejoin:
+            self.sent_away.append(self.slots[replica])
+        super().drop(replica, rejoin)
 
 
 def test_a_replica_that_starts_later_joins_caught_up_and_the_run_uses_it(tmp_path):
@@ -202,8 +211,24 @@ def test_a_replica_in_another_environment_is_not_admitted(tmp_path):
     result = train(cfg, tmp_path / "run", log=lines.append, pool=lambda c: ReturningPool(c, foreign=True))
     assert result.summary["replica_joins"] == 0 and result.summary["replicas"] == 1
     refused = [line for line in lines if "is not admitted" in line]
-    assert refused and "torch: " in refused[0] and "-> 0.0.0" in refused[0]
+    assert len(refused) == 1 and "torch: " in refused[0] and "-> 0.0.0" in refused[0]  # sent away for good
     assert replay_run(tmp_path / "run").digest == result.final_digest
+
+
+def test_a_replica_that_cannot_reach_the_run_directory_is_not_admitted(tmp_path):
+    lines: list[str] = []
+    cfg = RunConfig.from_dict(smoke_dict(**{**ELASTIC, "steps": 20}))
+    pools: list[ReturningPool] = []
+
+    def factory(config: RunConfig) -> ReturningPool:
+        pools.append(ReturningPool(config, no_storage=True))
+        return pools[-1]
+    result = train(cfg, tmp_path / "run", log=lines.append, pool=factory)
+    assert result.summary["replica_joins"] == 0 and result.summary["replicas"] == 1
+    assert pools[0].sent_away == [1]  # not asked for again: it would land on such a node again
+    refused = [line for line in lines if "run directory cannot be reached" in line]
+    assert len(refused) == 1 and "replica 1 on host node-b: cannot read" in refused[0] and "shared filesystem" in refused[0]
+    assert not (tmp_path / "run" / ".storage-check").exists() and replay_run(tmp_path / "run").digest == result.final_digest
 
 
 @pytest.mark.slow
@@ -211,7 +236,7 @@ def test_on_a_ray_cluster_a_lost_node_drops_its_replica_and_a_new_node_brings_it
     """A ray.cluster_utils.Cluster with no spare capacity: a head without CPUs and two 1-CPU worker nodes, one
     replica each. The run starts once the minimum (replica 0) is up; replica 1 joins when it has started (held
     here until after step 1). The node of replica 1 is removed after step 10: its replacement finds no room, it
-    is dropped after cluster.replace_timeout_s and the run goes on with replica 0. After step 20 a node is added:
+    is dropped at once (no autoscaler can make room) and the run goes on with replica 0. After step 20 a node is added:
     the requested replica starts there, joins caught up and the run ends on two replicas, every step once in
     the ledger and its replay exact."""
     import ray
@@ -225,8 +250,10 @@ def test_on_a_ray_cluster_a_lost_node_drops_its_replica_and_a_new_node_brings_it
     lines: list[str] = []
     try:
         ray.init(address=cluster.address, log_to_driver=False)
-        cfg = RunConfig.from_dict(smoke_dict(**{**ELASTIC, "cluster.use_ray": True, "cluster.replace_timeout_s": 10,
+        # A long replace timeout: without an autoscaler a bundle with no room is dropped without waiting it out.
+        cfg = RunConfig.from_dict(smoke_dict(**{**ELASTIC, "cluster.use_ray": True, "cluster.replace_timeout_s": 120,
                                                 "cluster.step_timeout_s": 20, "log_every": 1}))
+        removed_at: list[float] = []
 
         def wait_for_replica_1() -> None:
             deadline = time.monotonic() + 120
@@ -240,6 +267,9 @@ def test_on_a_ray_cluster_a_lost_node_drops_its_replica_and_a_new_node_brings_it
                 position = driver.pool.slots.index(1)
                 victim = next(n for n in nodes if n.node_id == driver.pool.node_ids()[position])
                 cluster.remove_node(victim)
+                removed_at.append(time.monotonic())
+            if metrics["step"] == 11:
+                removed_at.append(time.monotonic())
             if metrics["step"] == 20:
                 cluster.add_node(num_cpus=1, object_store_memory=80 * 1024 * 1024)
                 wait_for_replica_1()  # the replica requested after the drop starts on the new node
@@ -251,6 +281,8 @@ def test_on_a_ray_cluster_a_lost_node_drops_its_replica_and_a_new_node_brings_it
         cluster.shutdown()
     summary = result.summary
     assert summary["replica_drops"] == 1 and summary["replica_joins"] == 2 and summary["replicas"] == 2, lines
+    assert removed_at[1] - removed_at[0] < 60, lines  # step 11 came long before the 120 s replace timeout
+    assert any("no other node has room for it" in line for line in lines), lines
     # Replica 1 joins before step 1 when it is up in time, else after step 1 (the run does not wait for it);
     # then 2-10 on both, 11-20 on replica 0 alone, 21-30 on both again.
     joins = [line.split(": ", 1)[0] for line in lines if "replica 1 joined" in line]
