@@ -52,7 +52,7 @@ class RayPool:
             self.pg = current
             ready = [True]
         else:
-            self._check_resources(bundle, first)
+            self._check_resources(bundle, first, "min_replicas" if self.elastic else "replicas")
             self.pg = placement_group([dict(bundle) for _ in range(first)], strategy=c.placement_strategy)
             ready, _ = ray.wait([self.pg.ready()], timeout=c.startup_timeout_s)
         if not ready:
@@ -97,15 +97,16 @@ class RayPool:
             ray.get(actor.attach_log.remote(str(self.log_dir / f"replica-{slot}.log")), timeout=60)
         return self.size - 1
 
-    def _check_resources(self, bundle: dict[str, float], replicas: int) -> None:
+    def _check_resources(self, bundle: dict[str, float], replicas: int, count: str = "replicas") -> None:
+        """Refuse at once (no autoscaler) what the cluster can never place: ``replicas`` bundles, ``count`` the key."""
         import ray
         total = ray.cluster_resources()
         for key, need in bundle.items():
             have = total.get(key, 0.0)
             if need * replicas > have and not _autoscaling():
                 raise ClusterError(
-                    f"cluster.replicas={replicas} x {key}={need} per replica needs {need * replicas:g} {key}, "
-                    f"but the cluster has {have:g}. Fix: lower cluster.replicas or cluster."
+                    f"cluster.{count}={replicas} x {key}={need} per replica needs {need * replicas:g} {key}, "
+                    f"but the cluster has {have:g}. Fix: lower cluster.{count} or cluster."
                     f"{ {'GPU': 'gpus', 'CPU': 'cpus'}.get(key, 'memory') }_per_replica"
                     f"{'_gb' if key == 'memory' else ''}, or add nodes")
 

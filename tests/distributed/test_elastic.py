@@ -164,9 +164,15 @@ class ReturningPool(LosingPool):
         super().__init__(config, "probe", 5, (1,))
         self.foreign, self.no_storage = foreign, no_storage
         self.sent_away: list[int] = []  # slots dropped without being asked for again
+        self.made: list[tuple[str, list[int]]] = []  # (method, slots called) of every call
 
     def waiting(self):
         return [1] if self.calls >= 15 and 1 not in self.slots and 1 not in self.sent_away else []
+
+    def call(self, method, args, replicas=None, timeout=None):
+        idx = list(range(self.size)) if replicas is None else list(replicas)
+        self.made.append((method, [self.slots[r] for r in idx]))
+        return super().call(method, args, replicas, timeout)
 
     def admit(self, slot):
         position = super().admit(slot)
@@ -188,8 +194,20 @@ class ReturningPool(LosingPool):
 def test_a_replica_that_starts_later_joins_caught_up_and_the_run_uses_it(tmp_path):
     lines: list[str] = []
     cfg = RunConfig.from_dict(smoke_dict(**ELASTIC))
-    result = train(cfg, tmp_path / "run", log=lines.append, pool=lambda c: ReturningPool(c))
+    pools: list[ReturningPool] = []
+
+    def factory(config: RunConfig) -> ReturningPool:
+        pools.append(ReturningPool(config))
+        return pools[-1]
+    result = train(cfg, tmp_path / "run", log=lines.append, pool=factory)
     summary = result.summary
+    # What joining cost the run: between its admission and its first probe the joiner was asked only who it is,
+    # whether it reaches the run directory, one checkpoint load and one replay of the ledger since it.
+    made = pools[0].made
+    first = next(i for i, (m, slots) in enumerate(made) if m == "info" and slots == [1] and i > 0)
+    probe = next(i for i in range(first, len(made)) if made[i][0] == "probe" and 1 in made[i][1])
+    assert [m for m, slots in made[first:probe] if 1 in slots] == ["info", "check_storage", "load_checkpoint",
+                                                                  "replay"]
     assert summary["replica_drops"] == 1 and summary["replica_joins"] == 1
     # The joined replica caught up from the step-10 checkpoint and 4 ledger steps: its digest equals the other's
     # after every step (digest_every 1), so nothing was resynced.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -114,6 +115,14 @@ def test_more_cpus_than_the_cluster_has_fails_fast(tmp_path, ray_session):
     cfg = fault_config(tmp_path, "none", **{"cluster.cpus_per_replica": 8})
     with pytest.raises(RuntimeError, match="cluster.replicas=2 x CPU=8"):
         train(cfg, tmp_path / "run", log=lambda m: None)
+    # A replica range needs only its minimum placed to start: that is what is checked, and named.
+    cfg = fault_config(tmp_path, "none", **{"cluster.cpus_per_replica": 1.5, "cluster.replicas": 3,
+                                            "cluster.min_replicas": 2})
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"cluster.min_replicas=2 x CPU=1.5 per replica needs 3 CPU, but the "
+                                           r"cluster has 2. Fix: lower cluster.min_replicas"):
+        train(cfg, tmp_path / "run2", log=lambda m: None)
+    assert time.monotonic() - started < cfg.cluster.startup_timeout_s / 2  # refused, not waited out
 
 
 @pytest.mark.slow
