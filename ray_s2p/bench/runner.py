@@ -29,6 +29,9 @@ are wall-clock medians unless named otherwise; bytes are bytes):
   S(Q) against the directions per step Q per task preset, resumable from its progress file;
   its line holds, per task, S per Q (default and tuned), the fit S_inf and Q_c, E(Q) and the
   targets. Its own options (``SPEEDUP_FLAGS``) are refused for the other benchmarks.
+- ``churn`` (churn.py; only when named: it starts a Ray cluster of its own): steps per minute of
+  a replica range whose nodes are removed and added at seeded moments, against the same steps
+  without churn.
 
 The base config (when no ``--config`` is given) is the default MiniLM
 text_classification job with every parameter trainable, no feature reuse, batch
@@ -49,6 +52,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ..config import RunConfig, load_config
 from ..config_parse import parse_override
 from ..errors import RayS2PError
+from .churn import bench_churn
 from .cluster import bench_recovery, bench_replay, bench_scaling, bench_traffic
 from .common import BENCH_BASE, BenchContext, emit, log, machine_info
 from .driver import CASES as DRIVER_CASES
@@ -66,7 +70,7 @@ BENCHES: dict[str, Callable[[BenchContext], dict[str, Any]]] = {
     "precision": bench_precision,
 }
 # Run only when named: a speedup measurement trains for hours, a plain `ray-s2p bench` must not start it.
-BY_NAME_ONLY = ("speedup",)
+BY_NAME_ONLY = ("speedup", "churn")  # churn starts a Ray cluster of its own and trains for minutes
 # The speedup benchmark's options (SpeedupOptions field -> CLI flag).
 SPEEDUP_FLAGS = {"tasks": "--tasks", "q": "--q", "phase": "--phase", "progress": "--progress", "output": "--output",
                  "report": "--report", "resume": "--resume", "report_only": "--report-only", "pilot": "--pilot",
@@ -135,7 +139,8 @@ def bench_config(config_file: str | None, sets: Sequence[str]) -> tuple[RunConfi
 
 def run_one(name: str, ctx: BenchContext, speedup: SpeedupOptions | None = None) -> dict[str, Any]:
     """Run one sub-benchmark and return its record (without printing it); ``speedup``: that benchmark's options."""
-    table = {**BENCHES, "speedup": lambda c: bench_speedup(speedup or SpeedupOptions(), c.user_sets, log)}
+    table = {**BENCHES, "speedup": lambda c: bench_speedup(speedup or SpeedupOptions(), c.user_sets, log),
+             "churn": bench_churn}
     if name not in table:
         raise RayS2PError(f"unknown benchmark {name!r}; use {', '.join(table)}")
     body = table[name](ctx)

@@ -121,8 +121,8 @@ class Healer:
             if self.failures > limit:
                 raise TrainingError(f"{self.failures} replica failures exceed cluster.max_replica_failures="
                                     f"{limit}: {reason}")
-            self.log(f"step {state.decided}: {reason}; replacing replicas {failed} and catching them up to step "
-                     f"{state.decided} from checkpoint + ledger")
+            self.log(f"step {state.decided}: {reason}; replacing replicas {[pool.slots[r] for r in failed]} and "
+                     f"catching them up to step {state.decided} from checkpoint + ledger")
             try:
                 self.replace_and_catch_up(pool, failed, state,
                                           cluster.replace_timeout_s if cluster.elastic else None)

@@ -48,7 +48,10 @@ class Layout:
         return group * self.shards + min(group, self.replicas % self.groups)
 
     def group(self, replica: int) -> int:
-        return max(g for g in range(self.groups) if self.first(g) <= replica)
+        big = self.replicas % self.groups  # the first ``big`` groups have shards + 1 members
+        if replica < big * (self.shards + 1):
+            return replica // (self.shards + 1)
+        return big + (replica - big * (self.shards + 1)) // self.shards
 
     def shard(self, replica: int) -> int:
         return replica - self.first(self.group(replica))

@@ -43,33 +43,45 @@ class RayPool:
         current = get_current_placement_group()
         self.owns_pg = not (current is not None and len(current.bundle_specs) >= c.replicas + 1)
         self.bundle_offset = 0 if self.owns_pg else 1
-        # A replica range starts with the minimum in one group (placed together or not at all); every other
-        # replica gets a one-bundle group of its own, so it starts whenever room for it appears (inside a Tune
-        # trial every bundle is reserved already: no range there).
+        # A replica range gives every replica a one-bundle group of its own and starts once the minimum is placed;
+        # the others start whenever room for them appears. (One group for several replicas would lose a bundle
+        # with a node and stay in rescheduling, which Ray keeps retrying, slowing every step on a small machine.)
+        # Inside a Tune trial every bundle is reserved already: no range there.
         self.elastic = c.elastic and self.owns_pg
         first = c.min_replicas if self.elastic else c.replicas
+        self.slot_groups: dict[int, Any] = {}  # slot -> its own placement group (a replica range)
+        initial = list(range(first))
         if not self.owns_pg:
             self.pg = current
             ready = [True]
+        elif self.elastic:
+            self._check_resources(bundle, first, "min_replicas")
+            self.pg = None
+            self.slot_groups = {slot: placement_group([dict(bundle)], strategy=c.placement_strategy)
+                                for slot in range(c.replicas)}
+            refs = {group.ready(): slot for slot, group in self.slot_groups.items()}
+            ready, _ = ray.wait(list(refs), num_returns=first, timeout=c.startup_timeout_s)
+            initial = sorted(refs[r] for r in ready)
+            ready = ready if len(ready) >= first else []
         else:
-            self._check_resources(bundle, first, "min_replicas" if self.elastic else "replicas")
+            self._check_resources(bundle, first, "replicas")
             self.pg = placement_group([dict(bundle) for _ in range(first)], strategy=c.placement_strategy)
             ready, _ = ray.wait([self.pg.ready()], timeout=c.startup_timeout_s)
         if not ready:
-            ray.util.remove_placement_group(self.pg)
+            for group in [self.pg] * (self.pg is not None) + list(self.slot_groups.values()):
+                ray.util.remove_placement_group(group)
             raise ClusterError(
                 f"could not reserve {first} replica bundles of {bundle} within "
                 f"cluster.startup_timeout_s={c.startup_timeout_s}s; the cluster has {ray.cluster_resources()}. "
                 f"Fix: lower cluster.{'min_replicas' if self.elastic else 'replicas'} or "
                 f"cluster.cpus_per_replica/gpus_per_replica, or add nodes")
         self._remote = ray.remote(ReplicaHost)
-        self.slot_groups: dict[int, Any] = {}  # slot -> its own placement group (a range's replicas past the minimum)
         self.pending: dict[int, tuple[Any, Any]] = {}  # slot -> (actor not yet admitted, its info call)
-        self.slots = list(range(first))  # a position's replica number and bundle (positions shift on a drop)
-        self.actors: list[Any] = [self._spawn(r) for r in range(first)]
-        for slot in range(first, c.replicas if self.elastic else first):
-            self.slot_groups[slot] = placement_group([dict(bundle)], strategy=c.placement_strategy)
-            self._request(slot)
+        self.slots = initial  # a position's replica number and bundle (positions shift on a drop)
+        self.actors: list[Any] = [self._spawn(r) for r in initial]
+        for slot in self.slot_groups:
+            if slot not in initial:
+                self._request(slot)
         # Wait for every actor's __init__ (model build) once, with the startup timeout.
         self.call("info", [()] * first, timeout=c.startup_timeout_s)
 
@@ -148,19 +160,21 @@ class RayPool:
         for pos, ref in enumerate(refs):
             if ref in pending:
                 failed.append(idx[pos])
-                reasons.append(f"replica {idx[pos]} did not answer {method!r} in time")
+                reasons.append(f"replica {self.slots[idx[pos]]} did not answer {method!r} in time")
                 continue
             try:
                 results[pos] = ray.get(ref)
             except (RayActorError, GetTimeoutError) as exc:
                 if getattr(exc, "actor_init_failed", False):
                     # Building the task/model raised: bad config or data, not a fault to heal by restarting.
-                    raise _remote_error(exc)(f"replica {idx[pos]} could not start: {_root_cause(exc)}") from exc
+                    raise _remote_error(exc)(f"replica {self.slots[idx[pos]]} could not start: "
+                                             f"{_root_cause(exc)}") from exc
                 failed.append(idx[pos])
-                reasons.append(f"replica {idx[pos]} died ({type(exc).__name__})")
+                reasons.append(f"replica {self.slots[idx[pos]]} died ({type(exc).__name__})")
             except RayError as exc:
                 # An exception raised inside the replica's code is a bug or bad input, not a fault to heal.
-                raise _remote_error(exc)(f"replica {idx[pos]} raised in {method!r}: {_root_cause(exc)}") from exc
+                raise _remote_error(exc)(f"replica {self.slots[idx[pos]]} raised in {method!r}: "
+                                         f"{_root_cause(exc)}") from exc
         self.traffic.record(method, list(args), [r for r in results if r is not None])
         if failed:
             raise ReplicaFailure(failed, results, "; ".join(reasons))
@@ -187,14 +201,18 @@ class RayPool:
 
     def _placed(self, slot: int) -> bool:
         """Whether the placement group of ``slot``'s bundle is placed, given PLACEMENT_GRACE_S to be placed again
-        after losing a node (Ray moves the group's bundles to a node with room, if there is one)."""
+        after losing a node (Ray moves the group's bundles to a node with room, if there is one). False at once
+        when the cluster has not even one bundle's resources free: then no node can take it."""
+        import ray
         from ray.util import placement_group_table
         group = self.slot_groups.get(slot, self.pg)
+        bundle = replica_bundle(self.config)
         deadline = time.monotonic() + PLACEMENT_GRACE_S
         while True:
             if placement_group_table(group).get("state") == "CREATED":
                 return True
-            if time.monotonic() >= deadline:
+            free = ray.available_resources()
+            if time.monotonic() >= deadline or any(free.get(k, 0.0) < v for k, v in bundle.items()):
                 return False
             time.sleep(0.2)
 
@@ -240,7 +258,7 @@ class RayPool:
             except Exception:
                 pass
         # Every group goes, the requested ones too: an autoscaler would otherwise keep adding nodes for them.
-        for group in [self.pg] * self.owns_pg + list(self.slot_groups.values()):
+        for group in [self.pg] * (self.owns_pg and self.pg is not None) + list(self.slot_groups.values()):
             try:
                 ray.util.remove_placement_group(group)
             except Exception:

@@ -217,3 +217,33 @@ def test_random_llama_task_trains_on_replicas_and_its_final_model_loads(tmp_path
     assert final.dtype == torch.bfloat16 and final.config.num_hidden_layers == LLAMA_TINY["num_hidden_layers"]
     from ray_s2p.distributed.digest import model_digest
     assert model_digest(final) == result.final_digest  # what replica 0 wrote is the trained model
+
+
+def test_churn_schedule_is_seeded_and_every_removal_comes_back():
+    from ray_s2p.bench.churn import churn_schedule, interpolated
+    a = churn_schedule(300, seed=3, removals=3)
+    assert a == churn_schedule(300, seed=3, removals=3) != churn_schedule(300, seed=4, removals=3)
+    removes = [k for k, kind in a if kind == "remove"]
+    adds = [k for k, kind in a if kind == "add"]
+    assert len(removes) == len(adds) == 3 and all(5 <= k < 290 for k in removes + adds)
+    assert all(10 <= add - rem <= 40 for rem, add in zip(removes, adds))
+    assert interpolated({2: 1.0, 4: 3.0}, 3.5) == 2.5 and interpolated({2: 1.0, 4: 3.0}, 1) == 1.0
+
+
+@pytest.mark.slow
+def test_churn_on_its_own_ray_cluster(tmp_path):
+    """A node removed and one added during a 120-step synthetic run on a ray.cluster_utils.Cluster: the line has
+    the events as they happened, a drop and a join, an exact replay, and the ratio against the runs without churn
+    at the sizes used (not checked against the 0.8 target: the machine may be busy)."""
+    results = tmp_path / "r.jsonl"
+    assert run_benches(["churn"], results=results, sets=SYNTHETIC, steps=120) == 0
+    r = read_lines(results)["churn"]
+    check_common(r)
+    assert r["steps"] == 120 and [kind for _, kind in r["events"]] == ["remove", "add"]
+    churn = r["churn"]
+    assert churn["replica_drops"] == 1 and churn["replica_joins"] >= 1 and churn["replay_exact"] is True
+    sizes = {int(n): k for n, k in churn["steps_at_size"].items()}
+    assert set(sizes) == {2, 3} and sum(sizes.values()) == 120
+    assert set(r["fixed"]) == {"2", "3"}
+    positive(churn["seconds"], churn["steps_per_minute"], r["expected_seconds"], r["ratio"], r["ratio_at_average"])
+    assert 2 < r["average_replicas"] < 3 and r["targets"]["ratio_min"] == 0.8
