@@ -226,6 +226,15 @@ class RayPool:
             pass
         slot = self.slots[replica]
         del self.actors[replica], self.slots[replica]
+        if self.elastic and slot in self.slot_groups:
+            # A fresh group in place of the old one: a group whose bundle lost its node stays in rescheduling, which
+            # Ray's control plane retries without pause (a core busy on the head, measured on a small cluster).
+            from ray.util.placement_group import placement_group
+            ray.util.remove_placement_group(self.slot_groups.pop(slot))
+            if rejoin:
+                c = self.config.cluster
+                self.slot_groups[slot] = placement_group([dict(replica_bundle(self.config))],
+                                                         strategy=c.placement_strategy)
         if self.elastic and rejoin:
             self._request(slot)
 
