@@ -7,7 +7,7 @@ takes its replica with it and nothing else has room for a replacement: the spot-
 1. The churn run: a replica range (``cluster.replicas`` at most, ``cluster.min_replicas`` at least; defaults
    3 and 2) for ``--steps`` steps (default 300). At seeded moments (``--set seed``) the node of a random
    replica is removed, and a number of steps later a node is added; the driver drops the lost replica and
-   asks for it again, and the replica started on the new node joins caught up (membership.py).
+   asks for it again, and the replica started on the new node joins caught up (distributed/membership.py).
 2. Runs without churn, one per replica count the churn run used, on the same cluster (nodes enough for each)
    and the same config and step count (so the same checkpoints and the same growth of the ledger and metrics
    files, which are rewritten at every logged step).
