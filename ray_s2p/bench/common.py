@@ -102,8 +102,8 @@ def config_essentials(config: RunConfig) -> dict[str, Any]:
     t, o, p = config.task, config.optimizer, config.perturbation
     return {"task": t.name, "model": t.model, "dataset": t.dataset, "trainable": t.trainable,
             "feature_reuse": t.feature_reuse, "batch_size": t.batch_size, "max_length": t.max_length,
-            "precision": t.autocast, "weights": config.precision.weights, "optimizer": o.name, "rho": o.rho, "directions": o.directions,
-            "distribution": p.distribution, "mechanism": p.mechanism, "table_size": p.table_size, "seed": config.seed}
+            "precision": t.autocast, "weights": config.precision.weights, "optimizer": o.name, "rho": o.rho,
+            "directions": o.directions, "distribution": p.distribution, "mechanism": p.mechanism, "table_size": p.table_size, "seed": config.seed}
 
 
 def _clean(value: Any) -> Any:

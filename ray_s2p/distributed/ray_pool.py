@@ -57,8 +57,7 @@ class RayPool:
         elif self.elastic:
             self._check_resources(bundle, first, "min_replicas")
             self.pg = None
-            self.slot_groups = {slot: placement_group([dict(bundle)], strategy=c.placement_strategy)
-                                for slot in range(c.replicas)}
+            self.slot_groups = {slot: self._slot_group() for slot in range(c.replicas)}
             refs = {group.ready(): slot for slot, group in self.slot_groups.items()}
             ready, _ = ray.wait(list(refs), num_returns=first, timeout=c.startup_timeout_s)
             initial = sorted(refs[r] for r in ready)
@@ -199,6 +198,11 @@ class RayPool:
         if self.log_dir is not None:
             ray.get(self.actors[replica].attach_log.remote(str(self.log_dir / f"replica-{slot}.log")), timeout=60)
 
+    def _slot_group(self) -> Any:
+        """A one-bundle placement group for one replica of a range (requested now, placed when room appears)."""
+        from ray.util.placement_group import placement_group
+        return placement_group([dict(replica_bundle(self.config))], strategy=self.config.cluster.placement_strategy)
+
     def _placed(self, slot: int) -> bool:
         """Whether the placement group of ``slot``'s bundle is placed, given PLACEMENT_GRACE_S to be placed again
         after losing a node (Ray moves the group's bundles to a node with room, if there is one). False at once
@@ -229,12 +233,9 @@ class RayPool:
         if self.elastic and slot in self.slot_groups:
             # A fresh group in place of the old one: a group whose bundle lost its node stays in rescheduling, which
             # Ray's control plane retries without pause (a core busy on the head, measured on a small cluster).
-            from ray.util.placement_group import placement_group
             ray.util.remove_placement_group(self.slot_groups.pop(slot))
             if rejoin:
-                c = self.config.cluster
-                self.slot_groups[slot] = placement_group([dict(replica_bundle(self.config))],
-                                                         strategy=c.placement_strategy)
+                self.slot_groups[slot] = self._slot_group()
         if self.elastic and rejoin:
             self._request(slot)
 

@@ -87,6 +87,12 @@ def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], para
         # (sum_i c_i U_i) V^T, and the small parameters take one addition each.
         u_sum, w_sum = streams.combined(active, step)
 
+    def matrix_factors(i: int, device: torch.device) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
+        # (coefficient, U, V) of low-rank matrix i for the step: one summed U with a shared (lazy) V, else a pair each.
+        if u_sum is not None:  # V shared by every pair: take the first's
+            return [(1.0, streams.slice_u(u_sum, i, device), space.factors(active[0][0], i, step)[1])]
+        return [(c, *space.factors(s, i, step)) for s, c in active]
+
     def finish(target: torch.Tensor, g: torch.Tensor | None) -> None:
         if g is not None:  # the sign update: -a sign(g), one addition after the decay
             target.add_(torch.sign(g).to(target.dtype), alpha=-float(sign_step))  # type: ignore[arg-type]
@@ -108,9 +114,7 @@ def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], para
                 # The low-rank product (or the small parameter's factor-stream noise) in float32, then one pass.
                 delta = None
                 if active and space.is_lowrank(i):
-                    delta = lowrank_sum([(1.0, streams.slice_u(u_sum, i, p.device),
-                                          space.factors(active[0][0], i, step)[1])] if u_sum is not None
-                                        else [(c, *space.factors(s, i, step)) for s, c in active])
+                    delta = lowrank_sum(matrix_factors(i, p.device))
                 elif active and w_sum is not None:
                     delta = streams.slice_w(w_sum, i, p.device)
                 for _, run in update_jobs(p.detach(), [], scale_i, sign, rounding_key, delta):
@@ -121,8 +125,7 @@ def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], para
             def lowrank_rows(i: int = i, p: torch.Tensor = p, scale_i: float = scale_i) -> None:
                 # The same float32 arithmetic as ``whole`` below, a block of rows at a time (row r of U V^T needs
                 # row r of U only), rounded as it is made: the same bits, in cache.
-                factors = ([(1.0, streams.slice_u(u_sum, i, p.device), space.factors(active[0][0], i, step)[1])]
-                           if u_sum is not None else [(c, *space.factors(s, i, step)) for s, c in active])
+                factors = matrix_factors(i, p.device)
                 weight = p.detach()
 
                 def rows(first: int, end: int) -> torch.Tensor:
@@ -141,11 +144,8 @@ def apply_update(space: DirectionSpace, pairs: Sequence[tuple[int, float]], para
                     target.mul_(scale_i)
                 g = torch.zeros(p.shape, dtype=torch.float32, device=p.device) if signed else None
                 sink = g if g is not None else target  # the sign update sums the directions apart first
-                if space.is_lowrank(i) and u_sum is not None:  # V shared by every pair: take the first's
-                    add_lowrank(sink, [(1.0, streams.slice_u(u_sum, i, p.device),
-                                        space.factors(active[0][0], i, step)[1])])
-                elif space.is_lowrank(i):
-                    add_lowrank(sink, [(c, *space.factors(s, i, step)) for s, c in active])
+                if space.is_lowrank(i):
+                    add_lowrank(sink, matrix_factors(i, p.device))
                 elif w_sum is not None and space._in_stream(i):
                     sink.add_(streams.slice_w(w_sum, i, p.device).view(p.shape).to(sink.dtype))
                 else:
