@@ -151,7 +151,14 @@ class WandbSink:
         """W&B writes as it goes."""
 
     def close(self, status: str) -> None:
+        import wandb
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)
+        # finish() only tells W&B's service process that the run ended; the service writes the rest of the
+        # run file afterwards, so a caller (wandb sync, a Tune trial, a test) could read a truncated file.
+        # Tearing the service down waits for it, and is only done when no other W&B run of this process is
+        # open; the next wandb.init starts a fresh service.
+        if wandb.run is None:
+            wandb.teardown()
 
 
 def open_sinks(config: RunConfig, path: Location, log: Callable[[str], None]) -> list[MetricsSink]:
