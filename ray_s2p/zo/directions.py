@@ -244,6 +244,53 @@ class DirectionSpace:
         self.run_jobs(jobs)
         return [o.view(self.params[i].shape).to(self.params[i].dtype) for i, o in zip(indices, outs)]
 
+    def has_row_noise(self, index: int) -> bool:
+        """True when rows of parameter ``index``'s perturbed copy can be made alone (``perturbed_rows``): a
+        contiguous table (2-D or more) with chunked generator noise. Counter-based and whole-tensor noise
+        (low-rank, table) make their copies whole."""
+        return self._chunked(index) and not self._counter(index) and self.params[index].ndim >= 2
+
+    def perturbed_rows(self, seed: int, index: int, rows: torch.Tensor, radius: float) -> torch.Tensor:
+        """Rows ``rows`` of x_index + radius * z_index, bit for bit those of ``perturbed``, without the rest.
+
+        What an embedding's probe needs: the rows its batch looks up (a few hundred of a 30 k-row vocabulary)
+        instead of a copy of the whole table. Only the noise chunks that hold a wanted element are drawn, each
+        into a one-chunk scratch, and every element gets the same float32 arithmetic and rounding as in
+        ``perturbed_many``.
+
+        Args:
+            rows: sorted, distinct row numbers (int64, on the parameter's device).
+
+        Raises:
+            ValueError: the parameter's noise is not made chunk by chunk (see ``has_row_noise``).
+        """
+        if not self.has_row_noise(index):
+            raise ValueError(f"parameter {self.names[index]!r} has no row-wise noise; use perturbed()")
+        p = self.params[index]
+        width = p.numel() // p.shape[0]
+        factor = radius * self._sphere(seed) if self.distribution == "sphere" else radius
+        flat = (rows.to(torch.int64).unsqueeze(1) * width + torch.arange(width, device=p.device)).reshape(-1)
+        bounds = chunk_bounds(p.numel(), p.device)
+        # flat is ascending, so the wanted elements of chunk k are one slice of it: flat[edges[k]:edges[k + 1]].
+        starts = torch.tensor([lo for lo, _ in bounds] + [p.numel()], device=p.device)
+        edges = torch.searchsorted(flat, starts).tolist()
+        z = torch.empty(flat.numel(), dtype=torch.float32, device=p.device)
+        key = mix_seed(seed, index)
+        jobs: list[Job] = []
+        for k, (lo, hi) in enumerate(bounds):
+            a, b = edges[k], edges[k + 1]
+            if a == b:
+                continue
+
+            def gather(k: int = k, lo: int = lo, hi: int = hi, a: int = a, b: int = b) -> None:
+                chunk = fill_chunk(torch.empty(hi - lo, dtype=torch.float32, device=p.device), key, k,
+                                   self._stream())
+                torch.index_select(chunk, 0, flat[a:b] - lo, out=z[a:b])
+            jobs.append((hi - lo, gather))
+        self.run_jobs(jobs)
+        values = z.mul_(factor).add_(p.detach().reshape(-1)[flat].to(torch.float32))
+        return values.view(rows.numel(), *p.shape[1:]).to(p.dtype)
+
     def perturbed(self, seed: int, index: int, radius: float, step: int | None = None) -> torch.Tensor:
         """A new tensor x_index + radius * z_index in the parameter's dtype (x itself is not touched)."""
         return self.perturbed_many(seed, [index], radius, step)[0]

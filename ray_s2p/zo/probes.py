@@ -8,7 +8,14 @@ original storage is restored untouched. Mechanisms (``PerturbationConfig.mechani
 
 - ``hooks`` (default): a forward pre-hook on each module that owns selected
   parameters swaps in x + t z for that module only; its forward hook swaps the
-  original back. Extra memory: one module's parameters plus its noise.
+  original back. Extra memory: one module's parameters plus its noise. Modules are
+  merged into a parent's hook pair while the parent's copies take no more memory
+  than the largest single module's (hook_scopes.py): fewer, larger rounds of noise jobs.
+  A CPU ``nn.Embedding`` with chunked noise gets no copy of its table: its pre-hook
+  looks up only the rows the batch uses (``DirectionSpace.perturbed_rows``), swaps in that
+  small table and renumbers the ids, so the forward reads the same values for a few
+  hundred rows' memory (one ``torch.unique`` per lookup; on an accelerator it would cost a
+  host sync, and the table is a single noise chunk there anyway).
   A parameter tied into several modules is perturbed in each of them. Parameters
   read outside every owner's forward (``h @ emb.weight.T``), or whose owner never
   runs, are found on the first probe (reads.py) and swapped for the whole forward
@@ -31,6 +38,7 @@ import torch
 
 from ..config import MECHANISMS
 from .directions import DirectionSpace
+from .hook_scopes import merge_scopes
 from .lowrank import add_output_delta, supports_output_delta
 from .reads import ReadRecorder, check_no_aliasing, owners
 
@@ -58,6 +66,8 @@ class Prober:
         self._eager: set[int] | None = None  # params swapped for the whole forward under 'hooks'
         # (module, parameters swapped for its forward, low-rank weights added to its output)
         self._owners: list[tuple[torch.nn.Module, list[int], list[int]]] = []
+        # Embeddings whose lookups read perturbed rows instead of a perturbed table: module -> weight index.
+        self._lookups: dict[torch.nn.Module, int] = {}
         # Large float32 parameters of layers whose outputs never alias their weights get their perturbed
         # copies in buffers kept from one probe to the next (numel -> free buffers): a fresh allocation of
         # tens of MB costs page faults every probe. Held between probes: one buffer per distinct large
@@ -66,16 +76,31 @@ class Prober:
         self._scratch: dict[tuple[int, str, torch.dtype], list[torch.Tensor]] = {}  # (numel, device, dtype) -> free
         if mechanism == "hooks":
             by_id = {id(p): i for i, p in enumerate(space.params)}
+            swapped_of: dict[torch.nn.Module, list[int]] = {}
+            added_of: dict[torch.nn.Module, list[int]] = {}
             for module in model.modules():  # type: ignore[union-attr]
                 owned = [by_id[id(p)] for p in module._parameters.values() if p is not None and id(p) in by_id]
                 added = [i for i in owned if space.is_lowrank(i) and supports_output_delta(module, space.params[i])]
                 swapped = [i for i in owned if i not in added]
-                if owned:
+                looked_up = _row_lookup(module, by_id, space)
+                if looked_up is not None and looked_up in swapped:
+                    self._lookups[module] = looked_up
+                    swapped.remove(looked_up)
+                if swapped:
+                    swapped_of[module] = swapped
+                if added:
+                    added_of[module] = added
+            # Whole copies are swapped by the highest module that holds no more of them than one leaf does.
+            scopes = merge_scopes(model, swapped_of, [p.numel() * p.element_size() for p in space.params])
+            for module in model.modules():  # type: ignore[union-attr]
+                swapped, added = scopes.get(module, []), added_of.get(module, [])
+                if swapped or added or module in self._lookups:
                     self._owners.append((module, swapped, added))
-                if type(module) in COPYING_LAYERS:  # exact types: a subclass may override forward
-                    # Any dtype: a bf16 weight's copy is bf16 (perturbed_many rounds into the weight's dtype).
-                    self._reusable.update((id(module), i) for i in swapped
-                                          if space.params[i].numel() >= REUSE_MIN_NUMEL)
+                for i in swapped:
+                    # Exact types only (a subclass may override forward); any dtype: a bf16 weight's copy is bf16.
+                    if space.params[i].numel() >= REUSE_MIN_NUMEL and all(
+                            type(m) in COPYING_LAYERS for m in module.modules() if i in swapped_of.get(m, ())):
+                        self._reusable.add((id(module), i))
 
     def evaluate(self, loss_fn: Callable[[], torch.Tensor], seed: int, radius: float,
                  step: int | None = None) -> float:
@@ -126,6 +151,7 @@ class Prober:
                 step: int | None) -> torch.Tensor:
         fired: set[int] = set()
         saved: dict[int, list[torch.Tensor]] = {}
+        padding: list[tuple[torch.nn.Embedding, int | None]] = []  # lookups in progress, innermost last
         handles = []
         # First probe only: record the parameters the model reads outside their owners' forwards.
         recorder = ReadRecorder(self.space.params) if self._eager is None else None
@@ -167,6 +193,35 @@ class Prober:
                         p.data = stack.pop()
             return hook
 
+        def lookup_hook(index: int) -> Callable:
+            # An embedding: perturb only the rows its ids name and renumber the ids into that small table.
+            def hook(module: torch.nn.Embedding, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+                if not active([index]):
+                    return None
+                ids = args[0] if args else kwargs["input"]
+                p = self.space.params[index]
+                rows, renumbered = torch.unique(ids, sorted=True, return_inverse=True)
+                if rows.numel() == 0 or int(rows[0]) < 0 or int(rows[-1]) >= p.shape[0]:
+                    return None  # the table itself: the forward raises torch's own error for a bad id
+                saved.setdefault(index, []).append(p.data)
+                p.data = self.space.perturbed_rows(seed, index, rows, radius)
+                # padding_idx only shapes the gradient, and a small table may hold fewer rows than it names.
+                padding.append((module, module.padding_idx))
+                module.padding_idx = None
+                fired.add(index)
+                if args:
+                    return (renumbered, *args[1:]), kwargs
+                return args, {**kwargs, "input": renumbered}
+            return hook
+
+        def lookup_done(index: int) -> Callable:
+            def hook(module: torch.nn.Embedding, args: object, output: object) -> None:
+                stack = saved.get(index)
+                if stack and padding and padding[-1][0] is module:
+                    self.space.params[index].data = stack.pop()
+                    module.padding_idx = padding.pop()[1]
+            return hook
+
         def delta_hook(indices: list[int]) -> Callable:
             # Low-rank weights: W is never touched; rho * (x V) U^T / sqrt(r) is added to the output.
             def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
@@ -181,7 +236,7 @@ class Prober:
         try:
             for module, swapped, added in self._owners:
                 if recorder is not None:  # the owner's forward is where its parameters may be read
-                    owned = swapped + added
+                    owned = swapped + added + ([self._lookups[module]] if module in self._lookups else [])
                     handles.append(module.register_forward_pre_hook(lambda m, a, o=owned: recorder.enter(o)))
                     handles.append(module.register_forward_hook(lambda m, a, out, o=owned: recorder.leave(o)))
                 if swapped:
@@ -189,6 +244,10 @@ class Prober:
                     handles.append(module.register_forward_hook(quiet(post_hook(swapped))))
                 if added:
                     handles.append(module.register_forward_hook(quiet(delta_hook(added)), with_kwargs=True))
+                if module in self._lookups:
+                    index = self._lookups[module]
+                    handles.append(module.register_forward_pre_hook(quiet(lookup_hook(index)), with_kwargs=True))
+                    handles.append(module.register_forward_hook(quiet(lookup_done(index))))
             eager = sorted(self._eager) if self._eager is not None else []
             with self._swapped(eager, seed, radius, step):
                 if recorder is None:
@@ -202,6 +261,8 @@ class Prober:
             for i, stack in saved.items():  # an exception mid-forward: restore from the bottom of the stack
                 if stack:
                     self.space.params[i].data = stack[0]
+            for module, padding_idx in reversed(padding):
+                module.padding_idx = padding_idx
         if self._eager is None:
             # First probe: parameters whose owner's forward never ran are either unused or read outside
             # their module, and some were read outside it as well; swap those for the whole forward from
@@ -229,6 +290,18 @@ class Prober:
         finally:
             for i, p in enumerate(self.space.params):
                 p.data.add_(self.space.noise(seed, i, step).to(p.dtype), alpha=-radius)
+
+
+def _row_lookup(module: torch.nn.Module, by_id: dict[int, int], space: DirectionSpace) -> int | None:
+    """The index of ``module``'s weight when its probe can read perturbed rows only: a plain CPU
+    ``nn.Embedding`` (a subclass may override forward; ``max_norm`` writes into the table) whose weight has
+    row-wise noise."""
+    if type(module) is not torch.nn.Embedding or module.max_norm is not None:
+        return None
+    index = by_id.get(id(module.weight))
+    if index is None or module.weight.device.type != "cpu" or not space.has_row_noise(index):
+        return None
+    return index
 
 
 def _detached(value: torch.Tensor | float) -> torch.Tensor:

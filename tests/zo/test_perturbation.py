@@ -271,3 +271,50 @@ def test_hooks_reuse_buffers_of_large_weights_without_leaking_values(dtype):
     assert hooks._scratch, "the large weight's buffer is kept for the next probe"
     assert {key[2] for key in hooks._scratch} == {dtype}
     assert model_digest(model) == before
+
+
+class Bag(torch.nn.Module):
+    """An embedding lookup, pooled and classified: the probe of ``words`` reads only the rows the ids name."""
+
+    def __init__(self, rows: int = 300, width: int = 7, padding_idx: int | None = 250) -> None:
+        super().__init__()
+        self.words = torch.nn.Embedding(rows, width, padding_idx=padding_idx)
+        self.head = torch.nn.Linear(width, 3)
+
+    def forward(self, ids: torch.Tensor, by_keyword: bool = False) -> torch.Tensor:
+        vectors = self.words(input=ids) if by_keyword else self.words(ids)
+        return self.head(vectors.mean(dim=1)).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher", "sphere"])
+def test_embedding_probes_read_only_the_rows_they_look_up(distribution, dtype, monkeypatch):
+    # 300 x 7 elements in chunks of 256: rows straddle chunk edges and several chunks hold no wanted row.
+    monkeypatch.setattr(noise, "CHUNK", 256)
+    torch.manual_seed(0)
+    model = Bag().to(dtype)
+    ids = torch.tensor([[3, 250, 3, 40], [299, 41, 0, 3]])
+    labels = torch.tensor([0, 2])
+    space = DirectionSpace(*select_parameters(model), distribution, threads=2)
+    rows = torch.unique(ids)
+    for seed in (5, 6):
+        assert torch.equal(space.perturbed_rows(seed, 0, rows, 0.1), space.perturbed(seed, 0, 0.1)[rows])
+    before = model_digest(model)
+    hooks, swap = Prober(model, space, "hooks"), Prober(model, space, "swap")
+    assert list(hooks._lookups.values()) == [0]
+    calls = [(by_keyword, seed, radius) for by_keyword in (False, True) for seed, radius in ((5, 0.1), (6, -0.1))]
+
+    def fn(by_keyword: bool):
+        return lambda: torch.nn.functional.cross_entropy(model(ids, by_keyword), labels)
+    expected = [swap.evaluate(fn(by_keyword), seed, radius) for by_keyword, seed, radius in calls]
+    whole_tables = []
+    real = space.perturbed_many
+    monkeypatch.setattr(space, "perturbed_many",
+                        lambda seed, indices, *a, **k: whole_tables.extend(indices) or real(seed, indices, *a, **k))
+    assert [hooks.evaluate(fn(by_keyword), seed, radius) for by_keyword, seed, radius in calls] == expected
+    assert expected[:2] == expected[2:] and expected[0] != expected[1]
+    assert whole_tables and 0 not in whole_tables, "the embedding's table is never copied whole"
+    assert model.words.padding_idx == 250 and model_digest(model) == before
+    with pytest.raises(IndexError, match="index out of range"):
+        hooks.evaluate(lambda: model(torch.tensor([[1, 300]])).sum(), 5, 0.1)
+    assert model.words.padding_idx == 250 and model_digest(model) == before
