@@ -14,6 +14,8 @@ are wall-clock medians unless named otherwise; bytes are bytes):
   update cost.
 - ``traffic`` (cluster.py): bytes per step per replica of probe messages (their JSON length) vs an
   fp32 gradient all-reduce (4 d bytes).
+- ``hooks`` (hooks.py): one ``hooks`` probe with and without looked-up embedding rows and merged
+  hook scopes, side by side with a bare forward, on a batch of real text and on the step batch.
 - ``memory`` (memory.py): peak memory of inference, zeroth-order training
   and AdamW fine-tuning, each in a fresh process.
 - ``recovery`` (cluster.py): SIGKILL of a replica's worker mid-run; time
@@ -57,6 +59,7 @@ from .cluster import bench_recovery, bench_replay, bench_scaling, bench_traffic
 from .common import BENCH_BASE, BenchContext, emit, log, machine_info
 from .driver import CASES as DRIVER_CASES
 from .driver import DEFAULT_CASES, bench_driver
+from .hooks import bench_hooks
 from .memory import bench_memory
 from .precision import bench_precision
 from .speedup import MEASURED, NAMED_PHASES, PHASES, PRESETS, SpeedupOptions, bench_speedup
@@ -64,7 +67,8 @@ from .step import bench_step
 
 # Name -> benchmark, in the order ``ray-s2p bench`` runs them when no name is given.
 BENCHES: dict[str, Callable[[BenchContext], dict[str, Any]]] = {
-    "step": bench_step, "scaling": bench_scaling, "traffic": bench_traffic, "memory": bench_memory,
+    "step": bench_step, "hooks": bench_hooks, "scaling": bench_scaling, "traffic": bench_traffic,
+    "memory": bench_memory,
     "recovery": bench_recovery, "replay": bench_replay,
     "driver": lambda ctx: bench_driver(ctx, tuple(c for c in ctx.cases if c in DRIVER_CASES) or DEFAULT_CASES),
     "precision": bench_precision,

@@ -53,8 +53,9 @@ from ..config import OptimizerConfig, RunConfig
 from ..distributed.engine import WEIGHT_DTYPES, ReplicaEngine, build_space, to_device
 from ..distributed.messages import ProbeRequest, Update
 from ..zo.directions import DirectionSpace
-from ..zo.noise import mix_seed
+from ..zo.noise import CHUNK, mix_seed
 from ..zo.optimizer import ZerothOrderOptimizer
+from ..zo.probes import Prober
 from ..zo.space import select_parameters
 from ..zo.update import apply_update
 from .common import BENCH_SEED, BenchContext, config_essentials, log, median_seconds, paired_median_seconds
@@ -194,21 +195,18 @@ def naive_mezo_fn(params: list[torch.nn.Parameter], loss_fn: Callable[[], torch.
     return step
 
 
-def mechanism_memory(model: torch.nn.Module, space: DirectionSpace, table_size: int) -> dict[str, int]:
+def mechanism_memory(prober: Prober, space: DirectionSpace, table_size: int) -> dict[str, int]:
     """Extra bytes each mechanism holds during a probe, from the parameter sizes.
 
-    hooks: the largest module's selected parameters, twice (perturbed copy + fp32
-    noise); swap: a copy of every selected parameter plus the largest noise
-    tensor; table: the table itself (4 bytes a float), on top of the mechanism;
-    naive: the largest noise tensor.
+    hooks: the largest set of whole copies one hook pair holds (``Prober.held_copy_bytes``: looked-up
+    embedding rows aside) plus one float32 noise chunk per noise thread; swap: a copy of every selected
+    parameter plus the chunks; table: the table itself (4 bytes a float), on top of the mechanism; naive:
+    the largest noise tensor.
     """
-    selected = {id(p) for p in space.params}
-    per_module = [sum(p.numel() * p.element_size() + p.numel() * 4
-                      for p in m.parameters(recurse=False) if id(p) in selected) for m in model.modules()]
-    largest_noise = max(p.numel() for p in space.params) * 4
-    return {"hooks": max(per_module, default=0),
-            "swap": sum(p.numel() * p.element_size() for p in space.params) + largest_noise,
-            "table": int(table_size) * 4, "naive": largest_noise}
+    chunks = space.threads * CHUNK * 4
+    return {"hooks": prober.held_copy_bytes + chunks,
+            "swap": sum(p.numel() * p.element_size() for p in space.params) + chunks,
+            "table": int(table_size) * 4, "naive": max(p.numel() for p in space.params) * 4}
 
 
 def bench_step(ctx: BenchContext) -> dict[str, Any]:
@@ -259,7 +257,7 @@ def bench_step(ctx: BenchContext) -> dict[str, Any]:
     split["serial_randn_s"] = median_seconds(serial_randn_fn(space_g), repeats, device)
     split["forward_s"] = forward
     split.update({f"update_{d}_s": median_seconds(update_fn(sp), repeats, device) for d, sp in spaces.items()})
-    memory = mechanism_memory(first.model, space_g, base.perturbation.table_size)
+    memory = mechanism_memory(first.prober, space_g, base.perturbation.table_size)
 
     # Each step is timed in alternation with two bare forwards: its ratio compares the two on the same machine.
     steps: dict[str, float] = {}

@@ -51,7 +51,15 @@ REUSE_MIN_NUMEL = 1 << 18  # 1 MB of float32: below this the allocator reuses me
 class Prober:
     """Evaluates f(x + t z) with the chosen mechanism, leaving x bitwise unchanged (except ``naive``)."""
 
-    def __init__(self, model: torch.nn.Module | None, space: DirectionSpace, mechanism: str = "hooks") -> None:
+    def __init__(self, model: torch.nn.Module | None, space: DirectionSpace, mechanism: str = "hooks", *,
+                 row_lookups: bool = True, merge: bool = True) -> None:
+        """A prober for ``model``'s parameters in ``space``.
+
+        Args:
+            row_lookups, merge: under ``hooks``, let CPU embeddings look up perturbed rows only, and merge
+                modules into parents (hook_scopes.py). Both on by default; off only to measure what each
+                saves (``ray-s2p bench hooks``): the losses are the same bits either way.
+        """
         if mechanism not in MECHANISMS:
             raise ValueError(f"unknown mechanism {mechanism!r}; use {', '.join(MECHANISMS)}")
         if mechanism == "hooks" and model is None:
@@ -82,7 +90,7 @@ class Prober:
                 owned = [by_id[id(p)] for p in module._parameters.values() if p is not None and id(p) in by_id]
                 added = [i for i in owned if space.is_lowrank(i) and supports_output_delta(module, space.params[i])]
                 swapped = [i for i in owned if i not in added]
-                looked_up = _row_lookup(module, by_id, space)
+                looked_up = _row_lookup(module, by_id, space) if row_lookups else None
                 if looked_up is not None and looked_up in swapped:
                     self._lookups[module] = looked_up
                     swapped.remove(looked_up)
@@ -91,7 +99,8 @@ class Prober:
                 if added:
                     added_of[module] = added
             # Whole copies are swapped by the highest module that holds no more of them than one leaf does.
-            scopes = merge_scopes(model, swapped_of, [p.numel() * p.element_size() for p in space.params])
+            scopes = (merge_scopes(model, swapped_of, [p.numel() * p.element_size() for p in space.params])
+                      if merge else swapped_of)
             for module in model.modules():  # type: ignore[union-attr]
                 swapped, added = scopes.get(module, []), added_of.get(module, [])
                 if swapped or added or module in self._lookups:
@@ -141,6 +150,20 @@ class Prober:
         finally:
             for p, data in originals:
                 p.data = data
+
+    @property
+    def held_copy_bytes(self) -> int:
+        """The most bytes of whole perturbed copies a ``hooks`` probe holds at once: the largest hook pair's,
+        plus those swapped for the whole forward (known after the first probe). An embedding's looked-up rows
+        (a batch's worth) and the noise threads' one-chunk scratches are not counted; ``swap`` holds a copy of
+        every parameter."""
+        params = self.space.params
+        if self.mechanism != "hooks":
+            return sum(p.numel() * p.element_size() for p in params) if self.mechanism == "swap" else 0
+        eager = self._eager or set()
+        scoped = [sum(params[i].numel() * params[i].element_size() for i in swapped if i not in eager)
+                  for _, swapped, _ in self._owners]
+        return max(scoped, default=0) + sum(params[i].numel() * params[i].element_size() for i in eager)
 
     @property
     def whole_forward(self) -> list[str]:

@@ -109,6 +109,27 @@ def test_step_with_bf16_weights_times_every_model_in_bf16_against_the_half_preci
             assert v["overhead_vs_naive"] == pytest.approx((v["ratio"] - 1.0) / naive_overhead, rel=1e-3)
 
 
+def test_hooks_compares_four_probers_that_give_the_same_bits(tmp_path):
+    results = tmp_path / "r.jsonl"
+    assert run_benches(["hooks"], results=results, sets=TINY_BERT, repeats=1) == 0
+    r = read_lines(results)["hooks"]
+    check_common(r)
+    assert r["rounds"] == 3 and set(r["batches"]) == {"text", "uniform"}
+    for batch in r["batches"].values():
+        assert batch["same_loss"] is True
+        assert 0 < batch["distinct_ids"] <= 16 * 64
+        positive(batch["forward_s"], *batch["probe_s"].values())
+        assert set(batch["probe_s"]) == set(batch["overhead_s"]) == {"per_module", "lookups", "merged", "both"}
+    # Per module, the most held at once is the largest module's parameters; merging never holds more.
+    from ray_s2p.bench.runner import bench_config
+    from ray_s2p.tasks import build_task
+    config, _ = bench_config(None, TINY_BERT)
+    model = build_task(config.task, config.seed).build_model()
+    largest = max(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)) for m in model.modules())
+    held = r["held_copy_bytes"]
+    assert held["per_module"] == largest and max(held.values()) == largest and min(held.values()) > 0
+
+
 def test_memory_and_replay(tmp_path):
     results = tmp_path / "r.jsonl"
     assert run_benches(["memory", "replay"], results=results, sets=SYNTHETIC, steps=3, repeats=1) == 0
@@ -172,7 +193,8 @@ def test_bad_arguments_and_strict_json(tmp_path, capsys):
         run_benches(["nope"], results=tmp_path / "r.jsonl")
     assert cli(["bench", "step", "--steps", "1", "--results", str(tmp_path / "r.jsonl")]) == 2
     assert "--steps 2 or more" in capsys.readouterr().err
-    assert set(BENCHES) == {"step", "scaling", "traffic", "memory", "recovery", "replay", "driver", "precision"}
+    assert set(BENCHES) == {"step", "hooks", "scaling", "traffic", "memory", "recovery", "replay", "driver",
+                            "precision"}
     path = tmp_path / "e.jsonl"
     emit({"bench": "x", "value": float("nan"), "n": 1.234567891}, path)
     emit({"bench": "y"}, path)

@@ -79,3 +79,6 @@ def test_merged_hooks_give_the_swap_losses_bit_for_bit_and_leave_weights_intact(
         assert hooks.evaluate(fn, seed, 0.05) == swap.evaluate(fn, seed, 0.05)
     assert hooks.whole_forward == []
     assert model_digest(model) == before
+    # Merging never holds more at once than the largest single module (here up or down: 16 x 64 + 64 floats).
+    assert hooks.held_copy_bytes == (16 * 64 + 64) * 4
+    assert swap.held_copy_bytes == sum(p.numel() * 4 for p in model.parameters())

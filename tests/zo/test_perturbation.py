@@ -302,6 +302,7 @@ def test_embedding_probes_read_only_the_rows_they_look_up(distribution, dtype, m
     before = model_digest(model)
     hooks, swap = Prober(model, space, "hooks"), Prober(model, space, "swap")
     assert list(hooks._lookups.values()) == [0]
+    assert hooks.held_copy_bytes == sum(p.numel() * p.element_size() for p in model.head.parameters())
     calls = [(by_keyword, seed, radius) for by_keyword in (False, True) for seed, radius in ((5, 0.1), (6, -0.1))]
 
     def fn(by_keyword: bool):
