@@ -62,14 +62,22 @@ def replay_run(run_dir: str | Path | StoragePath, step: int | None = None, *, bi
     target = last if step is None else step
     if target > last or target < 0:
         raise LedgerError(f"--step {target} is outside the ledger (steps 0..{last})")
-    engine = ReplicaEngine(config.replace({"cluster.use_ray": False}))
-    problem = replay_problem(read_environment(run_dir / "ledger.parquet"), engine.environment()) if bitwise else None
-    if problem:
-        raise EnvironmentMismatch(f"{problem}. Fix: compare the replayed parameters with the run's own within a "
-                                  f"tolerance: ray-s2p replay {run_dir} --atol 1e-5")
-    started = time.perf_counter()
-    engine.replay([u for u in updates if u[0] <= target])
-    seconds = time.perf_counter() - started
+    recorded = read_environment(run_dir / "ledger.parquet")
+    threads_before = torch.get_num_threads()
+    if recorded and recorded.get("threads") and recorded.get("device_type") == "cpu":
+        # The run's own thread count: the low-rank update's matrix product gives other bits at another one.
+        torch.set_num_threads(int(recorded["threads"]))
+    try:
+        engine = ReplicaEngine(config.replace({"cluster.use_ray": False}))
+        problem = replay_problem(recorded, engine.environment()) if bitwise else None
+        if problem:
+            raise EnvironmentMismatch(f"{problem}. Fix: compare the replayed parameters with the run's own within "
+                                      f"a tolerance: ray-s2p replay {run_dir} --atol 1e-5")
+        started = time.perf_counter()
+        engine.replay([u for u in updates if u[0] <= target])
+        seconds = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads_before)
     return ReplayResult(target, engine.digest(), seconds, engine)
 
 

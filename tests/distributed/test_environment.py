@@ -104,3 +104,30 @@ def test_the_noise_implementation_decides_bitwise_replay(tmp_path, capsys):
     assert cli(["replay", str(run), "--check"]) == 2
     err = capsys.readouterr().err
     assert "noise: philox/triton 3.9.0 -> generator" in err and "noise implementations" in err
+
+
+def test_replay_adopts_the_runs_thread_count_and_gives_the_callers_back(tmp_path):
+    # On a CPU torch's GEMM gives other bits at another thread count (it splits the output among its threads),
+    # so the run records its count and a replay computes with it. A ledger written before the count was
+    # recorded leaves it unknown, and is compared on the other keys as before.
+    from ray_s2p.distributed.replay import replay_run
+    from ray_s2p.zo.environment import differences
+    cfg = load_config(SMOKE, ["cluster.use_ray=false", "steps=4", "checkpoint_every=0", "eval_every=2",
+                              "progress=false", "cluster.threads_per_replica=1"])
+    before = torch.get_num_threads()
+    try:
+        result = train(cfg, tmp_path / "run", log=lambda m: None)
+        assert read_environment(result.run_dir / "ledger.parquet")["threads"] == 1
+        torch.set_num_threads(2)
+        seen = []
+        real = torch.set_num_threads
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch, "set_num_threads", lambda n: seen.append(n) or real(n))
+            replayed = replay_run(result.run_dir, bitwise=True)
+        assert replayed.digest == result.final_digest and seen[0] == 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    env = numerics_environment(torch.device("cpu"), "lowrank", "bf16")
+    assert differences({**env, "threads": 1}, {**env, "threads": 2}) == ["threads: 1 -> 2"]
+    old = {k: v for k, v in env.items() if k != "threads"}
+    assert differences(old, {**env, "threads": 2}) == []
