@@ -19,11 +19,9 @@ from typing import Any
 import torch
 
 # The keys that decide the bits of an update; the others are recorded for the reader.
-BITWISE_KEYS = ("device_type", "device_name", "cpu_capability", "torch", "cuda", "noise", "threads")
+BITWISE_KEYS = ("device_type", "device_name", "cpu_capability", "torch", "cuda", "noise")
 # The value a record written before a key existed stands for: every such run drew generator noise.
 RECORDED_DEFAULTS = {"noise": "generator"}
-# Keys a record written before them leaves unknown: compared only where both sides have them.
-UNKNOWN_IN_OLD_RECORDS = ("threads",)
 METADATA_KEY = b"ray_s2p.environment"
 
 
@@ -58,9 +56,10 @@ def numerics_environment(device: torch.device, distribution: str, weights: str,
         "distribution": distribution,
         "weights": weights,
         "noise": noise_implementation(device, noise),
-        # On a CPU the low-rank update's matrix product (BLAS) gives other bits at another thread count: torch's
-        # GEMM splits the output among its threads, and the rows at a split take other kernels. A replay adopts
-        # the recorded count (distributed/replay.py).
+        # On a CPU the low-rank update's matrix product (BLAS) can give other bits at another thread count:
+        # torch's GEMM splits the output among its threads, and the rows at a split take other kernels. A replay
+        # adopts the recorded count (distributed/replay.py). Not a bitwise key: replicas of one run share their
+        # count (cluster.threads_per_replica, or one per CPU of a Ray replica), and the digest checks catch a drift.
         "threads": None if cuda else torch.get_num_threads(),
     }
 
@@ -69,11 +68,8 @@ def differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The bitwise-relevant keys on which two environments differ, as 'key: recorded -> current'."""
     def value(env: dict[str, Any], key: str) -> Any:
         return env.get(key, RECORDED_DEFAULTS.get(key))
-
-    def unknown(key: str) -> bool:
-        return key in UNKNOWN_IN_OLD_RECORDS and (value(recorded, key) is None or value(current, key) is None)
     return [f"{k}: {value(recorded, k)} -> {value(current, k)}" for k in BITWISE_KEYS
-            if not unknown(k) and value(recorded, k) != value(current, k)]
+            if value(recorded, k) != value(current, k)]
 
 
 def describe(env: dict[str, Any]) -> str:
