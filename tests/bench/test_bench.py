@@ -105,8 +105,12 @@ def test_step_with_bf16_weights_times_every_model_in_bf16_against_the_half_preci
     assert set(targets["met"]) == {"hooks_gaussian", "swap_gaussian", "hooks_lowrank", "plain_gaussian"}
     naive_overhead = r["variants"]["naive_mezo"]["ratio"] - 1.0
     for name, v in r["variants"].items():
-        if name != "naive_mezo":
+        if name == "naive_mezo":
+            continue
+        if naive_overhead > 0:
             assert v["overhead_vs_naive"] == pytest.approx((v["ratio"] - 1.0) / naive_overhead, rel=1e-3)
+        else:  # on a busy machine the tiny model's naive step can time below its forwards: no ratio, not met
+            assert v["overhead_vs_naive"] is None and targets["met"].get(name) in (None, False)
 
 
 def test_hooks_compares_four_probers_that_give_the_same_bits(tmp_path):
