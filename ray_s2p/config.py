@@ -83,6 +83,7 @@ class TaskConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ()
+    lora_blocks: int = 0           # LoRA in the last N blocks only (the prefix below stays cacheable); 0: every block
     autocast: Autocast = "fp32"  # the forward's autocast dtype (weights: precision.weights)
     feature_reuse: bool = True
     trust_remote_code: bool = False
@@ -111,6 +112,8 @@ class TaskConfig:
         require(self.autocast in AUTOCASTS, "task.autocast", f"unknown value {self.autocast!r}",
                  f"use {one_of(AUTOCASTS)}")
         require(self.top_k > 0, "task.top_k", f"got {self.top_k}", "use a positive number of layers")
+        require(self.lora_blocks >= 0, "task.lora_blocks", f"got {self.lora_blocks}",
+                 "use 0 (adapters in every block) or a positive number of last blocks")
         require(self.device_map in (None, "auto", "balanced", "sequential"), "task.device_map",
                  f"got {self.device_map!r}", "use null, auto, balanced or sequential (with cluster.gpus_per_replica > 1)")
 

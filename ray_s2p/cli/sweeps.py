@@ -40,6 +40,27 @@ def _failed(command: str, counts: str, lines: list[str]) -> int:
     return 1
 
 
+def _step_ranges(items: list[str]) -> dict[str, tuple[float, float]]:
+    """``--range NAME=LOW:HIGH`` values as {variant: (low, high)}.
+
+    Raises:
+        SystemExit: a value that is not NAME=LOW:HIGH with 0 < LOW < HIGH.
+    """
+    ranges = {}
+    for item in items:
+        name, _, span = item.partition("=")
+        low, _, high = span.partition(":")
+        try:
+            lo, hi = float(low), float(high)
+        except ValueError:
+            lo = hi = -1.0
+        if not name or not 0 < lo < hi:
+            raise SystemExit(f"compare: --range {item!r}: expected NAME=LOW:HIGH with 0 < LOW < HIGH, "
+                             f"e.g. --range vs2p=0.01:3")
+        ranges[name] = (lo, hi)
+    return ranges
+
+
 def _compare(args: argparse.Namespace) -> int:
     import ray
 
@@ -59,7 +80,7 @@ def _compare(args: argparse.Namespace) -> int:
                      seeds=[int(s) for s in args.seeds.split(",")], target=args.target,
                      ablations=not args.no_ablations, resume=args.resume, eval_points=args.eval_points,
                      parallel_runs=args.parallel_runs, trial_cpus=args.trial_cpus,
-                     progress=args.progress, train=not args.report_only)
+                     progress=args.progress, train=not args.report_only, step_ranges=_step_ranges(args.range))
     summary = Path(args.output) / "summary.md"
     if summary.is_file():
         print(summary.read_text())
@@ -118,6 +139,9 @@ def register(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--eval-points", type=int, default=25,
                    help="evaluations per curve at least; the interval is the same for every optimizer")
     p.add_argument("--no-ablations", action="store_true", help="skip the VS2P ablations")
+    p.add_argument("--range", action="append", default=[], metavar="NAME=LOW:HIGH",
+                   help="first grid of a variant's step size over LOW..HIGH instead of its default range "
+                        "(repeat for more variants); the edge extensions and the refinement follow as usual")
     p.add_argument("--parallel-runs", type=_positive, default=1, metavar="N",
                    help="seeds of a rule trained at once, each a one-CPU Ray task (default 1: one after another "
                         "in this process)")

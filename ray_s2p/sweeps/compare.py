@@ -117,7 +117,7 @@ class Comparison:
 
 def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget: int, seed: int,
                  resume: bool = False, trial_cpus: float = 1.0, progress: CompareProgress | None = None,
-                 train: bool = True) -> Tuned:
+                 train: bool = True, step_range: tuple[float, float] | None = None) -> Tuned:
     """Best step size of one variant on the validation split, from a log-spaced grid extended at its edge
     and then refined once around its best point (``protocol.refinement``).
 
@@ -132,6 +132,9 @@ def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget:
         trial_cpus: CPUs each trial reserves (its in-process replicas run with that many threads).
         progress: finished sweeps are recorded there and, when ``resume``, taken from there.
         train: False: take every sweep from ``progress`` (``resume`` is implied).
+        step_range: (low, high) of the first grid instead of the rule's default range (``STEP_SIZES``):
+            a task whose step sizes sit far from the defaults (a 7 M-parameter LM block against a
+            148 k-parameter head) would otherwise spend its edge extensions walking there.
 
     Raises:
         NotRecorded: ``train`` is False and a sweep is not in ``progress``.
@@ -141,6 +144,8 @@ def tune_variant(base: RunConfig, name: str, storage: Path, trials: int, budget:
     fixed = variant_overrides(name)
     cfg = base.replace(fixed | {"seed": seed})
     key, low, high = step_size_key(cfg)
+    if step_range is not None:
+        low, high = step_range
     results: dict[float, dict[str, Any]] = {}
     metric, mode = "eval_accuracy", "max"
 
@@ -215,7 +220,8 @@ def check_base(base: RunConfig) -> tuple[RunConfig, RunConfig]:
 def compare(base: RunConfig, output: str | Path, *, variants: list[str], budget: int, trials: int,
             seeds: list[int], target: float, ablations: bool = True, tune_seed: int = 0,
             resume: bool = False, eval_points: int = MIN_EVAL_POINTS, parallel_runs: int = 1,
-            trial_cpus: float = 1.0, progress: str | Path | None = None, train: bool = True) -> Comparison:
+            trial_cpus: float = 1.0, progress: str | Path | None = None, train: bool = True,
+            step_ranges: dict[str, tuple[float, float]] | None = None) -> Comparison:
     """Tune every variant with equal effort and budget on validation, rerun the best over seeds on test, report.
 
     ``parallel_runs``: reruns (seeds) trained at once, each a one-CPU Ray task; 1 trains them in this process.
@@ -224,6 +230,7 @@ def compare(base: RunConfig, output: str | Path, *, variants: list[str], budget:
     sweep and run is recorded there, and with ``resume`` taken from there when its inputs are the same.
     ``train``: False writes the reports from what is recorded and trains nothing; a rule with a sweep or
     run not recorded is left out of them and named in ``Comparison.missing``.
+    ``step_ranges``: variant -> (low, high) of its first grid (``tune_variant``'s ``step_range``).
 
     Raises:
         ValueError: the task has no test split, or the progress file is unreadable.
@@ -244,7 +251,7 @@ def compare(base: RunConfig, output: str | Path, *, variants: list[str], budget:
     for name in variants:
         try:
             tuned.append(tune_variant(tuning_base, name, out / "tune", trials, budget, tune_seed, resume,
-                                      trial_cpus, record, train))
+                                      trial_cpus, record, train, (step_ranges or {}).get(name)))
             _write_tuning(out, tuned, trials)
             if tuned[-1].overrides is not None:
                 rows += run_seeds(test_base, name, tuned[-1].overrides, seeds, out, target, interval, resume,

@@ -156,7 +156,8 @@ def capture_block_inputs(backbone: nn.Module, first_block: nn.Module, batch: Bat
     return kwargs.pop("hidden_states"), (), kwargs
 
 
-def hf_anatomy(model: nn.Module, kind: str, select: Select = _identity) -> Anatomy:
+def hf_anatomy(model: nn.Module, kind: str, select: Select = _identity,
+               head: tuple[nn.Module, ...] | None = None) -> Anatomy:
     """Anatomy of a transformers model (optionally peft-wrapped).
 
     Args:
@@ -164,6 +165,8 @@ def hf_anatomy(model: nn.Module, kind: str, select: Select = _identity) -> Anato
             ``AutoModelForCausalLM`` (kind ``causal_lm``) model.
         kind: which of the two.
         select: the reduction between blocks and post (causal LMs: e.g. the last prompt position).
+        head: causal LMs: the modules the task scores with instead of the lm_head (prompt
+            classification's label-word head); None for the lm_head.
     """
     inner = unwrap(model)
     backbone = inner.base_model
@@ -180,7 +183,7 @@ def hf_anatomy(model: nn.Module, kind: str, select: Select = _identity) -> Anato
         return Anatomy(entry_modules, blocks, (), head)
     if kind != "causal_lm":
         raise ValueError(f"unknown model kind {kind!r}")
-    head = (inner.get_output_embeddings(),)
+    head = head if head is not None else (inner.get_output_embeddings(),)
     norm_name = REPLAYABLE_CAUSAL_LMS.get(model_type)
     norm = getattr(backbone, norm_name, None) if norm_name else None
     if norm is not None and blocks:

@@ -34,12 +34,15 @@ _INIT, _LORA = 0xCA05, 0xCA10
 
 def build_causal_lm(*, model: str, seed: int, tokenizer: Any, trainable: str, tiny_width: int, tiny_layers: int,
                     max_length: int, lora_r: int, lora_alpha: int, lora_targets: tuple[str, ...],
-                    trust_remote_code: bool = False, device_map: str | None = None) -> torch.nn.Module:
+                    trust_remote_code: bool = False, device_map: str | None = None,
+                    untie_head: bool = True, lora_blocks: int = 0) -> torch.nn.Module:
     """A causal LM ready for zeroth-order tuning, identical on every replica.
 
-    For ``head`` and ``top_k`` a tied lm_head is untied (a copy of the embeddings), so
-    training the head does not move the input embeddings and the prefix can be cached.
-    For ``lora`` adapters are added (no head training: the LM head is pretrained).
+    For ``head`` and ``top_k`` a tied lm_head is untied (a copy of the embeddings) when
+    ``untie_head``, so training the head does not move the input embeddings and the prefix
+    can be cached; a task that scores with a head of its own (prompt classification's label
+    words) keeps the model as loaded. For ``lora`` adapters are added (no head training: the
+    LM head is pretrained).
     """
     if model == "tiny-gpt2":
         end_id = end_token_id(tokenizer)
@@ -49,21 +52,22 @@ def build_causal_lm(*, model: str, seed: int, tokenizer: Any, trainable: str, ti
     else:
         lm = load_pretrained("causal_lm", model, seed=mix_seed(seed, _INIT), trust_remote_code=trust_remote_code,
                              device_map=device_map)
-    if trainable in ("head", "top_k"):
+    if untie_head and trainable in ("head", "top_k"):
         untie_output_embeddings(lm)
     if trainable == "lora":
         model_type = lm.config.model_type
         lm = apply_lora(lm, r=lora_r, alpha=lora_alpha, targets=lora_targets or default_lora_targets(model_type),
-                        model_type=model_type, seed=mix_seed(seed, _LORA))
+                        model_type=model_type, seed=mix_seed(seed, _LORA), last_blocks=lora_blocks)
     return lm.eval()
 
 
-def causal_lm_from_config(cfg: TaskConfig, seed: int, tokenizer: Any) -> torch.nn.Module:
+def causal_lm_from_config(cfg: TaskConfig, seed: int, tokenizer: Any, *, untie_head: bool = True) -> torch.nn.Module:
     """``build_causal_lm`` with the task config's model, trainable, tiny-model, LoRA and placement fields."""
     return build_causal_lm(model=cfg.model, seed=seed, tokenizer=tokenizer, trainable=cfg.trainable,
                            tiny_width=cfg.tiny_width, tiny_layers=cfg.tiny_layers, max_length=cfg.max_length,
                            lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
-                           trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map)
+                           trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map, untie_head=untie_head,
+                           lora_blocks=cfg.lora_blocks)
 
 
 class CausalLMTask(HFTextTask):

@@ -45,8 +45,15 @@ class HFTextTask:
         if found is None:
             select = type(self).anatomy_select
             kwargs = {"select": select} if select is not None else {}
+            head = self.scoring_head(model)
+            if head is not None:
+                kwargs["head"] = head
             found = self._anatomies[model] = hf_anatomy(model, self.ANATOMY_KIND, **kwargs)
         return found
+
+    def scoring_head(self, model: torch.nn.Module) -> tuple[torch.nn.Module, ...] | None:
+        """The modules the loss scores with, when not the model's own head (None: its own)."""
+        return None
 
     def trainable_names(self, model: torch.nn.Module) -> list[str]:
         """Parameters selected by ``task.trainable``; the others get requires_grad=False."""

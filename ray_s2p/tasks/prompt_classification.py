@@ -4,11 +4,14 @@ Each text becomes ``task.template`` with ``{text}`` filled in (e.g. "{text} It w
 and class c is scored by the logit of the first token of ``task.label_words[c]``
 (e.g. " terrible" / " great") as the *next* token after the prompt:
 
-    loss = CE(softmax over label words of lm_head(h_last)[label_ids], y)
+    loss = CE(softmax over label words of h_last . E[label_ids], y)
 
-where h_last is the final hidden state at the last prompt token. Only the B last
-positions go through the final norm and lm_head (not B x T x vocab logits).
-Accuracy comes from the arg-max label word.
+where h_last is the final hidden state at the last prompt token and E the output
+embedding. The rows E[label_ids] are the model's ``label_head`` (``label_head.py``), a
+parameter of their own: the other 49 k rows of a tied embedding are never read by the
+loss, so they neither move nor get noise, and the LM keeps its tied weights. Only the B
+last positions go through the final norm and the label head. Accuracy comes from the
+arg-max label word. ``save_final`` writes the label rows into the saved lm_head.
 
 Models: as for ``causal_lm`` (``tiny-gpt2``, ``smollm2``, a folder or hub name).
 Batch keys: ``input_ids``, ``attention_mask`` (B, T), ``labels`` (B,), ``index`` (B,);
@@ -19,6 +22,7 @@ template's ending always survives.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +34,9 @@ from .causal_lm import causal_lm_from_config
 from .classifier import LogitsClassifier
 from .errors import TaskError, check_options
 from .feature_reuse import replay
+from .hf_models import save_hf_model
 from .hf_task import HFTextTask
+from .label_head import attach_label_head, label_head_of, merged_copy
 from .precision import autocast_context
 from .text_classification import TEXT_OPTIONS
 from .text_encoding import load_text_splits
@@ -87,20 +93,38 @@ class PromptClassificationTask(LogitsClassifier, HFTextTask):
         self._init_shared()
 
     def build_model(self) -> torch.nn.Module:
-        """The LM (see ``causal_lm.build_causal_lm``)."""
-        return causal_lm_from_config(self.cfg, self.seed, self.data.tokenizer)
+        """The LM as loaded (see ``causal_lm.build_causal_lm``; tied weights stay tied) with its label head."""
+        lm = causal_lm_from_config(self.cfg, self.seed, self.data.tokenizer, untie_head=False)
+        attach_label_head(lm, self.label_ids.tolist())
+        return lm
+
+    def scoring_head(self, model: torch.nn.Module) -> tuple[torch.nn.Module, ...] | None:
+        """The label head: the chain ends there, not at the lm_head (None for a plain LM)."""
+        head = label_head_of(model)
+        return (head,) if head is not None else None
 
     def logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """(B, num_label_words) fp32 logits of the label words at the answer position."""
         with autocast_context(self.cfg.autocast, model):
             if "features" in batch:
-                vocab_logits = replay(batch)
+                scores = replay(batch)
             else:
                 inner = unwrap(model)
                 hidden = inner.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                           use_cache=False).last_hidden_state
-                vocab_logits = inner.get_output_embeddings()(last_positions(hidden, batch))
-        return vocab_logits[:, self.label_ids.to(vocab_logits.device)].float()
+                head = label_head_of(model)
+                if head is not None:
+                    scores = head(last_positions(hidden, batch))
+                else:  # a plain LM (a saved final/): the label words' logits off its lm_head
+                    vocab = inner.get_output_embeddings()(last_positions(hidden, batch))
+                    scores = vocab[:, self.label_ids.to(vocab.device)]
+        if scores.shape[-1] != len(self.label_ids):  # replayed through a plain LM's lm_head
+            scores = scores[:, self.label_ids.to(scores.device)]
+        return scores.float()
+
+    def save_final(self, model: torch.nn.Module, directory: Path) -> None:
+        """A plain transformers causal LM whose lm_head rows of the label words are the trained ones."""
+        save_hf_model(merged_copy(model), self.data.tokenizer, Path(directory))
 
 
 

@@ -70,7 +70,7 @@ class TextClassificationTask(LogitsClassifier, HFTextTask):
             # The classification head is new (random): it trains alongside the adapters.
             model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=targets,
                                model_type=model.config.model_type, head=hf_anatomy(model, "sequence_classification").head,
-                               seed=mix_seed(self.seed, _LORA))
+                               seed=mix_seed(self.seed, _LORA), last_blocks=cfg.lora_blocks)
         return model.eval()
 
     # ------------------------------------------------------------------ data

@@ -102,7 +102,7 @@ def default_lora_targets(model_type: str) -> tuple[str, ...]:
 
 
 def apply_lora(model: nn.Module, *, r: int, alpha: int, targets: Sequence[str], model_type: str,
-               head: Sequence[nn.Module] = (), seed: int) -> nn.Module:
+               head: Sequence[nn.Module] = (), seed: int, last_blocks: int = 0) -> nn.Module:
     """Wrap the model with LoRA adapters (peft), initialised identically on every replica.
 
     lora_B starts at zero (so the wrapped model computes exactly what the base does); lora_A
@@ -115,12 +115,25 @@ def apply_lora(model: nn.Module, *, r: int, alpha: int, targets: Sequence[str], 
         model_type: architecture name (GPT-2's Conv1D needs ``fan_in_fan_out``).
         head: head modules that must also train (a fresh classifier); peft's ``modules_to_save``.
         seed: initialisation seed.
+        last_blocks: adapt only the last N blocks (``task.lora_blocks``; peft's ``layers_to_transform``);
+            0 adapts every block.
+
+    Raises:
+        TaskError: targets that match no module, or ``last_blocks`` beyond the model's blocks.
     """
     from peft import LoraConfig, get_peft_model
 
     head_names = [name for name, m in unwrap(model).named_modules() if any(m is h for h in head)]
+    layers = None
+    if last_blocks:
+        total = int(getattr(unwrap(model).config, "num_hidden_layers", 0) or 0)
+        if not 0 < last_blocks <= total:
+            raise TaskError(f"config field 'task.lora_blocks': {last_blocks} is not within the model's {total} blocks. "
+                            f"Fix: use 1..{total}, or 0 for every block")
+        layers = list(range(total - last_blocks, total))
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets),
-                        fan_in_fan_out=model_type == "gpt2", modules_to_save=head_names or None)
+                        fan_in_fan_out=model_type == "gpt2", modules_to_save=head_names or None,
+                        layers_to_transform=layers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:

@@ -113,6 +113,25 @@ def test_grid_extends_at_its_edge_at_most_twice(tmp_path, monkeypatch, peak, sid
     assert ("best still on the" in text) == (on_edge is not None)
 
 
+def test_a_step_range_places_the_first_grid(tmp_path, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr("ray_s2p.sweeps.tune.run_sweep", fake_sweep(3e-6, calls))
+    base = RunConfig.from_dict(smoke_dict(**{"task.test_size": 64}))
+    tuned = tune_variant(base, "mezo", tmp_path, trials=5, budget=40, seed=0, step_range=(1e-7, 1e-4))
+    first = sorted(t["step_size"] for t in tuned.trials if t["round"] == 0)
+    assert len(first) == 5 and 1e-7 < first[0] < first[-1] < 1e-4
+    assert tuned.extensions == [] and math.isclose(tuned.overrides["optimizer.lr"], 3.162e-6, rel_tol=0.01)
+
+
+@pytest.mark.parametrize("value", ["mezo=1e-4", "mezo=1e-3:1e-4", "=1:2", "mezo=a:b"])
+def test_a_bad_step_range_is_one_line_naming_the_form(tmp_path, value, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(smoke_dict(**{"task.test_size": 64})))
+    with pytest.raises(SystemExit, match="NAME=LOW:HIGH with 0 < LOW < HIGH"):
+        main(["compare", "--config", str(config), "--output", str(tmp_path / "out"), "--budget", "40",
+              "--range", value, "--report-only"])
+
+
 def test_tune_refuses_to_read_the_test_split(tmp_path):
     base = RunConfig.from_dict(smoke_dict(**{"task.test_size": 64, "task.eval_split": "test"}))
     with pytest.raises(ConfigError, match="tuning reads the validation split only"):

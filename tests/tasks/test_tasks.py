@@ -154,7 +154,9 @@ def test_trainable_selection_and_finite_loss(name: str, mode: str) -> None:
     assert names and all(params[n].requires_grad for n in names)
     assert not any(p.requires_grad for n, p in params.items() if n not in names)
     if mode == "head":
-        assert all(any(k in n for k in ("classifier", "lm_head", "head.fc")) for n in names)
+        assert all(any(k in n for k in ("classifier", "lm_head", "head.fc", "label_head")) for n in names)
+    if mode == "head" and name == "prompt_classification":  # only the label words' rows: 2 x width numbers
+        assert names == ["label_head.weight"] and params[names[0]].shape == (2, 32)
     if mode == "bitfit":
         assert all(n.endswith("bias") for n in names)
     if mode == "lora":
@@ -559,3 +561,20 @@ def test_the_synthetic_task_reads_only_the_keys_its_config_yaml_keeps() -> None:
             and (getattr(node.value, "id", None) == "cfg" or getattr(node.value, "attr", None) == "cfg")}
     assert read and read <= set(KEYS_READ["synthetic"])
     assert "model" in unused_keys(TaskConfig(name="synthetic")) and unused_keys(TaskConfig()) == ()
+
+
+@pytest.mark.parametrize("name", ["prompt_classification", "text_classification"])
+def test_lora_in_the_last_blocks_only_leaves_a_cacheable_prefix(name: str) -> None:
+    task = make_task(name, trainable="lora", lora_blocks=1)
+    model = task.build_model()
+    names = task.trainable_names(model)
+    lora = [n for n in names if "lora_" in n]
+    assert lora and all(".1." in n for n in lora), f"adapters outside the last of 2 blocks: {lora}"
+    batch = task.train_batch(2, 0, 1)
+    prepared = task.prepare(model, batch, names)
+    assert prepared["features"].start == 1  # block 0 is the cached prefix
+    with torch.no_grad():
+        perturb_(model, names)
+        assert abs(float(task.loss(model, batch)) - float(task.loss(model, prepared))) < 1e-5
+    with pytest.raises(TaskError, match="task.lora_blocks.*3.*1..2"):
+        make_task(name, trainable="lora", lora_blocks=3).build_model()
