@@ -451,6 +451,12 @@ def test_smollm2_prompt_classification() -> None:
     assert task.label_ids.tolist() == [13321, 1109]  # " terrible", " great" are single tokens
     model = task.build_model()
     names = task.trainable_names(model)
+    # SmolLM2-135M as it is: input and output embeddings tied (134.5 M numbers, not 162.8 M untied), and
+    # "the head" is the two label words' rows, a copy of the tied embedding's.
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert sum(p.numel() for n, p in model.named_parameters() if n != "label_head.weight") == 134_515_008
+    assert names == ["label_head.weight"]
+    assert torch.equal(model.label_head.weight, model.lm_head.weight[[13321, 1109]])
     batch = task.train_batch(1, 0, 1)
     with torch.no_grad():
         full, reused = task.loss(model, batch), task.loss(model, task.prepare(model, batch, names))
