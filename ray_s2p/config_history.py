@@ -27,7 +27,7 @@ def recorded_names(data: dict[str, Any]) -> dict[str, Any]:
 # (A section of None is a top-level key.)
 ADDED_AT_OLD_MEANING: dict[tuple[str | None, str], Any] = {
     ("perturbation", "noise"): "generator", (None, "mlflow"): "", (None, "wandb"): "",
-    ("cluster", "min_replicas"): 0, ("cluster", "replace_timeout_s"): 60.0}
+    ("cluster", "min_replicas"): 0, ("cluster", "replace_timeout_s"): 60.0, ("task", "lora_blocks"): 0}
 
 
 def fingerprint_data(data: dict[str, Any]) -> dict[str, Any]:
