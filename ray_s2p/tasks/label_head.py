@@ -62,8 +62,7 @@ def attach_label_head(lm: nn.Module, token_ids: Sequence[int]) -> LabelWordHead:
         raise ValueError("prompt classification needs a causal LM with an output embedding (lm_head)")
     if getattr(out, "bias", None) is not None:
         raise ValueError("prompt classification: an lm_head with a bias is not supported")
-    head = LabelWordHead(out.weight[list(token_ids)].to(torch.float32), token_ids).to(out.weight.dtype)
-    head.to(out.weight.device)
+    head = LabelWordHead(out.weight[list(token_ids)], token_ids).to(out.weight.device)  # same dtype and device
     inner.add_module(ATTRIBUTE, head)
     return head
 

@@ -105,6 +105,7 @@ class PromptClassificationTask(LogitsClassifier, HFTextTask):
 
     def logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """(B, num_label_words) fp32 logits of the label words at the answer position."""
+        label_head = label_head_of(model)
         with autocast_context(self.cfg.autocast, model):
             if "features" in batch:
                 scores = replay(batch)
@@ -112,13 +113,9 @@ class PromptClassificationTask(LogitsClassifier, HFTextTask):
                 inner = unwrap(model)
                 hidden = inner.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                           use_cache=False).last_hidden_state
-                head = label_head_of(model)
-                if head is not None:
-                    scores = head(last_positions(hidden, batch))
-                else:  # a plain LM (a saved final/): the label words' logits off its lm_head
-                    vocab = inner.get_output_embeddings()(last_positions(hidden, batch))
-                    scores = vocab[:, self.label_ids.to(vocab.device)]
-        if scores.shape[-1] != len(self.label_ids):  # replayed through a plain LM's lm_head
+                head = label_head if label_head is not None else inner.get_output_embeddings()
+                scores = head(last_positions(hidden, batch))
+        if label_head is None:  # a plain LM (a saved final/): its lm_head scored the whole vocabulary
             scores = scores[:, self.label_ids.to(scores.device)]
         return scores.float()
 
