@@ -93,3 +93,16 @@ ray-s2p compare --config jobs/configs/mnist5k_cnn.yaml --output runs/compare/mni
   --set checkpoint_every=0 --set task.eval_size=500 --set task.test_size=1000 \
   --set perturbation.distribution=lowrank --optimizers vs2p,mezo --no-ablations \
   --budget 40000 --trials "$TRIALS" --seeds "$SEEDS" --target 0.5
+
+# (e) A language model: SmolLM2-135M prompt classification on Rotten Tomatoes (jobs/configs/smollm2_prompt_rt.yaml:
+#     k = 512 reviews per class, 500 validation, 1,000 test), the top 2 blocks + final norm + label-word rows
+#     moving (7.08 M numbers), 3,000 forward passes per run, VS2P and MeZO against AdamW on the same parameters,
+#     seeds 0-2 (a run costs 5-10 minutes here, a seed of the five 30-60). The first grids are placed with
+#     --range below the hand-picked pilots, which all ended under zero-shot (docs/benchmarks.md, "A language
+#     model"); the edge extensions still walk on where the best is on an edge.
+ray-s2p compare --config jobs/configs/smollm2_prompt_rt.yaml --output runs/compare/smollm2_rt_top2 \
+  --progress docs/results/progress/smollm2_rt_top2.json --parallel-runs 2 \
+  --set cluster.use_ray=false --set cluster.replicas=1 --set optimizer.tuned_directions=1 --set checkpoint_every=0 \
+  --optimizers vs2p,mezo,adamw --no-ablations \
+  --range vs2p=0.001:0.3 --range mezo=1e-7:3e-5 --range adamw=1e-6:1e-3 \
+  --budget 3000 --trials "$TRIALS" --seeds 0,1,2 --target 0.82
