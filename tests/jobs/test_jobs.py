@@ -109,3 +109,19 @@ def test_tune_sweep_two_trials_and_comparison_table(tmp_path, ray_session):
     # Trials reported Tune checkpoints that hold a resumable run.
     ckpts = list((tmp_path / "tune" / "cmp").glob("*/checkpoint_*/checkpoints/step_*/params.safetensors"))
     assert ckpts
+
+
+def test_the_360m_shape_is_smollm2_360m() -> None:
+    """jobs/smollm2_360m_shape.py's architecture has SmolLM2-360M's 361.8 M parameters, tied (built on the meta device)."""
+    import importlib.util
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = importlib.util.spec_from_file_location("smollm2_360m_shape", ROOT / "jobs" / "smollm2_360m_shape.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**module.SMOLLM2_360M))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert sum(p.numel() for p in model.parameters()) == 361_821_120
